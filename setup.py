@@ -1,0 +1,37 @@
+"""unclip-jax: unCLIP (DALL-E 2) in JAX/Flax."""
+from setuptools import find_packages, setup
+
+setup(
+    name="unclip_jax",
+    version="0.1.0",
+    description="unCLIP (Hierarchical Text-Conditional Image Generation with CLIP Latents) in JAX/Flax",
+    packages=find_packages(include=["unclip_jax", "unclip_jax.*"]),
+    python_requires=">=3.10",
+    install_requires=[
+        # jax 0.10-0.12 are what this code is tested on; the CPU wheel is enough for tests,
+        # accelerators install jax[cuda12] / jax[tpu] on top.
+        "jax>=0.10.2,<0.11",
+        "flax>=0.12,<0.13",
+        "optax>=0.2.4,<0.3",
+        "orbax-checkpoint>=0.11,<0.13",
+        "transformers>=5,<6",
+        "tokenizers>=0.21,<1",
+        "safetensors>=0.4,<1",
+        "tensorflow-datasets>=4.9.9,<5",
+        "array-record>=0.7,<0.9",
+        "grain>=0.2.10,<0.3",
+        "ml-collections>=1.0,<2",
+        "numpy>=1.26,<3",
+        "absl-py>=2,<3",
+        "tqdm>=4.66,<5",
+        "pillow>=10,<14",
+        "tensorboardX>=2.6,<3",
+        "scipy>=1.11,<2",
+    ],
+    extras_require={
+        "test": [
+            "pytest>=8,<10",
+            "pytest-xdist>=3.5,<4",
+        ],
+    },
+)

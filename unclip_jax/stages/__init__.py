@@ -1,0 +1,25 @@
+"""Registry of training stages; `config.stage` picks one by name."""
+from __future__ import annotations
+
+import importlib
+
+from unclip_jax.stages.base import DataIterator, Stage
+
+# name -> "module:Class"; modules are imported lazily so a stage's heavy deps load only when used.
+_REGISTRY = {
+    "toy": "unclip_jax.stages.toy:ToyStage",
+}
+
+
+def register(name: str, target: str) -> None:
+    _REGISTRY[name] = target
+
+
+def get_stage(name: str) -> Stage:
+    if name not in _REGISTRY:
+        raise ValueError(f"config.stage: unknown stage {name!r}; known stages: {sorted(_REGISTRY)}")
+    module, cls = _REGISTRY[name].split(":")
+    return getattr(importlib.import_module(module), cls)()
+
+
+__all__ = ["DataIterator", "Stage", "get_stage", "register"]
