@@ -1,0 +1,51 @@
+"""Defaults shared by every experiment config; experiments/*.py start from `base_config()`.
+
+Layout of a config (fields the trainer reads are listed; `model`, `data` and `diffusion` belong to
+the stage named by `stage`):
+  stage            name of a registered stage (unclip_jax.stages)
+  seed             seeds parameters, dropout and data order
+  model.dtype      compute dtype ("float32" on CPU, "bfloat16" on accelerators); params stay float32
+  model.remat      rematerialise blocks in the backward pass
+  train.*          batch size (global), steps, accumulation, logging / checkpoint cadence
+  optim.*          AdamW + schedule + clipping + EMA
+  mesh.*           data / fsdp / tensor sizes (-1 fills), dcn_* for multi-slice, logical rules
+"""
+from __future__ import annotations
+
+import ml_collections
+
+
+def base_config() -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    c.stage = "toy"
+    c.seed = 0
+    c.model = ml_collections.ConfigDict(dict(dtype="float32", remat=False))
+    c.data = ml_collections.ConfigDict()
+    c.train = ml_collections.ConfigDict(dict(
+        batch_size=32,          # global batch, split over processes and the data axes
+        num_steps=1000,
+        grad_accum=1,           # micro-batches per step (batch_size must divide by it)
+        log_every=50,
+        ckpt_every=500,
+        keep=3,                 # checkpoints kept on disk
+        max_bad_steps=10,       # non-finite steps in a row before the run stops
+        async_checkpoint=True,
+        eval_every=0,
+    ))
+    c.optim = ml_collections.ConfigDict(dict(
+        lr=1e-4,
+        schedule="constant",    # "constant" or "cosine" (both after linear warmup)
+        warmup_steps=0,
+        end_lr_frac=0.0,        # cosine: final lr as a fraction of lr
+        b1=0.9,
+        b2=0.999,
+        eps=1e-8,
+        weight_decay=0.0,
+        grad_clip=1.0,          # global norm; 0 disables
+        ema_decay=0.9999,
+    ))
+    c.mesh = ml_collections.ConfigDict(dict(
+        data=-1, fsdp=1, tensor=1, dcn_data=1, dcn_fsdp=1, dcn_tensor=1,
+        rules=(),               # () -> unclip_jax.parallel.DEFAULT_RULES
+    ))
+    return c
