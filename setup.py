@@ -32,6 +32,7 @@ setup(
         "test": [
             "pytest>=8,<10",
             "pytest-xdist>=3.5,<4",
+            "portpicker>=1.6,<2",
         ],
     },
 )

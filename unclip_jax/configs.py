@@ -46,6 +46,7 @@ def base_config() -> ml_collections.ConfigDict:
     ))
     c.mesh = ml_collections.ConfigDict(dict(
         data=-1, fsdp=1, tensor=1, dcn_data=1, dcn_fsdp=1, dcn_tensor=1,
+        num_devices=0,          # 0: all devices; n: the first n (reference runs, scaling)
         rules=(),               # () -> unclip_jax.parallel.DEFAULT_RULES
     ))
     return c

@@ -75,7 +75,14 @@ def mesh_shape(mesh_config, num_devices: int) -> tuple[list[int], list[int]]:
 
 def make_mesh(mesh_config, devices: Sequence[jax.Device] | None = None) -> Mesh:
     """Build the data/fsdp/tensor mesh described by `mesh_config` (a ConfigDict or dict)."""
-    devices = list(devices if devices is not None else jax.devices())
+    if devices is None:
+        devices = jax.devices()
+        n = int(mesh_config.get("num_devices", 0) or 0)
+        if n:  # use the first n devices (single-device reference runs, scaling benchmarks)
+            if n > len(devices):
+                raise ValueError(f"mesh.num_devices={n} but only {len(devices)} devices exist")
+            devices = devices[:n]
+    devices = list(devices)
     ici, dcn = mesh_shape(mesh_config, len(devices))
     axis_types = (AxisType.Auto,) * len(MESH_AXES)
     if int(np.prod(dcn)) > 1:

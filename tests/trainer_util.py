@@ -1,0 +1,40 @@
+"""Helpers shared by the trainer tests."""
+import importlib.util
+import os
+
+import jax
+import numpy as np
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def load_config(name="toy.py", arg=None):
+    path = os.path.join(ROOT, "experiments", name)
+    spec = importlib.util.spec_from_file_location("exp_config", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod.get_config(arg) if arg is not None else mod.get_config()
+
+
+def toy_config(**overrides):
+    c = load_config("toy.py")
+    c.train.update(num_steps=12, batch_size=16, log_every=2, ckpt_every=4, async_checkpoint=False)
+    c.model.dropout = 0.1  # dropout makes RNG handling part of what resume must reproduce
+    for key, value in overrides.items():
+        node = c
+        *path, leaf = key.split(".")
+        for p in path:
+            node = node[p]
+        node[leaf] = value
+    return c
+
+
+def host_tree(tree):
+    return jax.tree.map(lambda x: np.asarray(jax.device_get(x)), tree)
+
+
+def assert_trees_close(a, b, rtol=0.0, atol=0.0):
+    la, lb = jax.tree.leaves(host_tree(a)), jax.tree.leaves(host_tree(b))
+    assert len(la) == len(lb)
+    for x, y in zip(la, lb):
+        np.testing.assert_allclose(x, y, rtol=rtol, atol=atol)

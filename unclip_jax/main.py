@@ -1,0 +1,46 @@
+"""Train any stage from an experiment config.
+
+  python -m unclip_jax.main --config=experiments/<file>.py[:arg] --workdir=DIR [--config.x.y=v]
+
+Re-running the same command on the same workdir resumes from its latest checkpoint. Multi-host:
+TPU pods and SLURM are detected; otherwise pass --coordinator_address/--num_processes/--process_id.
+"""
+from __future__ import annotations
+
+import unclip_jax  # noqa: F401  (XLA CPU flags before the backend starts)
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+from unclip_jax import distributed
+
+FLAGS = flags.FLAGS
+config_flags.DEFINE_config_file("config", None, "Experiment config file (get_config).",
+                                lock_config=True)
+flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and samples.")
+flags.DEFINE_string("coordinator_address", None, "host:port of process 0 (multi-process runs).")
+flags.DEFINE_integer("num_processes", None, "Number of processes (with --coordinator_address).")
+flags.DEFINE_integer("process_id", None, "This process's index (with --coordinator_address).")
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def run(config, workdir: str):
+    """Dispatch: a config with `pipeline` trains the whole stack; otherwise one stage."""
+    if "pipeline" in config:
+        from unclip_jax.pipeline_train import run_pipeline
+        return run_pipeline(config, workdir)
+    from unclip_jax.train.trainer import train
+    return train(config, workdir)
+
+
+def main(argv):
+    del argv
+    distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
+    summary = run(FLAGS.config, FLAGS.workdir)
+    if isinstance(summary, dict) and "metrics" in summary:
+        logging.info("finished at step %s (%s): %s", summary["step"], summary["status"],
+                     summary["metrics"])
+
+
+if __name__ == "__main__":
+    app.run(main)

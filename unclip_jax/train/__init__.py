@@ -1,0 +1,1 @@
+"""The generic sharded trainer: one loop for every stage (see unclip_jax.stages)."""

@@ -1,0 +1,124 @@
+"""Orbax checkpoints with resume: train state (sharded), config, and each process's data position.
+
+Layout under the workdir:
+  checkpoints/<step>/{state,meta}     Orbax (async; a step dir appears only once finalised)
+  data_state/<step>/process_<i>.json  the input iterator's position, written *before* the Orbax
+                                      save starts, so every finalised step has one
+  corrupt_checkpoints/<step>-<time>/  steps that failed to restore, moved aside (never deleted)
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+
+import jax
+import orbax.checkpoint as ocp
+from absl import logging
+from jax.experimental import multihost_utils
+
+
+class Checkpointer:
+    def __init__(self, workdir: str, *, keep: int = 3, async_save: bool = True):
+        self.workdir = os.path.abspath(workdir)
+        self.ckpt_dir = os.path.join(self.workdir, "checkpoints")
+        self.data_dir = os.path.join(self.workdir, "data_state")
+        self._options = ocp.CheckpointManagerOptions(
+            max_to_keep=keep, enable_async_checkpointing=async_save, create=True)
+        self.mgr = ocp.CheckpointManager(self.ckpt_dir, options=self._options)
+
+    # -- saving ------------------------------------------------------------------------------
+    def save(self, step: int, state, data_state, config_json: str, *, force: bool = False) -> bool:
+        self._write_data_state(step, data_state)
+        saved = self.mgr.save(
+            step,
+            args=ocp.args.Composite(
+                state=ocp.args.StandardSave(state),
+                meta=ocp.args.JsonSave({"step": int(step), "config": json.loads(config_json)}),
+            ),
+            force=force,
+        )
+        self._prune_data_states()
+        return saved
+
+    def _write_data_state(self, step, data_state):
+        d = os.path.join(self.data_dir, str(step))
+        os.makedirs(d, exist_ok=True)
+        path = os.path.join(d, f"process_{jax.process_index()}.json")
+        tmp = path + ".tmp"
+        with open(tmp, "w") as f:
+            json.dump(data_state, f)
+        os.replace(tmp, path)  # atomic: a reader never sees half a file
+
+    def _prune_data_states(self):
+        if jax.process_index() != 0 or not os.path.isdir(self.data_dir):
+            return
+        kept = self.mgr.all_steps()
+        if not kept:
+            return
+        oldest = min(kept)
+        for name in os.listdir(self.data_dir):
+            if name.isdigit() and int(name) < oldest:
+                shutil.rmtree(os.path.join(self.data_dir, name), ignore_errors=True)
+
+    def wait(self):
+        self.mgr.wait_until_finished()
+
+    def close(self):
+        self.mgr.wait_until_finished()
+        self.mgr.close()
+
+    # -- restoring ---------------------------------------------------------------------------
+    def latest_step(self):
+        return self.mgr.latest_step()
+
+    def all_steps(self):
+        return sorted(self.mgr.all_steps())
+
+    def restore_latest(self, abstract_state):
+        """(state, data_state, step) from the newest checkpoint that restores, else None.
+
+        A checkpoint that fails to restore (truncated or corrupt files, missing data position) is
+        logged, moved to corrupt_checkpoints/ and the previous one is tried."""
+        for step in sorted(self.mgr.all_steps(), reverse=True):
+            try:
+                data_state = self._read_data_state(step)
+                restored = self.mgr.restore(
+                    step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state)))
+                return restored["state"], data_state, step
+            except Exception as e:  # noqa: BLE001 - any failure means: this checkpoint is unusable
+                logging.warning("checkpoint at step %d in %s cannot be restored (%s: %s); "
+                                "moving it to corrupt_checkpoints/ and trying the previous one",
+                                step, self.ckpt_dir, type(e).__name__, str(e)[:500])
+                self._quarantine(step)
+        return None
+
+    def _read_data_state(self, step):
+        path = os.path.join(self.data_dir, str(step), f"process_{jax.process_index()}.json")
+        if not os.path.exists(path):
+            raise FileNotFoundError(f"no data iterator position for step {step}: {path}")
+        with open(path) as f:
+            return json.load(f)
+
+    def _quarantine(self, step):
+        if jax.process_index() == 0:
+            dest = os.path.join(self.workdir, "corrupt_checkpoints", f"{step}-{int(time.time())}")
+            os.makedirs(os.path.dirname(dest), exist_ok=True)
+            src = os.path.join(self.ckpt_dir, str(step))
+            if os.path.exists(src):
+                shutil.move(src, dest)
+        if jax.process_count() > 1:
+            multihost_utils.sync_global_devices(f"quarantine_{step}")
+        self.mgr.reload()
+
+
+def read_config_json(workdir: str, step: int | None = None) -> dict:
+    """The config saved with a checkpoint (latest when step is None), without restoring arrays."""
+    mgr = ocp.CheckpointManager(os.path.join(os.path.abspath(workdir), "checkpoints"),
+                                options=ocp.CheckpointManagerOptions(read_only=True, create=False))
+    step = mgr.latest_step() if step is None else step
+    if step is None:
+        raise FileNotFoundError(f"no checkpoint in {workdir}/checkpoints")
+    meta = mgr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+    return meta["config"]
