@@ -25,21 +25,23 @@ flags.mark_flags_as_required(["config", "workdir"])
 
 
 def run(config, workdir: str):
-    """Dispatch: a config with `pipeline` trains the whole stack; otherwise one stage."""
-    if "pipeline" in config:
-        from unclip_jax.pipeline_train import run_pipeline
-        return run_pipeline(config, workdir)
     from unclip_jax.train.trainer import train
     return train(config, workdir)
 
 
 def main(argv):
     del argv
+    if FLAGS["verbosity"].using_default_value:
+        # Orbax logs every save step at INFO; keep the console to the progress bar and warnings.
+        logging.set_verbosity(logging.WARNING)
     distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
     summary = run(FLAGS.config, FLAGS.workdir)
-    if isinstance(summary, dict) and "metrics" in summary:
-        logging.info("finished at step %s (%s): %s", summary["step"], summary["status"],
-                     summary["metrics"])
+    import jax
+    if jax.process_index() == 0:
+        m = summary["metrics"]
+        print(f"{summary['status']} at step {summary['step']} (resumed from "
+              f"{summary['resumed_from']}): loss {m.get('loss', float('nan')):.4g}, "
+              f"{summary['params']:,} params, workdir {FLAGS.workdir}")
 
 
 if __name__ == "__main__":
