@@ -7,12 +7,13 @@ Re-running on the same workdir resumes from the latest complete checkpoint; SIGT
 """
 from __future__ import annotations
 
-import json
+import dataclasses
 import math
 import os
 import signal
 import threading
 import time
+from typing import Any, Callable
 
 import jax
 import numpy as np
@@ -23,7 +24,7 @@ from unclip_jax import parallel
 from unclip_jax.stages import get_stage
 from unclip_jax.train.checkpoint import Checkpointer
 from unclip_jax.train.metrics import MetricWriter
-from unclip_jax.train.optim import SCHEDULES, make_optimizer
+from unclip_jax.train.optim import SCHEDULES, learning_rate_schedule, make_optimizer
 from unclip_jax.train.state import count_params, prepare_state
 from unclip_jax.train.step import make_train_step
 
@@ -113,6 +114,49 @@ def _global_batch(local: dict, sharding) -> dict:
     return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in local.items()}
 
 
+@dataclasses.dataclass
+class StepBundle:
+    """Everything needed to run (or only compile) a stage's sharded train step on a mesh."""
+    stage: Any
+    model: Any
+    tx: Any
+    mesh: Any
+    rules: Any
+    abstract_state: Any      # ShapeDtypeStructs with shardings (nothing allocated)
+    shardings: Any
+    init: Callable[[], Any]  # allocates the state, sharded
+    step: Callable           # jitted (state, batch) -> (state, metrics); donates the state
+    batch_sharding: Any
+    example: dict            # a 1-example numeric batch (shapes and dtypes)
+
+    def abstract_batch(self, global_batch: int) -> dict:
+        return {k: jax.ShapeDtypeStruct((global_batch,) + v.shape[1:], v.dtype,
+                                        sharding=self.batch_sharding)
+                for k, v in self.example.items()}
+
+
+def build_step(config, mesh=None) -> StepBundle:
+    """Stage, model, optimiser, sharded state spec and jitted train step for `config`.
+
+    Shared by training, benchmarks and ahead-of-time compilation, so all three measure the same
+    program."""
+    stage = get_stage(config.stage)
+    mesh = parallel.make_mesh(config.mesh) if mesh is None else mesh
+    rules = parallel.rules_from_config(config)
+    data_sharding = NamedSharding(mesh, P(("data", "fsdp")))
+    model = stage.build_model(config)
+    tx = make_optimizer(config.optim, int(config.train.num_steps))
+    example = _numeric(stage.example_batch(config, 1))
+    abstract, shardings, init = prepare_state(stage, model, tx, config, mesh, rules, example)
+    step_fn = make_train_step(stage, model, tx, config, rules)
+    batch_sh = {k: data_sharding for k in example}
+    with jax.set_mesh(mesh):
+        jitted = jax.jit(step_fn, in_shardings=(shardings, batch_sh), out_shardings=(shardings, None),
+                         donate_argnums=(0,))
+    return StepBundle(stage, model, tx, mesh, rules, abstract, shardings, init, jitted,
+                      data_sharding, example)
+
+
 def train(config, workdir: str, *, stop_at: int | None = None) -> dict:
     """Train `config.stage` to `config.train.num_steps` (or stop early at `stop_at`, as if
     interrupted there). Returns a summary: final step, last metrics, params count, state."""
@@ -120,18 +164,11 @@ def train(config, workdir: str, *, stop_at: int | None = None) -> dict:
     n_dev = int(config.mesh.get("num_devices", 0) or 0) or jax.device_count()
     validate_config(config, stage, n_dev, jax.process_count())
     os.makedirs(workdir, exist_ok=True)
-
-    # -- mesh ---------------------------------------------------------------------------------
-    mesh = parallel.make_mesh(config.mesh)
-    rules = parallel.rules_from_config(config)
-    data_sharding = NamedSharding(mesh, P(("data", "fsdp")))
+    b = build_step(config)
+    mesh, data_sharding, abstract, init = b.mesh, b.batch_sharding, b.abstract_state, b.init
     num_steps = int(config.train.num_steps)
-
-    # -- model and state ----------------------------------------------------------------------
-    model = stage.build_model(config)
-    tx = make_optimizer(config.optim, num_steps)
-    example = _numeric(stage.example_batch(config, 1))
-    abstract, shardings, init = prepare_state(stage, model, tx, config, mesh, rules, example)
+    jitted = b.step
+    lr_at = learning_rate_schedule(config.optim, num_steps)
 
     # -- checkpoint / resume ------------------------------------------------------------------
     ckpt = Checkpointer(workdir, keep=int(config.train.keep),
@@ -151,13 +188,6 @@ def train(config, workdir: str, *, stop_at: int | None = None) -> dict:
                            seed=int(config.seed))
     if data_state is not None:
         data.set_state(data_state)
-
-    # -- step ---------------------------------------------------------------------------------
-    step_fn = make_train_step(stage, model, tx, config, rules)
-    batch_sh = {k: data_sharding for k in example}
-    with jax.set_mesh(mesh):
-        jitted = jax.jit(step_fn, in_shardings=(shardings, batch_sh), out_shardings=(shardings, None),
-                         donate_argnums=(0,))
 
     # -- loop ---------------------------------------------------------------------------------
     writer = MetricWriter(workdir)
@@ -206,7 +236,7 @@ def train(config, workdir: str, *, stop_at: int | None = None) -> dict:
                                 examples_per_s=sps * int(config.train.batch_size),
                                 examples_per_s_per_device=sps * int(config.train.batch_size) / n_dev)
                     t_window, n_window = time.perf_counter(), 0
-                host["lr"] = float(tx_lr(config, step))
+                host["lr"] = float(lr_at(step))
                 host.update({f"data/{k}": float(v) for k, v in data.stats().items()})
                 writer.write(step, host)
                 last_metrics = host
@@ -230,11 +260,6 @@ def train(config, workdir: str, *, stop_at: int | None = None) -> dict:
             pbar.close()
     return {"step": step, "status": status, "metrics": last_metrics, "params": n_params,
             "state": state, "mesh": mesh, "resumed_from": start}
-
-
-def tx_lr(config, step: int) -> float:
-    from unclip_jax.train.optim import learning_rate_schedule
-    return learning_rate_schedule(config.optim, int(config.train.num_steps))(step)
 
 
 def _check_bad(metrics, max_bad: int, step: int):
