@@ -33,6 +33,8 @@ setup(
             "pytest>=8,<10",
             "pytest-xdist>=3.5,<4",
             "portpicker>=1.6,<2",
+            # CPU host compiles for TPU topologies (ahead-of-time plans); matches jax 0.10.2.
+            "libtpu==0.0.42.*",
         ],
     },
 )
