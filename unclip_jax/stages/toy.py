@@ -7,7 +7,6 @@ the real models. Config: model.{width, hidden, depth, dropout}, data.{dim, poiso
 from __future__ import annotations
 
 import flax.linen as nn
-import jax
 import jax.numpy as jnp
 import numpy as np
 
