@@ -41,3 +41,20 @@ def test_two_processes_agree_with_one(tmp_path):
     # Only process 0 wrote metrics; the checkpoint is complete.
     assert os.path.exists(tmp_path / "two" / "metrics.jsonl")
     assert os.path.isdir(tmp_path / "two" / "checkpoints" / "12")
+
+
+def test_local_launcher_runs_main_on_two_processes(tmp_path):
+    root = os.path.dirname(HERE)
+    wd = tmp_path / "launched"
+    r = subprocess.run(
+        [sys.executable, os.path.join(root, "launch", "local.py"), "--num_processes=2",
+         "--devices_per_process=2", "--", sys.executable, "-m", "unclip_jax.main",
+         f"--config={root}/experiments/toy.py", f"--workdir={wd}", "--config.train.num_steps=4",
+         "--config.train.log_every=2"],
+        capture_output=True, text=True, timeout=300, cwd=root,
+        env=dict(os.environ, UNCLIP_NO_PROGRESS="1"))
+    assert r.returncode == 0, r.stdout[-3000:]
+    # Only process 0 reports, and it saw 4 global devices.
+    assert "[0] done at step 4 (resumed from 0)" in r.stdout
+    assert "[1] done" not in r.stdout
+    assert os.path.isdir(wd / "checkpoints" / "4")
