@@ -8,6 +8,9 @@ from unclip_jax.stages.base import DataIterator, Stage
 # name -> "module:Class"; modules are imported lazily so a stage's heavy deps load only when used.
 _REGISTRY = {
     "toy": "unclip_jax.stages.toy:ToyStage",
+    "clip": "unclip_jax.stages.clip:ClipStage",
+    "diffusion_prior": "unclip_jax.stages.diffusion_prior:DiffusionPriorStage",
+    "ar_prior": "unclip_jax.stages.ar_prior:ARPriorStage",
 }
 
 
