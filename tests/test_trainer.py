@@ -160,3 +160,26 @@ def test_bfloat16_compute_keeps_float32_params(tmp_path):
     # Same training, lower-precision matmuls: close but not identical.
     assert bf16["metrics"]["loss"] == pytest.approx(f32["metrics"]["loss"], rel=0.05)
     assert bf16["metrics"]["loss"] != f32["metrics"]["loss"]
+
+
+def test_load_trained_reads_ema_without_touching_workdir(tmp_path):
+    from unclip_jax.train.checkpoint import load_trained
+
+    wd = str(tmp_path / "t")
+    out = train(toy_config(), wd)
+
+    def snapshot():
+        return sorted((os.path.relpath(os.path.join(r, f), wd), os.path.getsize(os.path.join(r, f)))
+                      for r, _, fs in os.walk(wd) for f in fs)
+
+    before = snapshot()
+    t = load_trained(wd)
+    assert t.step == 12 and t.config.stage == "toy"
+    assert_trees_close(t.params, out["state"].ema_params)
+    assert_trees_close(load_trained(wd, ema=False).params, out["state"].params)
+    assert snapshot() == before
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        load_trained(str(tmp_path / "nowhere"))
+    os.makedirs(tmp_path / "empty" / "checkpoints")
+    with pytest.raises(FileNotFoundError, match="no complete checkpoint"):
+        load_trained(str(tmp_path / "empty"))

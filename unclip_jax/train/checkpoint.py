@@ -8,10 +8,12 @@ Layout under the workdir:
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
 import time
+from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
@@ -122,3 +124,72 @@ def read_config_json(workdir: str, step: int | None = None) -> dict:
         raise FileNotFoundError(f"no checkpoint in {workdir}/checkpoints")
     meta = mgr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
     return meta["config"]
+
+
+@dataclasses.dataclass
+class Trained:
+    """A trained stage loaded for inference: its config, stage, module and (EMA) params."""
+    config: Any
+    stage: Any
+    model: Any
+    params: Any
+    step: int
+    workdir: str
+
+
+def load_trained(workdir: str, *, ema: bool = True, step: int | None = None,
+                 sharding=None) -> Trained:
+    """Load a stage's parameters (EMA by default) and config from a training workdir.
+
+    Read-only: nothing in the workdir is created, moved or changed. A checkpoint that fails to
+    load is skipped with a warning in favour of the previous one."""
+    import flax.linen as nn
+    import ml_collections
+
+    from unclip_jax.stages import get_stage
+
+    workdir = os.path.abspath(workdir)
+    ckpt_dir = os.path.join(workdir, "checkpoints")
+    if not os.path.isdir(workdir):
+        raise FileNotFoundError(f"workdir {workdir} does not exist")
+    if not os.path.isdir(ckpt_dir):
+        raise FileNotFoundError(f"{workdir} has no checkpoints/ directory: train this stage first "
+                                f"(python -m unclip_jax.main --config=... --workdir={workdir})")
+    mgr = ocp.CheckpointManager(ckpt_dir, options=ocp.CheckpointManagerOptions(
+        read_only=True, create=False))
+    steps = sorted(mgr.all_steps(), reverse=True)
+    if step is not None:
+        if step not in steps:
+            raise FileNotFoundError(f"no checkpoint for step {step} in {ckpt_dir} (have {steps})")
+        steps = [step]
+    if not steps:
+        raise FileNotFoundError(f"no complete checkpoint in {ckpt_dir} (an interrupted first save "
+                                "leaves none): train this stage first")
+    sharding = sharding or jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    key = "ema_params" if ema else "params"
+    errors = []
+    for s in steps:
+        try:
+            meta = mgr.restore(s, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+            config = ml_collections.ConfigDict(meta["config"])
+            stage = get_stage(config.stage)
+            model = stage.build_model(config)
+            example = {k: v for k, v in stage.example_batch(config, 1).items()
+                       if getattr(v, "dtype", None) is not None and v.dtype.kind not in "USO"}
+            abstract = jax.eval_shape(
+                lambda r: nn.meta.unbox(stage.init(model, r, example))["params"],
+                jax.random.PRNGKey(0))
+            item = {key: jax.tree.map(
+                lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), abstract)}
+            restored = mgr.restore(s, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
+                item=item, restore_args=jax.tree.map(
+                    lambda x: ocp.ArrayRestoreArgs(sharding=x.sharding), item),
+                partial_restore=True)))
+            mgr.close()
+            return Trained(config, stage, model, restored["state"][key], s, workdir)
+        except Exception as e:  # noqa: BLE001 - try the previous checkpoint
+            logging.warning("checkpoint step %d in %s cannot be loaded (%s: %s); trying an "
+                            "earlier one", s, ckpt_dir, type(e).__name__, str(e)[:300])
+            errors.append(f"step {s}: {type(e).__name__}: {str(e)[:200]}")
+    mgr.close()
+    raise RuntimeError(f"no checkpoint in {ckpt_dir} could be loaded:\n  " + "\n  ".join(errors))
