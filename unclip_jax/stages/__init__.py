@@ -11,6 +11,8 @@ _REGISTRY = {
     "clip": "unclip_jax.stages.clip:ClipStage",
     "diffusion_prior": "unclip_jax.stages.diffusion_prior:DiffusionPriorStage",
     "ar_prior": "unclip_jax.stages.ar_prior:ARPriorStage",
+    "decoder": "unclip_jax.stages.decoder:DecoderStage",
+    "upsampler": "unclip_jax.stages.upsampler:UpsamplerStage",
 }
 
 

@@ -1,0 +1,44 @@
+"""unCLIP decoder, 64x64, paper scale (Table 3 of Ramesh et al. 2022; GLIDE 3.5B).
+
+Run (accelerators):
+  python -m unclip_jax.main --config=experiments/paper/decoder_64.py --workdir=runs/decoder_64 \
+      --config.data.cache_dir=DIR --config.mesh.fsdp=-1 --config.mesh.data=1
+Table 3: cosine schedule, T=1000, learned sigma (hybrid loss), base 512, channel mult 1,2,3,4,
+3 res blocks, attention at 32,16,8 with 64 channels per head, dropout 0.1, text encoder
+ctx 256 / width 2048 / depth 24 / heads 32, batch 2048, 800K iterations, AdamW lr 1.2e-4,
+beta2 0.999, eps 1e-8, EMA 0.9999 (no weight decay listed). Sampling: 250 strided steps, guidance
+1.25 for the paper's MS-COCO FID. Guidance dropout: z_i 10%, caption 50%.
+
+Parameter count (jax.eval_shape, tests/test_unet_paper.py): ~3.57B = U-Net ~2.25B (incl. the
+per-attention-layer context K/V projections and the z_i projections) + text transformer
+~1.21B + token embedding ~0.10B. Reading: GLIDE's text encoder uses GPT-2's BPE vocabulary of
+50257 tokens; we pad it to 50304 (a multiple of 128) so the table shards over `tensor`. CLIP's
+49408-token BPE fits in it too, so tokens from a CLIP embedding cache can be used directly
+(tokens_source="cache"; set model.text_pad_id to the tokenizer's pad id).
+"""
+from unclip_jax.configs import base_config
+from unclip_jax.data import default_data_config
+from unclip_jax.models import decoder_model_config
+
+
+def get_config(arg=None):
+    c = base_config()
+    c.stage = "decoder"
+    c.model = decoder_model_config(
+        dtype="bfloat16", param_dtype="float32", remat=True,
+        image_size=64, base_channels=512, channel_mult=(1, 2, 3, 4), num_res_blocks=3,
+        attention_resolutions=(32, 16, 8), head_channels=64, norm_groups=32, dropout=0.1,
+        learn_sigma=True, clip_dim=1024, clip_tokens=4,
+        text_vocab=50304, text_ctx=256, text_width=2048, text_depth=24, text_heads=32,
+        image_emb_source="cache", tokens_source="cache", image_emb_scale=1.0, text_pad_id=0)
+    c.data = default_data_config("embed_cache")
+    c.data.resolution = 64
+    c.data.join_images = True
+    c.diffusion = dict(schedule="cosine", num_timesteps=1000, parameterization="eps",
+                       vlb_weight=0.001, drop_image_emb=0.1, drop_text=0.5,
+                       sampling_steps="250", guidance_scale=1.25)
+    c.train.update(batch_size=2048, num_steps=800_000, log_every=100, ckpt_every=5000)
+    c.optim.update(lr=1.2e-4, b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.0, ema_decay=0.9999,
+                   warmup_steps=10_000, schedule="constant", grad_clip=1.0)
+    c.mesh.update(data=1, fsdp=-1, tensor=1)
+    return c

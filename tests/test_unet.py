@@ -1,0 +1,270 @@
+"""Decoder / upsampler U-Nets: shapes, zero-init, conditioning, null path, crops, GroupNorm."""
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from unclip_jax.models import (GroupNorm, decoder_model_config, model_from_config,
+                               upsampler_model_config)
+from unclip_jax.parallel import DEFAULT_RULES, make_mesh
+
+B = 4
+
+
+def tiny_decoder_cfg(**kw):
+    c = dict(image_size=16, base_channels=32, channel_mult=(1, 2), num_res_blocks=1,
+             attention_resolutions=(8,), head_channels=32, norm_groups=8, clip_dim=16,
+             text_vocab=64, text_ctx=8, text_width=32, text_depth=1, text_heads=2)
+    c.update(kw)
+    return decoder_model_config(**c)
+
+
+def rerandomise_zeros(params, seed=0):
+    """Give every all-zero parameter (zero-init output layers, biases) random values."""
+    rng = np.random.default_rng(seed)   # numpy: no per-leaf XLA compiles
+    return jax.tree_util.tree_map(
+        lambda p: jnp.asarray(0.1 * rng.standard_normal(p.shape), p.dtype)
+        if not np.any(np.asarray(p)) else p, params)
+
+
+def init_jit(model, *args):
+    """jit-compiled init with an RBG key: XLA:CPU compiles threefry draws slowly (~2x)."""
+    var = jax.jit(model.init)(jax.random.key(0, impl="rbg"), *args)
+    return nn.unbox(var["params"])
+
+
+def decoder_inputs(seed=1, ctx=8, clip_dim=16, size=16, b=B):
+    ks = jax.random.split(jax.random.key(seed), 3)
+    x = jax.random.normal(ks[0], (b, size, size, 3))
+    t = jnp.array([0, 10, 500, 999] * (b // 4), jnp.int32)
+    z = jax.random.normal(ks[1], (b, clip_dim))
+    tok = jax.random.randint(ks[2], (b, ctx), 1, 64)
+    mask = jnp.arange(ctx)[None] < jnp.array([8, 5, 3, 1] * (b // 4))[:, None]
+    return x, t, z, tok, mask
+
+
+@pytest.fixture(scope="module")
+def decoder():
+    model = model_from_config(tiny_decoder_cfg())
+    x, t, z, tok, mask = decoder_inputs()
+    params = init_jit(model, x, t, z, tok, mask)
+    return model, params, jax.jit(model.apply, static_argnames=("train",))
+
+
+def test_decoder_zero_init_output_is_exactly_zero(decoder):
+    _, params, apply = decoder
+    out = apply({"params": params}, *decoder_inputs())
+    assert out.shape == (B, 16, 16, 6)          # learned sigma: eps and v channels
+    assert out.dtype == jnp.float32
+    assert float(jnp.abs(out).max()) == 0.0
+    for name in ("conv_out",):
+        assert float(jnp.abs(params["unet"][name]["Conv_0"]["kernel"]).max()) == 0.0
+
+
+@pytest.mark.parametrize("kw,out_ch", [
+    (dict(), 6),
+    (dict(learn_sigma=False, text_depth=0), 3),                  # z_i only
+    (dict(clip_dim=0, channel_mult=(1, 2, 2), attention_resolutions=(8, 4)), 6),  # caption only
+    (dict(image_size=32, channel_mult=(1, 1, 2), num_res_blocks=2, attention_resolutions=()), 6),
+])
+def test_decoder_shapes_for_several_configs(kw, out_ch):
+    cfg = tiny_decoder_cfg(**kw)
+    model = model_from_config(cfg)
+    s = cfg.image_size
+    x, t, z, tok, mask = decoder_inputs(size=s)
+    var = jax.eval_shape(model.init, jax.random.key(0), x, t, z, tok, mask)
+    out = jax.eval_shape(model.apply, var, x, t, z, tok, mask)
+    assert out.shape == (B, s, s, out_ch)
+    names = set(nn.unbox(var["params"]))
+    assert ("text_encoder" in names) == (cfg.text_depth > 0)
+    assert ("null_image_emb" in names) == (cfg.clip_dim > 0)
+
+
+def test_every_parameter_is_logically_partitioned():
+    model = model_from_config(tiny_decoder_cfg())
+    var = jax.eval_shape(model.init, jax.random.key(0), *decoder_inputs())
+    leaves = jax.tree_util.tree_leaves(
+        var["params"], is_leaf=lambda v: isinstance(v, nn.LogicallyPartitioned))
+    assert leaves and all(isinstance(v, nn.LogicallyPartitioned) for v in leaves)
+    axes = {a for v in leaves for a in v.names if a is not None}
+    assert {"conv_in", "conv_out", "heads", "vocab", "embed", "norm"} <= axes
+
+
+def test_conditioning_changes_output_and_null_path_equals_dropping(decoder):
+    _, params, apply = decoder
+    p = {"params": rerandomise_zeros(params)}
+    x, t, z, tok, mask = decoder_inputs()
+    no = jnp.zeros((B,), bool)
+    # Drop masks always passed as arrays so one compiled program serves every drop pattern.
+    apply_d = lambda *a, drop_image_emb=no, drop_text=no: apply(  # noqa: E731
+        *a, drop_image_emb=drop_image_emb, drop_text=drop_text)
+    base = apply_d(p, x, t, z, tok, mask)
+    assert float(jnp.abs(base).max()) > 1e-3
+
+    def diff(a, b):   # per-example max abs difference
+        return np.asarray(jnp.abs(a - b).max(axis=(1, 2, 3)))
+
+    z2 = jax.random.normal(jax.random.key(7), z.shape)
+    assert (diff(base, apply_d(p, x, t, z2, tok, mask)) > 1e-4).all()
+    tok2 = (tok + 1) % 64
+    assert (diff(base, apply_d(p, x, t, z, tok2, mask)) > 1e-4).all()
+    # Tokens at padding positions are ignored (they take the learned padding embedding).
+    tok3 = jnp.where(mask, tok, 5)
+    np.testing.assert_allclose(apply_d(p, x, t, z, tok3, mask), base, atol=1e-5)
+
+    ones = jnp.ones((B,), bool)
+    np.testing.assert_allclose(apply_d(p, x, t, None, tok, mask),
+                               apply_d(p, x, t, z, tok, mask, drop_image_emb=ones), atol=1e-5)
+    np.testing.assert_allclose(apply_d(p, x, t, z, None, None),
+                               apply_d(p, x, t, z, tok, mask, drop_text=ones), atol=1e-5)
+    # Dropping is per example: only the flagged examples change.
+    sel = jnp.array([True, False, True, False])
+    d = diff(base, apply_d(p, x, t, z, tok, mask, drop_image_emb=sel, drop_text=sel))
+    assert (d[[0, 2]] > 1e-4).all() and (d[[1, 3]] == 0).all()
+
+
+def test_remat_and_bfloat16_switches(decoder):
+    _, params, apply = decoder
+    p = {"params": rerandomise_zeros(params)}
+    inputs = decoder_inputs()
+    ref = apply(p, *inputs)
+    remat = model_from_config(tiny_decoder_cfg(remat=True))
+    np.testing.assert_allclose(jax.jit(remat.apply)(p, *inputs), ref, atol=1e-5)
+    bf16 = model_from_config(tiny_decoder_cfg(dtype="bfloat16"))
+    out = jax.jit(bf16.apply)(p, *inputs)
+    assert out.dtype == jnp.float32
+    rel = float(jnp.linalg.norm(out - ref) / jnp.linalg.norm(ref))
+    assert 0 < rel < 0.1
+
+
+def test_dropout_is_active_only_in_training(decoder):
+    model = model_from_config(tiny_decoder_cfg(dropout=0.5))   # same params as the fixture's
+    inputs = decoder_inputs()
+    p = {"params": rerandomise_zeros(decoder[1])}
+    apply = jax.jit(model.apply, static_argnames=("train",))
+    a = apply(p, *inputs, train=True, rngs={"dropout": jax.random.key(1)})
+    b = apply(p, *inputs, train=True, rngs={"dropout": jax.random.key(2)})
+    c = apply(p, *inputs, train=False)
+    assert float(jnp.abs(a - b).max()) > 1e-3
+    np.testing.assert_allclose(c, decoder[2](p, *inputs), atol=1e-5)
+
+
+def test_upsampler_trained_on_crops_runs_at_full_size():
+    cfg = upsampler_model_config(image_size=32, base_channels=16, channel_mult=(1, 2),
+                                 num_res_blocks=1, norm_groups=8)
+    model = model_from_config(cfg)
+    crop = jnp.zeros((2, 8, 8, 3))
+    t = jnp.array([3, 900], jnp.int32)
+    params = init_jit(model, crop, t, crop)
+    assert "attn" not in str(jax.tree_util.tree_structure(params))
+    apply = jax.jit(model.apply)
+    x = jax.random.normal(jax.random.key(1), (2, 32, 32, 3))
+    low = jax.random.uniform(jax.random.key(2), (2, 16, 16, 3), minval=-1, maxval=1)
+    assert float(jnp.abs(apply({"params": params}, x, t, low)).max()) == 0.0
+    p = {"params": rerandomise_zeros(params)}
+    out = apply(p, x, t, low)
+    assert out.shape == (2, 32, 32, 3)
+    # The low-res image conditions the output (resized inside the module).
+    assert float(jnp.abs(out - apply(p, x, t, -low)).max()) > 1e-4
+    # Passing the low-res image already resized (as the stage does for crops) is the same.
+    up = jax.image.resize(low, (2, 32, 32, 3), "linear")
+    full = apply(p, x, t, up)
+    np.testing.assert_allclose(full, out, atol=1e-5)
+
+
+def test_groupnorm_matches_flax_groupnorm():
+    x = 3.0 + 2.0 * jax.random.normal(jax.random.key(0), (2, 5, 7, 32))
+    ours = GroupNorm(num_groups=8, epsilon=1e-5)
+    ref = nn.GroupNorm(num_groups=8, epsilon=1e-5)
+    pv = nn.unbox(ours.init(jax.random.key(1), x))
+    k1, k2 = jax.random.split(jax.random.key(2))
+    scale = 1.0 + 0.1 * jax.random.normal(k1, (32,))
+    bias = 0.1 * jax.random.normal(k2, (32,))
+    p = {"params": {"scale": scale, "bias": bias}}
+    assert set(pv["params"]) == {"scale", "bias"}
+    want = ref.apply(p, x)
+    np.testing.assert_allclose(ours.apply(p, x), want, atol=1e-5, rtol=1e-5)
+    # AdaGN folded into the same multiply-add: GN(x) * (1 + s) + b.
+    s = jax.random.normal(k1, (2, 32))
+    sh = jax.random.normal(k2, (2, 32))
+    np.testing.assert_allclose(ours.apply(p, x, s, sh),
+                               want * (1 + s[:, None, None]) + sh[:, None, None], atol=1e-5)
+    # Sequences [B, L, C] too.
+    xs = x.reshape(2, 35, 32)
+    np.testing.assert_allclose(ours.apply(p, xs), ref.apply(p, xs), atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="norm_groups"):
+        GroupNorm(num_groups=5).init(jax.random.key(0), x)
+
+
+def test_bad_config_fields_are_named():
+    with pytest.raises(ValueError, match="attention_resolutions"):
+        model_from_config(tiny_decoder_cfg(attention_resolutions=(5,)))
+    with pytest.raises(ValueError, match="config.model.kind"):
+        model_from_config(tiny_decoder_cfg(kind="unet"))
+    with pytest.raises(ValueError, match="config.model.dtype"):
+        model_from_config(tiny_decoder_cfg(dtype="float7"))
+
+
+def test_sharded_over_2x2x2_mesh_matches_single_device(decoder):
+    model, params, apply = decoder
+    params = rerandomise_zeros(params)
+    inputs = decoder_inputs(b=8, seed=3)
+    ref = apply({"params": params}, *inputs)
+    mesh = make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
+    specs = nn.get_partition_spec(
+        jax.eval_shape(model.init, jax.random.key(0), *inputs))["params"]
+    p_sh = nn.logical_to_mesh_sharding(specs, mesh, DEFAULT_RULES)
+    b_sh = NamedSharding(mesh, P(("data", "fsdp")))
+    with jax.set_mesh(mesh), nn.logical_axis_rules(DEFAULT_RULES):
+        fn = jax.jit(lambda p, *a: model.apply({"params": p}, *a),
+                     in_shardings=(p_sh,) + (b_sh,) * 5, out_shardings=b_sh)
+        sharded = jax.device_put(params, p_sh)
+        out = fn(sharded, *jax.device_put(inputs, b_sh))
+    k = sharded["unet"]["down_1_0"]["conv_in"]["Conv_0"]["kernel"]
+    assert k.sharding.spec == P(None, None, "fsdp", "tensor")
+    assert k.addressable_shards[0].data.shape == (3, 3, 16, 32)
+    assert out.sharding.spec == P(("data", "fsdp"))
+    assert float(jnp.abs(ref).max()) > 1e-3
+    np.testing.assert_allclose(np.asarray(out), np.asarray(ref), atol=2e-5, rtol=1e-4)
+
+
+def test_tiny_decoder_overfits_images_from_embeddings(decoder):
+    """Pure-noise input, fixed caption: only z_i tells the images apart, so the loss can only fall
+    far if the embedding path works; swapping embeddings then swaps the reconstructions."""
+    model, params, _ = decoder
+    yy, xx = np.mgrid[:16, :16]
+    imgs = []
+    for i, (cy, cx) in enumerate([(4, 4), (4, 11), (11, 4), (11, 11)]):
+        blob = ((yy - cy) ** 2 + (xx - cx) ** 2 < 12).astype(np.float32)
+        color = np.eye(3)[i % 3] * (1 if i < 3 else -1)
+        imgs.append(blob[..., None] * color[None, None] * 1.6 - 0.8)
+    imgs = jnp.asarray(np.stack(imgs), jnp.float32)
+    _, t, z, tok, mask = decoder_inputs()
+    tok, mask = jnp.broadcast_to(tok[:1], tok.shape), jnp.ones_like(mask)
+    t = jnp.full_like(t, 999)
+    opt = optax.adam(3e-3)
+
+    def loss_fn(p, noise, zz):
+        out = model.apply({"params": p}, noise, t, zz, tok, mask)[..., :3]
+        return jnp.mean((out - imgs) ** 2)
+
+    @jax.jit
+    def step(p, s, rng):
+        loss, g = jax.value_and_grad(loss_fn)(p, jax.random.normal(rng, imgs.shape), z)
+        upd, s = opt.update(g, s, p)
+        return optax.apply_updates(p, upd), s, loss
+
+    p, s = params, opt.init(params)
+    losses = []
+    for i in range(150):
+        p, s, loss = step(p, s, jax.random.key(i))
+        losses.append(float(loss))
+    first, last = losses[0], np.mean(losses[-10:])
+    assert first > 0.3 and last < first / 20, (first, last)
+    perm = jnp.array([2, 3, 0, 1])
+    noise = jax.random.normal(jax.random.key(999), imgs.shape)
+    swapped = jax.jit(lambda p: model.apply({"params": p}, noise, t, z[perm], tok, mask))(p)
+    assert float(jnp.mean((swapped[..., :3] - imgs[perm]) ** 2)) < first / 10

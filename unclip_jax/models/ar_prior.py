@@ -1,0 +1,216 @@
+"""The autoregressive prior: PCA + per-dimension quantisation of z_i, predicted token by token.
+
+Codec (host side, numpy; `unclip_jax.pca`): z_i -> its first k PCA coordinates (ordered by
+eigenvalue; paper k = 319 of 1024) -> `num_buckets` equal-mass buckets per coordinate. The token
+sequence is [dot, pc_0, ..., pc_{k-1}] where `dot` is the quantised z_i . z_t. Decoding maps
+tokens to bucket centres and inverts the PCA.
+
+Model: a bidirectional text encoder over [caption tokens, z_t] (Table 3: 2048 wide, 24 deep),
+projected to the latent decoder's width as a prefix of its causal sequence (Table 3: 1664 wide,
+24 deep); the decoder predicts token j from the prefix and tokens < j. The caption (tokens and
+z_t) is dropped to learned nulls at `drop_prob` in training so guidance is available.
+Sampling: temperature / top-k, and the dot token drawn from the top half of its buckets (paper:
+conditioning on a high z_i . z_t gave better samples). No KV cache: each step re-runs the
+decoder (fine for tests and small models; a cache is the next step for 320-token sampling at 1.6B).
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from unclip_jax.models.layers import Dense
+from unclip_jax.models.prior import CaptionPrefix
+from unclip_jax.models.transformer import Transformer
+from unclip_jax.pca import PCA, Quantizer, fit_pca, fit_quantizer
+
+Dtype = Any
+
+
+# ------------------------------------------------------------------------------------- codec
+@dataclasses.dataclass(frozen=True)
+class ARCodec:
+    pca: PCA
+    quantizer: Quantizer        # over the first k PCA coordinates
+    dot_quantizer: Quantizer    # over z_i . z_t (one dimension)
+
+    @property
+    def k(self) -> int:
+        return self.quantizer.edges.shape[0]
+
+    @property
+    def num_buckets(self) -> int:
+        return self.quantizer.num_buckets
+
+    def encode(self, z_i: np.ndarray, z_t: np.ndarray) -> np.ndarray:
+        """[B, D] x2 -> int32 [B, k + 1] = [dot bucket, PC buckets]."""
+        dot = np.sum(np.asarray(z_i, np.float64) * np.asarray(z_t, np.float64), -1, keepdims=True)
+        return np.concatenate([self.dot_quantizer.quantize(dot),
+                               self.quantizer.quantize(self.pca.transform(z_i, self.k))], 1)
+
+    def decode(self, tokens: np.ndarray) -> np.ndarray:
+        """[B, k + 1] (or [B, k] without the dot token) -> z_i [B, D]."""
+        tokens = np.asarray(tokens)
+        pcs = tokens[:, 1:] if tokens.shape[1] == self.k + 1 else tokens
+        return self.pca.inverse_transform(self.quantizer.dequantize(pcs))
+
+    def save(self, path: str) -> None:
+        np.savez(path, mean=self.pca.mean, components=self.pca.components[:self.k],
+                 eigenvalues=self.pca.eigenvalues, count=self.pca.count,
+                 edges=self.quantizer.edges, centres=self.quantizer.centres,
+                 dot_edges=self.dot_quantizer.edges, dot_centres=self.dot_quantizer.centres)
+
+    @classmethod
+    def load(cls, path: str) -> "ARCodec":
+        with np.load(path) as f:
+            pca = PCA(f["mean"], f["components"], f["eigenvalues"], int(f["count"]))
+            return cls(pca, Quantizer(f["edges"], f["centres"]),
+                       Quantizer(f["dot_edges"], f["dot_centres"]))
+
+
+def fit_codec(z_i: np.ndarray, z_t: np.ndarray, k: int, num_buckets: int = 1024) -> ARCodec:
+    """PCA on z_i keeping k components, equal-mass buckets per kept coordinate and for z_i.z_t."""
+    z_i = np.asarray(z_i, np.float64)
+    if not 0 < k <= z_i.shape[1]:
+        raise ValueError(f"config.model.pca_components {k} must be in [1, {z_i.shape[1]}]")
+    pca = fit_pca(z_i)
+    coords = pca.transform(z_i, k)
+    dot = np.sum(z_i * np.asarray(z_t, np.float64), -1, keepdims=True)
+    return ARCodec(pca, fit_quantizer(coords, num_buckets), fit_quantizer(dot, num_buckets))
+
+
+# ------------------------------------------------------------------------------------- model
+class ARPrior(nn.Module):
+    """`__call__(tokens [B, T], cond)` -> logits [B, T, num_buckets]: logits[:, j] predicts
+    tokens[:, j] from the prefix and tokens[:, :j] (T = k + 1). cond as for DiffusionPrior."""
+    num_buckets: int
+    num_tokens: int
+    text_ctx: int
+    vocab_size: int = 0
+    enc_width: int = 256
+    enc_depth: int = 2
+    enc_heads: int = 4
+    dec_width: int = 256
+    dec_depth: int = 2
+    dec_heads: int = 4
+    mlp_ratio: float = 4.0
+    dropout: float = 0.0
+    remat: bool = False
+    dtype: Dtype = jnp.float32
+
+    def setup(self):
+        kw = dict(dtype=self.dtype)
+        self.caption = CaptionPrefix(self.enc_width, self.text_ctx, self.vocab_size, **kw)
+        init = lambda s: nn.with_logical_partitioning(nn.initializers.normal(0.01), s)  # noqa
+        self.enc_pos = self.param("enc_positional_embedding", init((None, "embed")),
+                                  (self.text_ctx + 1, self.enc_width), jnp.float32)
+        self.encoder = Transformer(self.enc_width, self.enc_depth, self.enc_heads, self.mlp_ratio,
+                                   causal=False, dropout=self.dropout, final_norm=True,
+                                   remat=self.remat, **kw)
+        self.prefix_proj = Dense(self.dec_width, axes=("embed", "mlp"), **kw)
+        self.token_embedding = self.param(
+            "token_embedding", nn.with_logical_partitioning(nn.initializers.normal(0.02),
+                                                            ("vocab", "embed")),
+            (self.num_buckets, self.dec_width), jnp.float32)
+        self.dec_pos = self.param("dec_positional_embedding", init((None, "embed")),
+                                  (self.text_ctx + self.num_tokens, self.dec_width),
+                                  jnp.float32)
+        self.decoder = Transformer(self.dec_width, self.dec_depth, self.dec_heads, self.mlp_ratio,
+                                   causal=True, dropout=self.dropout, final_norm=True,
+                                   remat=self.remat, **kw)
+        self.head = Dense(self.num_buckets, axes=("embed", "vocab"), **kw)
+
+    def prefix(self, cond, train: bool = False):
+        """Encoded caption + z_t at decoder width [B, L + 1, Wd] and its key mask."""
+        tok, zt, mask = self.caption(cond)
+        x = jnp.concatenate([tok, zt[:, None]], 1) + self.enc_pos[None].astype(self.dtype)
+        mask = jnp.concatenate([mask, jnp.ones((mask.shape[0], 1), bool)], 1)
+        x = self.encoder(x.astype(self.dtype), mask, train)
+        return self.prefix_proj(x), mask
+
+    def logits(self, prefix, mask, tokens, train: bool = False):
+        b, t = tokens.shape
+        if t != self.num_tokens:
+            raise ValueError(f"ar prior: {t} tokens, model expects {self.num_tokens} "
+                             "(config.model.pca_components + 1)")
+        emb = jnp.take(self.token_embedding, tokens[:, :-1], axis=0).astype(self.dtype)
+        x = jnp.concatenate([prefix.astype(self.dtype), emb], 1) + self.dec_pos[None].astype(
+            self.dtype)
+        mask = jnp.concatenate([mask, jnp.ones((b, t - 1), bool)], 1)
+        x = self.decoder(x, mask, train)
+        p = prefix.shape[1]
+        return self.head(x[:, p - 1:]).astype(jnp.float32)   # positions predicting tokens 0..T-1
+
+    def __call__(self, tokens, cond, train: bool = False):
+        prefix, mask = self.prefix(cond, train)
+        return self.logits(prefix, mask, tokens, train)
+
+
+def ar_loss(model, params, batch, rng, scaling_text=None, drop_prob: float = 0.1,
+            train: bool = True):
+    """Mean cross-entropy over the k + 1 tokens of batch["ar_tokens"]; caption dropped at
+    drop_prob. z_t is fed multiplied by `scaling_text` (e.g. sqrt(dim)) if given."""
+    r_d, r_do = jax.random.split(rng)
+    cond = _cond(batch, scaling_text)
+    cond["drop"] = jax.random.bernoulli(r_d, drop_prob, (batch["ar_tokens"].shape[0],))
+    logits = model.apply({"params": params}, batch["ar_tokens"], cond, train=train,
+                         rngs={"dropout": r_do})
+    target = batch["ar_tokens"]
+    logp = jax.nn.log_softmax(logits, -1)
+    nll = -jnp.take_along_axis(logp, target[..., None], -1)[..., 0]
+    acc = jnp.mean(jnp.argmax(logits, -1) == target)
+    return jnp.mean(nll), {"dot_xent": jnp.mean(nll[:, 0]), "pc_xent": jnp.mean(nll[:, 1:]),
+                           "accuracy": acc}
+
+
+def _cond(batch, text_scale=None):
+    zt = batch["text_embedding"].astype(jnp.float32)
+    cond = {"z_t": zt * (1.0 if text_scale is None else text_scale),
+            "token_mask": batch["token_mask"]}
+    for k in ("tokens", "token_embeddings"):
+        if k in batch:
+            cond[k] = batch[k]
+    return cond
+
+
+def filter_logits(logits, temperature: float = 1.0, top_k: int = 0):
+    """Temperature then top-k (0 = off) on [..., V] logits."""
+    logits = logits / jnp.maximum(temperature, 1e-6)
+    if top_k and top_k < logits.shape[-1]:
+        kth = jax.lax.top_k(logits, top_k)[0][..., -1:]
+        logits = jnp.where(logits < kth, -jnp.inf, logits)
+    return logits
+
+
+def sample_ar_prior(model: ARPrior, params, batch, rng, *, temperature: float = 1.0,
+                    top_k: int = 0, dot_top_half: bool = True, guidance_scale: float = 1.0,
+                    text_scale=None):
+    """Token sequences [B, k + 1] for the captions in `batch` (text_embedding, token_mask,
+    tokens or token_embeddings). Decode with ARCodec.decode. One lax.fori_loop over tokens."""
+    cond = _cond(batch, text_scale)
+    b = cond["z_t"].shape[0]
+    v, t_len = model.num_buckets, model.num_tokens
+    guided = guidance_scale != 1.0
+    cond["drop"] = jnp.zeros((b,), bool)
+    if guided:  # conditional and null halves in one doubled batch
+        cond = jax.tree.map(lambda x: jnp.concatenate([x, x], 0), cond)
+        cond["drop"] = jnp.arange(2 * b) >= b
+    apply = lambda method, *a: model.apply({"params": params}, *a, method=method)  # noqa: E731
+    prefix, mask = apply(ARPrior.prefix, cond)
+
+    def body(j, tokens):
+        inp = jnp.concatenate([tokens, tokens], 0) if guided else tokens
+        lg = apply(ARPrior.logits, prefix, mask, inp)[:, j]
+        if guided:
+            lg = lg[b:] + guidance_scale * (lg[:b] - lg[b:])
+        lg = filter_logits(lg, temperature, top_k)
+        if dot_top_half:  # the z_i . z_t token only from its upper half of buckets
+            lg = jnp.where((j == 0) & (jnp.arange(v) < v // 2), -jnp.inf, lg)
+        s = jax.random.categorical(jax.random.fold_in(rng, j), lg, axis=-1)
+        return tokens.at[:, j].set(s.astype(jnp.int32))
+
+    return jax.lax.fori_loop(0, t_len, body, jnp.zeros((b, t_len), jnp.int32))

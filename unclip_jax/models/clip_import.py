@@ -1,0 +1,196 @@
+"""Import a pretrained Hugging Face CLIP checkpoint directory into our Flax `CLIP`.
+
+    model, params, tokenizer = load_hf_clip("/path/to/clip-vit-h-14")   # config.json,
+                                   # model.safetensors, vocab.json, merges.txt, tokenizer configs
+    out = model.apply({"params": params}, images_in_minus1_1, method=model.encode_image)
+
+Weights are read with the safetensors numpy API (no torch). Every parameter of our model must be
+found with the right shape: a missing tensor raises KeyError and a mis-shaped one ValueError,
+both naming the Hugging Face tensor. Images are mapped from our [-1, 1] to CLIP's normalisation
+inside `CLIP.encode_image` (`clip.to_clip_pixels`), nowhere else.
+
+`encoder(config)` is an `unclip_jax.embed` encoder factory (config.embed.clip_dir).
+"""
+from __future__ import annotations
+
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from unclip_jax.models.clip import CLIP
+from unclip_jax.tokenizer import Tokenizer
+
+
+def model_from_hf_config(cfg: dict, dtype=jnp.float32) -> CLIP:
+    t, v = cfg["text_config"], cfg["vision_config"]
+    eos = int(t.get("eos_token_id", 2))
+    text = dict(vocab_size=int(t["vocab_size"]), ctx=int(t["max_position_embeddings"]),
+                width=int(t["hidden_size"]), depth=int(t["num_hidden_layers"]),
+                heads=int(t["num_attention_heads"]), mlp_dim=int(t["intermediate_size"]),
+                eos_token_id=-1 if eos == 2 else eos,  # HF: eos id 2 means legacy argmax pooling
+                act=t.get("hidden_act", "quick_gelu"), eps=float(t.get("layer_norm_eps", 1e-5)))
+    if int(v.get("num_channels", 3)) != 3:
+        raise ValueError(f"vision_config.num_channels={v['num_channels']}: only RGB is supported")
+    vision = dict(image_size=int(v["image_size"]), patch=int(v["patch_size"]),
+                  width=int(v["hidden_size"]), depth=int(v["num_hidden_layers"]),
+                  heads=int(v["num_attention_heads"]), mlp_dim=int(v["intermediate_size"]),
+                  act=v.get("hidden_act", "quick_gelu"), eps=float(v.get("layer_norm_eps", 1e-5)))
+    return CLIP(int(cfg["projection_dim"]), text, vision,
+                logit_scale_init=float(cfg.get("logit_scale_init_value", 2.6592)), dtype=dtype)
+
+
+def _linear(name):
+    return [(f"{name}.weight", lambda w: w.T), (f"{name}.bias", None)]
+
+
+def _block_map(hf: str, heads: int) -> dict:
+    """Our block params -> (HF tensor names, converter)."""
+    def qkv_kernel(q, k, v):  # torch [out, in] x3 -> our fused [in, heads*(q,k,v)*head_dim]
+        w = np.stack([q.T, k.T, v.T], 1)                      # [in, 3, W]
+        d_in, _, width = w.shape
+        w = w.reshape(d_in, 3, heads, width // heads).transpose(0, 2, 1, 3)
+        return w.reshape(d_in, 3 * width)
+
+    def qkv_bias(q, k, v):
+        b = np.stack([q, k, v], 0).reshape(3, heads, -1).transpose(1, 0, 2)
+        return b.reshape(-1)
+
+    a = f"{hf}.self_attn"
+    return {
+        ("attn", "qkv", "Dense_0", "kernel"): ([f"{a}.{p}_proj.weight" for p in "qkv"], qkv_kernel),
+        ("attn", "qkv", "Dense_0", "bias"): ([f"{a}.{p}_proj.bias" for p in "qkv"], qkv_bias),
+        ("attn", "out", "Dense_0", "kernel"): ([f"{a}.out_proj.weight"], lambda w: w.T),
+        ("attn", "out", "Dense_0", "bias"): ([f"{a}.out_proj.bias"], None),
+        ("ln_1", "LayerNorm_0", "scale"): ([f"{hf}.layer_norm1.weight"], None),
+        ("ln_1", "LayerNorm_0", "bias"): ([f"{hf}.layer_norm1.bias"], None),
+        ("ln_2", "LayerNorm_0", "scale"): ([f"{hf}.layer_norm2.weight"], None),
+        ("ln_2", "LayerNorm_0", "bias"): ([f"{hf}.layer_norm2.bias"], None),
+        ("fc", "Dense_0", "kernel"): ([f"{hf}.mlp.fc1.weight"], lambda w: w.T),
+        ("fc", "Dense_0", "bias"): ([f"{hf}.mlp.fc1.bias"], None),
+        ("proj", "Dense_0", "kernel"): ([f"{hf}.mlp.fc2.weight"], lambda w: w.T),
+        ("proj", "Dense_0", "bias"): ([f"{hf}.mlp.fc2.bias"], None),
+    }
+
+
+def _ln(ours: tuple, hf: str) -> dict:
+    return {ours + ("LayerNorm_0", "scale"): ([f"{hf}.weight"], None),
+            ours + ("LayerNorm_0", "bias"): ([f"{hf}.bias"], None)}
+
+
+def param_map(model: CLIP) -> dict:
+    """Flattened param path -> ([HF tensor names], converter or None)."""
+    t, v = model.text, model.vision
+    m = {
+        ("text_model", "token_embedding"): (["text_model.embeddings.token_embedding.weight"], None),
+        ("text_model", "positional_embedding"):
+            (["text_model.embeddings.position_embedding.weight"], None),
+        ("vision_model", "class_embedding"): (["vision_model.embeddings.class_embedding"], None),
+        ("vision_model", "positional_embedding"):
+            (["vision_model.embeddings.position_embedding.weight"], None),
+        ("vision_model", "patch_embed", "kernel"):  # torch OIHW -> flax HWIO
+            (["vision_model.embeddings.patch_embedding.weight"], lambda w: w.transpose(2, 3, 1, 0)),
+        ("text_projection", "Dense_0", "kernel"): (["text_projection.weight"], lambda w: w.T),
+        ("visual_projection", "Dense_0", "kernel"): (["visual_projection.weight"], lambda w: w.T),
+        ("logit_scale",): (["logit_scale"], lambda w: np.reshape(w, ())),
+    }
+    m.update(_ln(("text_model", "ln_final"), "text_model.final_layer_norm"))
+    m.update(_ln(("vision_model", "ln_pre"), "vision_model.pre_layrnorm"))
+    m.update(_ln(("vision_model", "ln_post"), "vision_model.post_layernorm"))
+    for tower, cfg in (("text_model", t), ("vision_model", v)):
+        for i in range(int(cfg["depth"])):
+            for k, val in _block_map(f"{tower}.encoder.layers.{i}", int(cfg["heads"])).items():
+                m[(tower, "transformer", f"block_{i}") + k] = val
+    return m
+
+
+def convert_state_dict(model: CLIP, tensors: dict[str, np.ndarray]) -> dict:
+    """HF tensors (name -> numpy) -> our params tree; errors name the offending HF tensor."""
+    from flax.traverse_util import flatten_dict, unflatten_dict
+    from flax import linen as nn
+
+    t = model.text
+    dummy_tok = jnp.zeros((1, int(t["ctx"])), jnp.int32)
+    size = int(model.vision["image_size"])
+    dummy_img = jnp.zeros((1, size, size, 3), jnp.float32)
+    shapes = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), dummy_img, dummy_tok))
+    expected = flatten_dict(nn.meta.unbox(shapes)["params"])
+    mapping = param_map(model)
+    unmapped = set(expected) - set(mapping)
+    if unmapped:
+        raise RuntimeError(f"clip_import: no mapping for our params {sorted(unmapped)[:5]}")
+    out = {}
+    for path, spec in expected.items():
+        names, conv = mapping[path]
+        arrays = []
+        for n in names:
+            if n not in tensors:
+                raise KeyError(f"clip_import: tensor {n!r} missing from the checkpoint "
+                               f"(needed for {'/'.join(path)})")
+            arrays.append(np.asarray(tensors[n], np.float32))
+        shapes = [a.shape for a in arrays]
+        bad = [n for n, s in zip(names, shapes) if shapes.count(s) == 1] if len(set(shapes)) > 1 \
+            else names  # q/k/v must agree: the odd one out is the bad tensor
+        value = conv(*arrays) if conv is not None and len(set(shapes)) == 1 else None
+        if value is None and conv is None:
+            value = arrays[0]
+        if value is None or tuple(value.shape) != tuple(spec.shape):
+            got = ", ".join(f"{n} {s}" for n, s in zip(names, shapes))
+            raise ValueError(f"clip_import: tensor {' / '.join(map(repr, bad))} has the wrong "
+                             f"shape (got {got}); {'/'.join(path)} needs {tuple(spec.shape)} "
+                             "after conversion")
+        out[path] = jnp.asarray(value, spec.dtype)
+    return unflatten_dict(out)
+
+
+def read_safetensors(directory: str) -> dict[str, np.ndarray]:
+    from safetensors.numpy import load_file
+
+    files = sorted(f for f in os.listdir(directory) if f.endswith(".safetensors"))
+    if not files:
+        raise FileNotFoundError(f"no *.safetensors in {directory!r}")
+    tensors = {}
+    for f in files:
+        tensors.update(load_file(os.path.join(directory, f)))
+    return tensors
+
+
+def load_hf_clip(directory: str, dtype=jnp.float32):
+    """(CLIP module, params, Tokenizer) from a local HF CLIP directory; nothing is downloaded."""
+    with open(os.path.join(directory, "config.json")) as f:
+        cfg = json.load(f)
+    model = model_from_hf_config(cfg, dtype)
+    params = convert_state_dict(model, read_safetensors(directory))
+    tok = Tokenizer.from_hf(directory, context_length=int(model.text["ctx"]))
+    return model, params, tok
+
+
+class HFClipEncoder:
+    """`unclip_jax.embed` encoder: images in [-1, 1] are resized to the model's size."""
+
+    def __init__(self, directory: str):
+        self.model, self.params, self.tokenizer = load_hf_clip(directory)
+        size = int(self.model.vision["image_size"])
+
+        def img(params, x):
+            x = jax.image.resize(x, (x.shape[0], size, size, 3), "bicubic")
+            return self.model.apply({"params": params}, x, method=CLIP.encode_image)["embedding"]
+
+        def txt(params, tokens):
+            return self.model.apply({"params": params}, tokens, method=CLIP.encode_text)
+        self._img, self._txt = jax.jit(img), jax.jit(txt)
+
+    def encode_images(self, images):
+        return np.asarray(self._img(self.params, jnp.asarray(images)))
+
+    def encode_texts(self, captions):
+        tokens, _ = self.tokenizer.encode(captions)
+        out = self._txt(self.params, jnp.asarray(tokens))
+        return {"text_embedding": np.asarray(out["embedding"]), "tokens": tokens,
+                "token_embeddings": np.asarray(out["token_encodings"])}
+
+
+def encoder(config):
+    return HFClipEncoder(str(config.embed.clip_dir))

@@ -1,0 +1,160 @@
+"""Building blocks shared by the U-Nets and transformers.
+
+Every parameter is created through `nn.with_logical_partitioning` with the logical names of
+`unclip_jax.parallel`, so a config's `mesh.rules` decides how it is sharded. Dims that are often
+not divisible by a mesh axis (image channels, vocab-free vectors) are left unpartitioned (None).
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+Dtype = Any
+
+
+def dtype_of(name) -> jnp.dtype:
+    """'float32' / 'bfloat16' / a dtype -> jnp dtype, with an error naming the config field."""
+    try:
+        return jnp.dtype(name)
+    except TypeError as e:
+        raise ValueError(f"config.model.dtype/param_dtype: unknown dtype {name!r}") from e
+
+
+def _init(init, axes):
+    return nn.with_logical_partitioning(init, tuple(axes))
+
+
+def zeros_init():
+    return nn.initializers.zeros_init()
+
+
+class Dense(nn.Module):
+    """nn.Dense with logical axes (in_axis, out_axis) on the kernel and (out_axis,) on the bias."""
+    features: int
+    axes: tuple[str | None, str | None] = ("embed", "mlp")
+    zero_init: bool = False
+    use_bias: bool = True
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        kinit = zeros_init() if self.zero_init else nn.initializers.lecun_normal()
+        return nn.Dense(self.features, use_bias=self.use_bias, dtype=self.dtype,
+                        param_dtype=self.param_dtype,
+                        kernel_init=_init(kinit, self.axes),
+                        bias_init=_init(zeros_init(), (self.axes[1],)))(x)
+
+
+class Conv(nn.Module):
+    """NHWC conv with kernel axes (None, None, in_axis, out_axis)."""
+    features: int
+    kernel_size: int = 3
+    axes: tuple[str | None, str | None] = ("conv_in", "conv_out")
+    zero_init: bool = False
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        kinit = zeros_init() if self.zero_init else nn.initializers.lecun_normal()
+        k = self.kernel_size
+        return nn.Conv(self.features, (k, k), padding=[(k // 2, k // 2)] * 2, dtype=self.dtype,
+                       param_dtype=self.param_dtype,
+                       kernel_init=_init(kinit, (None, None) + tuple(self.axes)),
+                       bias_init=_init(zeros_init(), (self.axes[1],)))(x)
+
+
+class GroupNorm(nn.Module):
+    """GroupNorm over channels-last inputs [B, ..., C], optionally with an AdaGN scale/shift.
+
+    Written for speed on XLA:CPU (see jax-notes): reductions are sums over the spatial axes to
+    [B, C] (x and x^2, float32), then a tiny per-group sum; var = E[x^2] - E[x]^2. The
+    normalisation, affine and the optional AdaGN `(1 + scale), shift` ([B, C] each) fold into one
+    per-(batch, channel) multiply-add over the activation.
+    """
+    num_groups: int = 32
+    epsilon: float = 1e-5
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, scale=None, shift=None):
+        c = x.shape[-1]
+        g = self.num_groups
+        if c % g:
+            raise ValueError(f"GroupNorm: {c} channels are not divisible by {g} groups "
+                             "(config.model.norm_groups)")
+        gamma = self.param("scale", _init(nn.initializers.ones_init(), ("norm",)), (c,),
+                           self.param_dtype)
+        beta = self.param("bias", _init(zeros_init(), ("norm",)), (c,), self.param_dtype)
+        xf = x.astype(jnp.float32)
+        red = tuple(range(1, x.ndim - 1))
+        n = math.prod(x.shape[1:-1]) * (c // g)
+        s1 = jnp.sum(xf, axis=red).reshape(x.shape[0], g, c // g).sum(-1)   # [B, G]
+        s2 = jnp.sum(xf * xf, axis=red).reshape(x.shape[0], g, c // g).sum(-1)
+        mean = s1 / n
+        var = jnp.maximum(s2 / n - mean * mean, 0.0)
+        inv = jax.lax.rsqrt(var + self.epsilon)
+        inv_c = jnp.repeat(inv, c // g, axis=-1)                              # [B, C]
+        mean_c = jnp.repeat(mean, c // g, axis=-1)
+        a = gamma.astype(jnp.float32) * inv_c
+        b = beta.astype(jnp.float32) - mean_c * a
+        if scale is not None:
+            a = a * (1.0 + scale.astype(jnp.float32))
+            b = b * (1.0 + scale.astype(jnp.float32))
+        if shift is not None:
+            b = b + shift.astype(jnp.float32)
+        bshape = (x.shape[0],) + (1,) * (x.ndim - 2) + (c,)
+        # The multiply-add stays in the compute dtype: one pass over the activation.
+        return x.astype(self.dtype) * a.reshape(bshape).astype(self.dtype) + \
+            b.reshape(bshape).astype(self.dtype)
+
+
+class LayerNorm(nn.Module):
+    """nn.LayerNorm (float32 statistics) with logical axes on scale and bias."""
+    epsilon: float = 1e-5
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        return nn.LayerNorm(epsilon=self.epsilon, dtype=self.dtype, param_dtype=self.param_dtype,
+                            use_fast_variance=False,
+                            scale_init=_init(nn.initializers.ones_init(), ("norm",)),
+                            bias_init=_init(zeros_init(), ("norm",)))(x)
+
+
+def timestep_embedding(t, dim: int, max_period: float = 10000.0):
+    """Sinusoidal embedding of (possibly fractional) timesteps t [B] -> [B, dim] float32 (ADM)."""
+    half = dim // 2
+    freqs = jnp.exp(-math.log(max_period) * jnp.arange(half, dtype=jnp.float32) / half)
+    args = t.astype(jnp.float32)[:, None] * freqs[None]
+    emb = jnp.concatenate([jnp.cos(args), jnp.sin(args)], axis=-1)
+    if dim % 2:
+        emb = jnp.pad(emb, ((0, 0), (0, 1)))
+    return emb
+
+
+def avg_pool2(x):
+    """2x2 average pooling, NHWC."""
+    b, h, w, c = x.shape
+    if h % 2 or w % 2:
+        raise ValueError(f"downsampling needs even spatial size, got {h}x{w}")
+    return x.reshape(b, h // 2, 2, w // 2, 2, c).mean(axis=(2, 4))
+
+
+def upsample_nearest2(x):
+    """2x nearest-neighbour upsampling, NHWC."""
+    b, h, w, c = x.shape
+    x = jnp.broadcast_to(x[:, :, None, :, None, :], (b, h, 2, w, 2, c))
+    return x.reshape(b, h * 2, w * 2, c)
+
+
+def constrain(x, axes: Sequence[str | None]):
+    """Logical sharding constraint on an activation (a no-op outside a mesh / rules context)."""
+    return nn.with_logical_constraint(x, tuple(axes))

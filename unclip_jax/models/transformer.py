@@ -1,0 +1,115 @@
+"""A generic pre-LN transformer (GPT-2 / CLIP style), reused by the text encoder, CLIP and priors.
+
+`Transformer(width, depth, heads)(x [B, L, W], mask=None)`: causal or bidirectional self-attention,
+an optional key padding mask [B, L] (True = real token), attention through
+`jax.nn.dot_product_attention` so fused kernels run on GPU/TPU, logically partitioned parameters,
+and `remat` to recompute each block in the backward pass.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from unclip_jax.models.layers import Dense, LayerNorm, constrain
+
+Dtype = Any
+ACT = ("batch", "length", "act_embed")
+
+
+def attention_mask(mask, causal: bool, length: int):
+    """Boolean [B or 1, 1, L, L] mask for dot_product_attention, or None when nothing is masked."""
+    m = None
+    if mask is not None:
+        m = mask[:, None, None, :].astype(bool)
+    if causal:
+        c = jnp.tril(jnp.ones((length, length), bool))[None, None]
+        m = c if m is None else m & c
+    return m
+
+
+class SelfAttention(nn.Module):
+    width: int
+    heads: int
+    causal: bool = False
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, mask=None):
+        b, length, _ = x.shape
+        if self.width % self.heads:
+            raise ValueError(f"transformer: width {self.width} not divisible by heads {self.heads}")
+        hd = self.width // self.heads
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        # Output laid out [heads, (q, k, v), head_dim] so a contiguous 'heads' shard is whole heads.
+        qkv = Dense(3 * self.width, axes=("embed", "heads"), name="qkv", **kw)(x)
+        q, k, v = jnp.split(qkv.reshape(b, length, self.heads, 3 * hd), 3, axis=-1)
+        m = attention_mask(mask, self.causal, length)
+        out = jax.nn.dot_product_attention(q, k, v, mask=m)
+        out = out.reshape(b, length, self.width)
+        return Dense(self.width, axes=("heads", "embed"), name="out", **kw)(out)
+
+
+class MLP(nn.Module):
+    width: int
+    hidden: int
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        h = Dense(self.hidden, axes=("embed", "mlp"), name="fc", **kw)(x)
+        h = nn.gelu(h, approximate=True)
+        return Dense(self.width, axes=("mlp", "embed"), name="proj", **kw)(h)
+
+
+class Block(nn.Module):
+    width: int
+    heads: int
+    mlp_ratio: float = 4.0
+    causal: bool = False
+    dropout: float = 0.0
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, mask=None, train: bool = False):
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        h = SelfAttention(self.width, self.heads, self.causal, name="attn", **kw)(
+            LayerNorm(name="ln_1", **kw)(x), mask)
+        x = x + nn.Dropout(self.dropout)(h, deterministic=not train)
+        h = MLP(self.width, int(self.width * self.mlp_ratio), name="mlp", **kw)(
+            LayerNorm(name="ln_2", **kw)(x))
+        x = x + nn.Dropout(self.dropout)(h, deterministic=not train)
+        return constrain(x, ACT)
+
+
+class Transformer(nn.Module):
+    """Stack of `depth` pre-LN blocks; `final_norm` adds a last LayerNorm."""
+    width: int
+    depth: int
+    heads: int
+    mlp_ratio: float = 4.0
+    causal: bool = False
+    dropout: float = 0.0
+    final_norm: bool = False
+    remat: bool = False
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, mask=None, train: bool = False):
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        # static_argnums counts `self` as 0: (x=1, mask=2, train=3).
+        block = nn.remat(Block, static_argnums=(3,)) if self.remat else Block
+        x = constrain(x.astype(self.dtype), ACT)
+        for i in range(self.depth):
+            x = block(self.width, self.heads, self.mlp_ratio, self.causal, self.dropout,
+                      name=f"block_{i}", **kw)(x, mask, train)
+        if self.final_norm:
+            x = LayerNorm(name="ln_final", **kw)(x)
+        return x

@@ -1,0 +1,250 @@
+"""ADM / GLIDE U-Nets: the unCLIP decoder (64x64) and the convolution-only upsamplers.
+
+`UNet` is the ADM backbone (AdaGN res blocks, BigGAN up/down res blocks, multi-head attention
+with optional context K/V, zero-initialised output layers). `Decoder` adds GLIDE's caption
+encoder and unCLIP's CLIP-embedding conditioning; `Upsampler` concatenates the resized low-res
+image with x. `model_from_config(config.model)` builds either from a config.
+"""
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from unclip_jax.models.layers import (Conv, Dense, GroupNorm, avg_pool2, constrain, dtype_of,
+                                      timestep_embedding, upsample_nearest2)
+from unclip_jax.models.text_encoder import TextEncoder
+
+Dtype = Any
+IMG = ("batch", "height", "width", "act_embed")
+
+
+class ResBlock(nn.Module):
+    """ADM res block: GN-SiLU-(resample)-conv, AdaGN(emb), SiLU, dropout, zero-init conv; skip."""
+    out_channels: int
+    resample: str | None = None       # None, "up" or "down" (BigGAN: on both paths)
+    dropout: float = 0.0
+    norm_groups: int = 32
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, emb, train: bool = False):
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        h = nn.silu(GroupNorm(self.norm_groups, name="norm_in", **kw)(x))
+        if self.resample is not None:
+            fn = upsample_nearest2 if self.resample == "up" else avg_pool2
+            h, x = fn(h), fn(x)
+        h = Conv(self.out_channels, 3, name="conv_in", **kw)(h)
+        ss = Dense(2 * self.out_channels, axes=("embed", "mlp"), name="emb_proj", **kw)(
+            nn.silu(emb))
+        scale, shift = jnp.split(ss, 2, axis=-1)
+        h = nn.silu(GroupNorm(self.norm_groups, name="norm_out", **kw)(h, scale, shift))
+        h = nn.Dropout(self.dropout)(h, deterministic=not train)
+        h = Conv(self.out_channels, 3, zero_init=True, name="conv_out", **kw)(h)
+        if x.shape[-1] != self.out_channels:
+            x = Conv(self.out_channels, 1, name="skip", **kw)(x)
+        return constrain(x + h, IMG)
+
+
+class AttentionBlock(nn.Module):
+    """Multi-head self-attention over pixels; `context` [B, Lc, Wc] is projected to K/V and put in
+    front of the image K/V (GLIDE). Zero-initialised output projection."""
+    head_channels: int = 64
+    norm_groups: int = 32
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, context=None):
+        b, hgt, wid, c = x.shape
+        if c % self.head_channels:
+            raise ValueError(f"attention: {c} channels not divisible by "
+                             f"config.model.head_channels={self.head_channels}")
+        heads, hd = c // self.head_channels, self.head_channels
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        h = GroupNorm(self.norm_groups, name="norm", **kw)(x).reshape(b, hgt * wid, c)
+        # [heads, (q, k, v), head_dim] layout: a contiguous 'heads' shard holds whole heads.
+        qkv = Dense(3 * c, axes=("embed", "heads"), name="qkv", **kw)(h)
+        q, k, v = jnp.split(qkv.reshape(b, hgt * wid, heads, 3 * hd), 3, axis=-1)
+        if context is not None:
+            ekv = Dense(2 * c, axes=("embed", "heads"), name="context_kv", **kw)(
+                context.astype(self.dtype))
+            ek, ev = jnp.split(ekv.reshape(b, context.shape[1], heads, 2 * hd), 2, axis=-1)
+            k, v = jnp.concatenate([ek, k], axis=1), jnp.concatenate([ev, v], axis=1)
+        out = jax.nn.dot_product_attention(q, k, v).reshape(b, hgt * wid, c)
+        out = Dense(c, axes=("heads", "embed"), zero_init=True, name="proj_out", **kw)(out)
+        return constrain(x + out.reshape(x.shape), IMG)
+
+
+class UNet(nn.Module):
+    """ADM U-Net backbone: x [B, H, W, Cin], t [B] -> [B, H, W, out_channels (x2 if learn_sigma)].
+
+    `emb_add` [B, 4*base] is added to the timestep embedding (GLIDE/unCLIP conditioning);
+    `context` [B, Lc, Wc] is attended to by every attention layer.
+    """
+    base_channels: int = 128
+    channel_mult: Sequence[int] = (1, 2, 3, 4)
+    num_res_blocks: int = 2
+    attention_ds: Sequence[int] = ()     # downsampling factors (image_size // resolution)
+    head_channels: int = 64
+    dropout: float = 0.0
+    out_channels: int = 3
+    learn_sigma: bool = False
+    norm_groups: int = 32
+    remat: bool = False
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, t, emb_add=None, context=None, train: bool = False):
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        rb = dict(dropout=self.dropout, norm_groups=self.norm_groups, **kw)
+        # static_argnums counts `self` as 0: (x=1, emb=2, train=3).
+        Res = nn.remat(ResBlock, static_argnums=(3,)) if self.remat else ResBlock
+        attn = lambda name: AttentionBlock(self.head_channels, self.norm_groups,  # noqa: E731
+                                           name=name, **kw)
+        base, ed = self.base_channels, 4 * self.base_channels
+        emb = timestep_embedding(t, base).astype(self.dtype)
+        emb = Dense(ed, axes=("embed", "mlp"), name="time_fc1", **kw)(emb)
+        emb = Dense(ed, axes=("mlp", "embed"), name="time_fc2", **kw)(nn.silu(emb))
+        if emb_add is not None:
+            emb = emb + emb_add.astype(self.dtype)
+
+        # Input conv: image channels (3, 6) rarely divide a mesh axis, so only outputs shard.
+        h = Conv(base * self.channel_mult[0], 3, axes=(None, "conv_out"), name="conv_in",
+                 **kw)(constrain(x.astype(self.dtype), IMG))
+        skips, ds = [h], 1
+        for level, mult in enumerate(self.channel_mult):
+            for i in range(self.num_res_blocks):
+                h = Res(base * mult, name=f"down_{level}_{i}", **rb)(h, emb, train)
+                if ds in self.attention_ds:
+                    h = attn(f"down_{level}_{i}_attn")(h, context)
+                skips.append(h)
+            if level != len(self.channel_mult) - 1:
+                h = Res(h.shape[-1], "down", name=f"down_{level}_resample", **rb)(h, emb, train)
+                skips.append(h)
+                ds *= 2
+        h = Res(h.shape[-1], name="mid_0", **rb)(h, emb, train)
+        if self.attention_ds:
+            h = attn("mid_attn")(h, context)
+        h = Res(h.shape[-1], name="mid_1", **rb)(h, emb, train)
+        for level, mult in reversed(list(enumerate(self.channel_mult))):
+            for i in range(self.num_res_blocks + 1):
+                h = jnp.concatenate([h, skips.pop()], axis=-1)
+                h = Res(base * mult, name=f"up_{level}_{i}", **rb)(h, emb, train)
+                if ds in self.attention_ds:
+                    h = attn(f"up_{level}_{i}_attn")(h, context)
+            if level:
+                h = Res(h.shape[-1], "up", name=f"up_{level}_resample", **rb)(h, emb, train)
+                ds //= 2
+        h = nn.silu(GroupNorm(self.norm_groups, name="norm_out", **kw)(h))
+        out_ch = self.out_channels * (2 if self.learn_sigma else 1)
+        out = Conv(out_ch, 3, axes=("conv_in", None), zero_init=True, name="conv_out", **kw)(h)
+        return out.astype(jnp.float32)
+
+
+def _unet_kwargs(m, dtype, param_dtype) -> dict:
+    image_size = int(m.image_size)
+    for r in m.attention_resolutions:
+        if image_size % int(r):
+            raise ValueError(f"config.model.attention_resolutions: {r} does not divide "
+                             f"config.model.image_size={image_size}")
+    return dict(
+        base_channels=int(m.base_channels), channel_mult=tuple(int(c) for c in m.channel_mult),
+        num_res_blocks=int(m.num_res_blocks),
+        attention_ds=tuple(image_size // int(r) for r in m.attention_resolutions),
+        head_channels=int(m.get("head_channels", 64)), dropout=float(m.get("dropout", 0.0)),
+        out_channels=int(m.get("out_channels", 3)), learn_sigma=bool(m.get("learn_sigma", False)),
+        norm_groups=int(m.get("norm_groups", 32)), remat=bool(m.get("remat", False)),
+        dtype=dtype, param_dtype=param_dtype)
+
+
+class Decoder(nn.Module):
+    """unCLIP decoder: GLIDE text-conditional U-Net + CLIP image embedding conditioning.
+
+    z_i (or the learned null z_i where `drop_image_emb` or image_emb is None) is projected and
+    added to the timestep embedding and projected into `clip_tokens` context tokens in front of
+    the caption encoder's output sequence. A dropped (or absent) caption is the all-padding
+    caption, whose padding embeddings are learned (GLIDE's null caption). `clip_dim=0` or
+    `text_depth=0` disable either branch.
+    """
+    unet: dict
+    clip_dim: int = 0
+    clip_tokens: int = 4
+    text_vocab: int = 0
+    text_ctx: int = 0
+    text_width: int = 0
+    text_depth: int = 0
+    text_heads: int = 1
+
+    @nn.compact
+    def __call__(self, x, t, image_emb=None, tokens=None, token_mask=None, drop_image_emb=None,
+                 drop_text=None, train: bool = False):
+        u = self.unet
+        kw = dict(dtype=u["dtype"], param_dtype=u["param_dtype"])
+        b, ed = x.shape[0], 4 * u["base_channels"]
+        ctx_width = self.text_width if self.text_depth else ed
+        emb_add, ctx = [], []
+        if self.clip_dim:
+            null = self.param("null_image_emb", nn.with_logical_partitioning(
+                nn.initializers.normal(1.0), (None,)), (self.clip_dim,), u["param_dtype"])
+            z = jnp.broadcast_to(null, (b, self.clip_dim)) if image_emb is None else image_emb
+            if drop_image_emb is not None:
+                z = jnp.where(drop_image_emb[:, None], null[None], z)
+            z = z.astype(u["dtype"])
+            emb_add.append(Dense(ed, axes=("embed", "mlp"), name="clip_emb_proj", **kw)(z))
+            tok = Dense(self.clip_tokens * ctx_width, axes=("embed", "mlp"),
+                        name="clip_tok_proj", **kw)(z)
+            ctx.append(tok.reshape(b, self.clip_tokens, ctx_width))
+        if self.text_depth:
+            if tokens is None:
+                tokens = jnp.zeros((b, self.text_ctx), jnp.int32)
+                token_mask = jnp.zeros((b, self.text_ctx), bool)
+            elif token_mask is None:
+                raise ValueError("decoder: tokens given without token_mask")
+            if drop_text is not None:
+                token_mask = token_mask & ~drop_text[:, None]
+            pooled, seq = TextEncoder(self.text_vocab, self.text_ctx, self.text_width,
+                                      self.text_depth, self.text_heads, remat=u["remat"],
+                                      name="text_encoder", **kw)(tokens, token_mask, train)
+            emb_add.append(Dense(ed, axes=("embed", "mlp"), name="text_emb_proj", **kw)(pooled))
+            ctx.append(seq)
+        return UNet(**u, name="unet")(
+            x, t, sum(emb_add) if emb_add else None,
+            jnp.concatenate(ctx, axis=1) if ctx else None, train)
+
+
+class Upsampler(nn.Module):
+    """Convolution-only super-resolution U-Net: x [B, H, W, 3] and low_res [B, h, w, 3] (any
+    size; bilinearly resized to H x W, as ADM/GLIDE) concatenated on channels; timestep only.
+    Fully convolutional: the same params apply to crops and to full-size images."""
+    unet: dict
+
+    @nn.compact
+    def __call__(self, x, t, low_res, train: bool = False):
+        if low_res.shape[1:3] != x.shape[1:3]:
+            low_res = jax.image.resize(low_res, x.shape[:3] + low_res.shape[3:], "linear")
+        h = jnp.concatenate([x, low_res.astype(x.dtype)], axis=-1)
+        return UNet(**self.unet, name="unet")(h, t, None, None, train)
+
+
+def model_from_config(m) -> nn.Module:
+    """Build `Decoder` (m.kind == "decoder") or `Upsampler` (m.kind == "upsampler")."""
+    u = _unet_kwargs(m, dtype_of(m.get("dtype", "float32")),
+                     dtype_of(m.get("param_dtype", "float32")))
+    kind = m.get("kind", "decoder")
+    if kind == "upsampler":
+        if tuple(m.attention_resolutions):
+            raise ValueError("config.model.attention_resolutions must be empty for the "
+                             "convolution-only upsampler (it is applied at other sizes)")
+        return Upsampler(unet=u)
+    if kind != "decoder":
+        raise ValueError(f"config.model.kind: {kind!r} is not 'decoder' or 'upsampler'")
+    return Decoder(unet=u, clip_dim=int(m.get("clip_dim", 0)),
+                   clip_tokens=int(m.get("clip_tokens", 4)),
+                   text_vocab=int(m.get("text_vocab", 0)), text_ctx=int(m.get("text_ctx", 0)),
+                   text_width=int(m.get("text_width", 0)), text_depth=int(m.get("text_depth", 0)),
+                   text_heads=int(m.get("text_heads", 1)))

@@ -1,0 +1,153 @@
+"""Stage `ar_prior`: train the autoregressive prior on PCA-quantised image embeddings.
+
+Config (experiments/ar_prior_shapes.py, experiments/paper/ar_prior.py):
+  model.{embed_dim, pca_components (k), num_buckets, text_ctx, vocab_size (0: token_embeddings,
+         text_dim wide), enc_width/depth/heads, dec_width/depth/heads, mlp_ratio, dropout,
+         drop_prob, text_scale (z_t is fed times this; default sqrt(embed_dim))}
+  model.codec_path  npz of the ARCodec (PCA + buckets); fitted from the training embeddings
+                    (synthetic set or the cache's train split) and written there if absent
+  data.*            as the diffusion prior ("embed_cache" or "synthetic")
+Batches: ar_tokens [B, k + 1] (computed on the host), text_embedding, tokens or
+token_embeddings, token_mask.
+"""
+from __future__ import annotations
+
+import functools
+import os
+
+import numpy as np
+
+from unclip_jax.models.ar_prior import ARCodec, ARPrior, ar_loss, fit_codec
+from unclip_jax.stages.base import Stage
+from unclip_jax.stages.diffusion_prior import batch_keys, prior_data, synthetic_pairs
+
+
+def build_ar_prior(m) -> ARPrior:
+    return ARPrior(int(m.num_buckets), int(m.pca_components) + 1, int(m.text_ctx),
+                   int(m.get("vocab_size", 0)), int(m.enc_width), int(m.enc_depth),
+                   int(m.enc_heads), int(m.dec_width), int(m.dec_depth), int(m.dec_heads),
+                   float(m.get("mlp_ratio", 4.0)), float(m.get("dropout", 0.0)),
+                   bool(m.get("remat", False)), np.dtype(str(m.get("dtype", "float32"))))
+
+
+def _training_embeddings(config):
+    d, m = config.data, config.model
+    if d.name == "synthetic":
+        a = synthetic_pairs(int(d.num_examples), int(m.embed_dim), int(m.text_ctx),
+                            int(m.get("vocab_size", 0)) or 64, int(d.get("seed", 0)))
+        return a["image_embedding"], a["text_embedding"]
+    from unclip_jax.data import cache
+    return (np.asarray(cache.load_field(str(d.cache_dir), "train", "image_embedding")),
+            np.asarray(cache.load_field(str(d.cache_dir), "train", "text_embedding")))
+
+
+@functools.lru_cache(maxsize=4)
+def _load_codec(path: str, mtime: float) -> ARCodec:
+    return ARCodec.load(path)
+
+
+def get_codec(config) -> ARCodec:
+    m = config.model
+    path = str(m.get("codec_path", ""))
+    if not path:
+        raise ValueError("config.model.codec_path must be set (the PCA codec is saved there)")
+    if not os.path.exists(path):
+        z_i, z_t = _training_embeddings(config)
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        fit_codec(z_i, z_t, int(m.pca_components), int(m.num_buckets)).save(path)
+    codec = _load_codec(path, os.path.getmtime(path))
+    if codec.k != int(m.pca_components) or codec.num_buckets != int(m.num_buckets):
+        raise ValueError(f"codec {path!r} has k={codec.k}, {codec.num_buckets} buckets; config."
+                         f"model.pca_components={m.pca_components}, num_buckets={m.num_buckets}")
+    return codec
+
+
+def text_scale(config) -> float:
+    return float(config.model.get("text_scale", 0.0) or np.sqrt(int(config.model.embed_dim)))
+
+
+class _Tokenize:
+    """Adds ar_tokens (from image_embedding and text_embedding) and drops image_embedding."""
+
+    def __init__(self, inner, codec: ARCodec):
+        self.inner, self.codec = inner, codec
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        b = dict(next(self.inner))
+        b["ar_tokens"] = self.codec.encode(b.pop("image_embedding"), b["text_embedding"])
+        return b
+
+    def get_state(self):
+        return self.inner.get_state()
+
+    def set_state(self, s):
+        self.inner.set_state(s)
+
+    def stats(self):
+        return self.inner.stats()
+
+
+class ARPriorStage(Stage):
+    name = "ar_prior"
+
+    def validate(self, config):
+        m = config.model
+        for f in ("embed_dim", "pca_components", "num_buckets", "text_ctx", "enc_width",
+                  "enc_depth", "enc_heads", "dec_width", "dec_depth", "dec_heads"):
+            if f not in m:
+                raise ValueError(f"config.model.{f} is required by the ar_prior stage")
+        if not 0 < int(m.pca_components) <= int(m.embed_dim):
+            raise ValueError(f"config.model.pca_components {m.pca_components} must be in "
+                             f"[1, embed_dim={m.embed_dim}]")
+        for w, h in (("enc_width", "enc_heads"), ("dec_width", "dec_heads")):
+            if int(m[w]) % int(m[h]):
+                raise ValueError(f"config.model.{w} {m[w]} not divisible by config.model.{h}")
+        if int(m.get("vocab_size", 0)) <= 0 and int(m.get("text_dim", 0)) <= 0:
+            raise ValueError("config.model: set vocab_size (token ids) or text_dim (token "
+                             "encodings from the cache)")
+
+    def build_model(self, config):
+        return build_ar_prior(config.model)
+
+    def example_batch(self, config, batch_size):
+        m = config.model
+        ctx, d = int(m.text_ctx), int(m.embed_dim)
+        b = {"ar_tokens": np.zeros((batch_size, int(m.pca_components) + 1), np.int32),
+             "text_embedding": np.zeros((batch_size, d), np.float32),
+             "token_mask": np.ones((batch_size, ctx), bool)}
+        if int(m.get("vocab_size", 0)) > 0:
+            b["tokens"] = np.zeros((batch_size, ctx), np.int32)
+        else:
+            b["token_embeddings"] = np.zeros((batch_size, ctx, int(m.text_dim)), np.float32)
+        return b
+
+    def init(self, model, rng, batch):
+        from unclip_jax.models.ar_prior import _cond
+        cond = _cond(batch)
+        cond["drop"] = np.zeros((batch["ar_tokens"].shape[0],), bool)
+        return model.init({"params": rng}, batch["ar_tokens"], cond)
+
+    def loss(self, model, params, batch, rng, config):
+        return ar_loss(model, params, batch, rng, text_scale(config),
+                       float(config.model.get("drop_prob", 0.1)))
+
+    def make_data(self, config, *, split, process_index, process_count, local_batch_size, seed):
+        codec = get_codec(config)
+        inner = prior_data(config, batch_keys(config), split=split, process_index=process_index,
+                           process_count=process_count, local_batch_size=local_batch_size,
+                           seed=seed)
+        return _Tokenize(inner, codec)
+
+    def model_flops_per_example(self, config):
+        m = config.model
+        r = float(m.get("mlp_ratio", 4.0))
+
+        def fl(w, d, n):
+            return d * (2 * n * (4 + 2 * r) * w * w + 4 * n * n * w)
+        n_enc = int(m.text_ctx) + 1
+        n_dec = n_enc + int(m.pca_components) + 1
+        return 3.0 * (fl(int(m.enc_width), int(m.enc_depth), n_enc) +
+                      fl(int(m.dec_width), int(m.dec_depth), n_dec))

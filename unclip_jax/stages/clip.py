@@ -1,0 +1,142 @@
+"""Stage `clip`: contrastive CLIP training from scratch on captioned images.
+
+Config (see experiments/clip_shapes.py):
+  model.{embed_dim, image_size, patch, vision_width/depth/heads, text_ctx, text_width/depth/heads,
+         mlp_ratio, act, vocab_size}
+  data.*            an `unclip_jax.data` config (images in [-1, 1], captions)
+  tokenizer.dir     tokenizer directory; built from `tokenizer.num_captions` training captions
+                    (BPE with model.vocab_size entries) and saved there if absent
+Captions are tokenised on the host inside make_data; batches hold "image" and "tokens".
+"""
+from __future__ import annotations
+
+import os
+
+import numpy as np
+
+from unclip_jax.models.clip import CLIP, clip_from_config, clip_loss
+from unclip_jax.stages.base import Stage
+from unclip_jax.tokenizer import Tokenizer
+
+
+def get_tokenizer(config, captions_fn=None) -> Tokenizer:
+    """Load config.tokenizer.dir, or train one from captions_fn() and save it there."""
+    t = config.tokenizer
+    path = str(t.dir)
+    if not path:
+        raise ValueError("config.tokenizer.dir must be set (the tokenizer is saved there)")
+    ctx = int(config.model.text_ctx)
+    if os.path.isdir(path) and os.listdir(path):
+        return Tokenizer.load(path, context_length=ctx)
+    if captions_fn is None:
+        raise FileNotFoundError(f"config.tokenizer.dir {path!r} holds no tokenizer")
+    tok = Tokenizer.train(captions_fn(), vocab_size=int(config.model.vocab_size),
+                          context_length=ctx)
+    tok.save(path)
+    return tok
+
+
+def training_captions(config, n: int) -> list[str]:
+    from unclip_jax.data import make_iterator
+
+    it = make_iterator(config.data, split="train", process_index=0, process_count=1,
+                       local_batch_size=min(n, 256), seed=0, fields=("caption",), shuffle=False,
+                       num_epochs=1)
+    out: list[str] = []
+    for b in it:
+        out.extend(map(str, b["caption"]))
+        if len(out) >= n:
+            break
+    return out[:n]
+
+
+class TokenizingIterator:
+    """Wraps a data iterator: replaces "caption" by int32 "tokens" (host side); keeps state."""
+
+    def __init__(self, inner, tokenizer: Tokenizer, keep=("image",), with_mask=False):
+        self.inner, self.tok, self.keep, self.with_mask = inner, tokenizer, tuple(keep), with_mask
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        b = next(self.inner)
+        tokens, mask = self.tok.encode(list(b["caption"]))
+        out = {k: b[k] for k in self.keep if k in b}
+        out.update(tokens=tokens, caption=b["caption"])  # the trainer drops the str captions
+        if self.with_mask:
+            out["token_mask"] = mask
+        return out
+
+    def get_state(self):
+        return self.inner.get_state()
+
+    def set_state(self, state):
+        self.inner.set_state(state)
+
+    def stats(self):
+        return self.inner.stats()
+
+
+class ClipStage(Stage):
+    name = "clip"
+
+    def validate(self, config):
+        m = config.model
+        for f in ("embed_dim", "image_size", "patch", "vision_width", "vision_depth",
+                  "vision_heads", "text_ctx", "text_width", "text_depth", "text_heads",
+                  "vocab_size"):
+            if f not in m:
+                raise ValueError(f"config.model.{f} is required by the clip stage")
+        if int(m.image_size) % int(m.patch):
+            raise ValueError(f"config.model.image_size {m.image_size} is not divisible by "
+                             f"config.model.patch {m.patch}")
+        if int(config.data.resolution) != int(m.image_size):
+            raise ValueError(f"config.data.resolution {config.data.resolution} must equal "
+                             f"config.model.image_size {m.image_size}")
+        for w, h in (("vision_width", "vision_heads"), ("text_width", "text_heads")):
+            if int(m[w]) % int(m[h]):
+                raise ValueError(f"config.model.{w} {m[w]} not divisible by config.model.{h}")
+
+    def _tokenizer(self, config):
+        n = int(config.tokenizer.get("num_captions", 5000))
+        return get_tokenizer(config, lambda: training_captions(config, n))
+
+    def build_model(self, config) -> CLIP:
+        tok = self._tokenizer(config)
+        if tok.vocab_size > int(config.model.vocab_size):
+            raise ValueError(f"tokenizer in {config.tokenizer.dir!r} has {tok.vocab_size} "
+                             f"entries > config.model.vocab_size {config.model.vocab_size}")
+        return clip_from_config(config.model, eos_token_id=tok.eos_id)
+
+    def example_batch(self, config, batch_size):
+        m = config.model
+        return {"image": np.zeros((batch_size, int(m.image_size), int(m.image_size), 3), np.float32),
+                "tokens": np.zeros((batch_size, int(m.text_ctx)), np.int32)}
+
+    def init(self, model, rng, batch):
+        return model.init({"params": rng}, batch["image"], batch["tokens"])
+
+    def loss(self, model, params, batch, rng, config):
+        img, txt, scale = model.apply({"params": params}, batch["image"], batch["tokens"])
+        return clip_loss(img, txt, scale)
+
+    def make_data(self, config, *, split, process_index, process_count, local_batch_size, seed):
+        from unclip_jax.data import make_iterator
+
+        tok = self._tokenizer(config)
+        inner = make_iterator(config.data, split=split, process_index=process_index,
+                              process_count=process_count, local_batch_size=local_batch_size,
+                              seed=seed, fields=("image", "caption"))
+        return TokenizingIterator(inner, tok)
+
+    def model_flops_per_example(self, config):
+        m = config.model
+        n_img = (int(m.image_size) // int(m.patch)) ** 2 + 1
+        r = float(m.get("mlp_ratio", 4.0))
+
+        def tower(w, d, n):  # 2 flops/MAC; attention scores and mixing 2 * n^2 * w per layer
+            return d * (2 * n * (4 + 2 * r) * w * w + 4 * n * n * w)
+        fwd = tower(int(m.vision_width), int(m.vision_depth), n_img) + \
+            tower(int(m.text_width), int(m.text_depth), int(m.text_ctx))
+        return 3.0 * fwd

@@ -1,0 +1,220 @@
+"""The `decoder` stage: unCLIP's 64x64 decoder, P(x | z_i, caption).
+
+Objective (paper / GLIDE): eps prediction with learned variance through IDDPM's hybrid loss
+(`config.diffusion.vlb_weight`), uniform timesteps, classifier-free guidance dropout of z_i
+(`config.diffusion.drop_image_emb`, 10%) and of the caption (`config.diffusion.drop_text`, 50%).
+
+Batches: "image" [B, S, S, 3] in [-1, 1], "image_emb" [B, clip_dim] float32, "tokens" [B, L] int32,
+"token_mask" [B, L] bool. z_i and tokens come from an embedding cache (data.name="embed_cache":
+columns "image_embedding", "tokens") or, before CLIP exists, from STAND-INS chosen by
+`config.model.image_emb_source` / `config.model.tokens_source` ("cache", "auto" = cache when
+present, or the stand-in):
+  "pixels"  z_i = a FIXED (not learned) random projection of the 8x8 area-downsampled image,
+            L2-normalised like a CLIP embedding. It is not CLIP: it carries layout and colour only.
+  "bytes"   tokens = the caption's UTF-8 bytes + 1 (0 = padding), truncated to text_ctx; needs
+            text_vocab >= 257.
+`config.model.image_emb_scale` multiplies z_i (either source). Cached tokens are masked where
+they differ from `config.model.text_pad_id`.
+"""
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from unclip_jax import diffusion
+from unclip_jax.models import model_from_config
+from unclip_jax.stages.base import Stage
+
+SOURCES_EMB = ("cache", "pixels", "auto")
+SOURCES_TOK = ("cache", "bytes", "auto")
+
+
+@functools.lru_cache(maxsize=8)
+def schedule_for(kind: str, num_timesteps: int):
+    """Training noise schedule (built once, outside any trace)."""
+    return diffusion.make_schedule(kind, num_timesteps)
+
+
+def diffusion_settings(config) -> dict:
+    """`config.diffusion` fields shared by the U-Net stages, with defaults."""
+    d = config.get("diffusion", {})
+    return dict(schedule=str(d.get("schedule", "cosine")),
+                num_timesteps=int(d.get("num_timesteps", 1000)),
+                parameterization=str(d.get("parameterization", "eps")),
+                vlb_weight=float(d.get("vlb_weight", 0.001)))
+
+
+def validate_diffusion(config) -> None:
+    s = diffusion_settings(config)
+    if s["schedule"] not in ("cosine", "linear"):
+        raise ValueError(f"config.diffusion.schedule: {s['schedule']!r} is not cosine/linear")
+    if s["parameterization"] not in ("eps", "x0", "v"):
+        raise ValueError(f"config.diffusion.parameterization: {s['parameterization']!r} is not "
+                         "eps/x0/v")
+    if s["num_timesteps"] < 2:
+        raise ValueError("config.diffusion.num_timesteps must be >= 2")
+
+
+def noised(config, rng, x0):
+    """(schedule, settings, t, noise, x_t) for a batch of clean images x0."""
+    s = diffusion_settings(config)
+    schedule = schedule_for(s["schedule"], s["num_timesteps"])
+    k_t, k_n = jax.random.split(rng)
+    t = diffusion.sample_timesteps(k_t, x0.shape[0], s["num_timesteps"])
+    noise = jax.random.normal(k_n, x0.shape, jnp.float32)
+    return schedule, s, t, noise, diffusion.q_sample(schedule, x0, t, noise)
+
+
+@functools.lru_cache(maxsize=4)
+def _pixel_projection(dim: int) -> np.ndarray:
+    return np.random.default_rng(1234).standard_normal((8 * 8 * 3, dim)).astype(np.float32)
+
+
+def pixel_image_embedding(images: np.ndarray, dim: int) -> np.ndarray:
+    """STAND-IN for a CLIP image embedding: fixed projection of the 8x8 image, unit norm."""
+    b, h, w, c = images.shape
+    if h % 8 or w % 8:
+        raise ValueError(f"pixel stand-in embedding needs a size divisible by 8, got {h}x{w}")
+    small = images.reshape(b, 8, h // 8, 8, w // 8, c).mean(axis=(2, 4)).reshape(b, -1)
+    z = small @ _pixel_projection(dim)
+    return (z / (np.linalg.norm(z, axis=-1, keepdims=True) + 1e-6)).astype(np.float32)
+
+
+def byte_tokenize(captions, ctx: int) -> tuple[np.ndarray, np.ndarray]:
+    """STAND-IN tokenizer: UTF-8 bytes + 1, 0-padded / truncated to ctx -> (tokens, mask)."""
+    tokens = np.zeros((len(captions), ctx), np.int32)
+    for i, cap in enumerate(captions):
+        ids = np.frombuffer(str(cap).encode("utf-8")[:ctx], np.uint8).astype(np.int32) + 1
+        tokens[i, :len(ids)] = ids
+    return tokens, tokens != 0
+
+
+class DecoderBatches:
+    """Wraps the data pipeline's iterator: adds image_emb / tokens / token_mask, drops strings."""
+
+    def __init__(self, it, config):
+        self.it, m = it, config.model
+        self.clip_dim, self.ctx = int(m.get("clip_dim", 0)), int(m.get("text_ctx", 0))
+        self.text = int(m.get("text_depth", 0)) > 0
+        self.emb_src, self.tok_src = m.get("image_emb_source", "auto"), m.get("tokens_source",
+                                                                               "auto")
+        self.scale, self.pad_id = float(m.get("image_emb_scale", 1.0)), int(m.get("text_pad_id", 0))
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        b = next(self.it)
+        out = {"image": np.asarray(b["image"], np.float32)}
+        if self.clip_dim:
+            if self.emb_src != "pixels" and "image_embedding" in b:
+                z = np.asarray(b["image_embedding"], np.float32)
+            elif self.emb_src == "cache":
+                raise ValueError("config.model.image_emb_source='cache' but the data has no "
+                                 "'image_embedding' column (use data.name='embed_cache')")
+            else:
+                z = pixel_image_embedding(out["image"], self.clip_dim)
+            if z.shape[-1] != self.clip_dim:
+                raise ValueError(f"config.model.clip_dim={self.clip_dim} but the cached image "
+                                 f"embeddings have dim {z.shape[-1]}")
+            out["image_emb"] = z * self.scale
+        if self.text:
+            if self.tok_src != "bytes" and "tokens" in b:
+                tok = np.asarray(b["tokens"], np.int32)[:, :self.ctx]
+                tok = np.pad(tok, ((0, 0), (0, self.ctx - tok.shape[1])),
+                             constant_values=self.pad_id)
+                mask = tok != self.pad_id
+            elif self.tok_src == "cache":
+                raise ValueError("config.model.tokens_source='cache' but the data has no "
+                                 "'tokens' column (use data.name='embed_cache')")
+            else:
+                tok, mask = byte_tokenize(b["caption"], self.ctx)
+            out["tokens"], out["token_mask"] = tok, mask
+        return out
+
+    def get_state(self):
+        return self.it.get_state()
+
+    def set_state(self, state):
+        self.it.set_state(state)
+
+    def stats(self):
+        return self.it.stats()
+
+
+class DecoderStage(Stage):
+    name = "decoder"
+
+    def validate(self, config):
+        m = config.model
+        if m.get("kind", "decoder") != "decoder":
+            raise ValueError(f"config.model.kind must be 'decoder' for the decoder stage, "
+                             f"got {m.kind!r}")
+        if int(config.data.resolution) != int(m.image_size):
+            raise ValueError(f"config.data.resolution={config.data.resolution} must equal "
+                             f"config.model.image_size={m.image_size}")
+        if m.get("image_emb_source", "auto") not in SOURCES_EMB:
+            raise ValueError(f"config.model.image_emb_source must be one of {SOURCES_EMB}")
+        if m.get("tokens_source", "auto") not in SOURCES_TOK:
+            raise ValueError(f"config.model.tokens_source must be one of {SOURCES_TOK}")
+        if (int(m.get("text_depth", 0)) and m.get("tokens_source", "auto") != "cache"
+                and int(m.get("text_vocab", 0)) < 257):
+            raise ValueError("config.model.text_vocab must be >= 257 for the byte stand-in "
+                             "tokenizer (tokens_source)")
+        d = config.get("diffusion", {})
+        for f in ("drop_image_emb", "drop_text"):
+            if not 0.0 <= float(d.get(f, 0.0)) <= 1.0:
+                raise ValueError(f"config.diffusion.{f} must be a probability in [0, 1]")
+        validate_diffusion(config)
+        if bool(m.get("learn_sigma", False)) and diffusion_settings(config)[
+                "parameterization"] == "v":
+            raise ValueError("config.model.learn_sigma with config.diffusion.parameterization="
+                             "'v' is not supported; use 'eps' (the paper's hybrid loss)")
+        model_from_config(m)   # raises on bad architecture fields
+
+    def build_model(self, config):
+        return model_from_config(config.model)
+
+    def example_batch(self, config, batch_size):
+        m, s = config.model, int(config.model.image_size)
+        out = {"image": np.zeros((batch_size, s, s, 3), np.float32)}
+        if int(m.get("clip_dim", 0)):
+            out["image_emb"] = np.zeros((batch_size, int(m.clip_dim)), np.float32)
+        if int(m.get("text_depth", 0)):
+            out["tokens"] = np.zeros((batch_size, int(m.text_ctx)), np.int32)
+            out["token_mask"] = np.ones((batch_size, int(m.text_ctx)), bool)
+        return out
+
+    def init(self, model, rng, batch):
+        x = jnp.asarray(batch["image"])
+        t = jnp.zeros((x.shape[0],), jnp.int32)
+        return model.init({"params": rng}, x, t, batch.get("image_emb"), batch.get("tokens"),
+                          batch.get("token_mask"))
+
+    def loss(self, model, params, batch, rng, config):
+        x0 = batch["image"].astype(jnp.float32)
+        b = x0.shape[0]
+        k_diff, k_di, k_dt, k_drop = jax.random.split(rng, 4)
+        schedule, s, t, noise, x_t = noised(config, k_diff, x0)
+        d = config.get("diffusion", {})
+        drop_i = jax.random.bernoulli(k_di, float(d.get("drop_image_emb", 0.1)), (b,))
+        drop_t = jax.random.bernoulli(k_dt, float(d.get("drop_text", 0.5)), (b,))
+        out = model.apply({"params": params}, x_t, t, batch.get("image_emb"),
+                          batch.get("tokens"), batch.get("token_mask"), drop_image_emb=drop_i,
+                          drop_text=drop_t, train=True, rngs={"dropout": k_drop})
+        learn_sigma = bool(config.model.get("learn_sigma", False))
+        per_ex, terms = diffusion.diffusion_loss(
+            schedule, out, x0, x_t, t, noise, parameterization=s["parameterization"],
+            learned_variance=learn_sigma, vlb_weight=s["vlb_weight"])
+        metrics = {k: jnp.mean(v) for k, v in terms.items()}
+        return jnp.mean(per_ex), metrics
+
+    def make_data(self, config, *, split, process_index, process_count, local_batch_size, seed):
+        from unclip_jax.data import make_iterator
+        it = make_iterator(config.data, split=split, process_index=process_index,
+                           process_count=process_count, local_batch_size=local_batch_size,
+                           seed=seed)
+        return DecoderBatches(it, config)

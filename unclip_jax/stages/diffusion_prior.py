@@ -1,0 +1,235 @@
+"""Stage `diffusion_prior`: train the diffusion prior on (caption, z_t, z_i) batches.
+
+Config (experiments/prior_shapes.py, experiments/paper/diffusion_prior.py):
+  model.{embed_dim, width, depth, heads, text_ctx, vocab_size (0: use token_embeddings,
+         text_dim wide), mlp_ratio, dropout, drop_prob}
+  model.scale_mode "fixed" (model.scale, paper 17.2) | "standardize" (model.stats_path, an npz
+         from models.prior.save_embedding_stats; written from the cache's train split if absent)
+  diffusion.{schedule, num_timesteps}
+  data.name "embed_cache" (an unclip_jax.data config; tokenizer.dir gives the eos id for the
+         token mask) | "synthetic" (data.{num_examples, seed}: fixed random pairs, for tests)
+Batches: image_embedding, text_embedding, tokens or token_embeddings, token_mask.
+"""
+from __future__ import annotations
+
+import functools
+import os
+
+import numpy as np
+
+from unclip_jax import diffusion
+from unclip_jax.models.prior import DiffusionPrior, EmbeddingScaling, prior_loss, \
+    save_embedding_stats
+from unclip_jax.stages.base import Stage
+
+
+# ---------------------------------------------------------------------------- synthetic pairs
+def synthetic_pairs(num: int, dim: int, ctx: int, vocab: int, seed: int = 0,
+                    text_dim: int = 0) -> dict[str, np.ndarray]:
+    """Fixed (caption, z_t, z_i) examples where z_i is a nonlinear function of z_t, and the
+    caption tokens are a function of z_t too (its 4 largest coordinates). Unit-norm embeddings."""
+    rng = np.random.default_rng([seed, 7])
+    z_t = rng.standard_normal((num, dim))
+    z_t /= np.linalg.norm(z_t, axis=1, keepdims=True)
+    w1 = rng.standard_normal((dim, 2 * dim)) * 2.0
+    w2 = rng.standard_normal((2 * dim, dim))
+    z_i = np.tanh(z_t @ w1 * 2.0) @ w2
+    z_i /= np.linalg.norm(z_i, axis=1, keepdims=True)
+    words = np.argsort(-z_t, axis=1)[:, :4] % max(vocab - 3, 1) + 3   # 0..2: pad, bos, eos
+    tokens = np.zeros((num, ctx), np.int32)
+    n = min(4, ctx - 2)
+    tokens[:, 0], tokens[:, 1:1 + n], tokens[:, 1 + n] = 1, words[:, :n], 2
+    mask = np.arange(ctx)[None] < n + 2
+    out = {"image_embedding": z_i.astype(np.float32), "text_embedding": z_t.astype(np.float32),
+           "tokens": tokens, "token_mask": np.broadcast_to(mask, (num, ctx)).copy()}
+    if text_dim:
+        proj = rng.standard_normal((dim, text_dim)) / np.sqrt(dim)
+        out["token_embeddings"] = np.broadcast_to((z_t @ proj)[:, None], (num, ctx, text_dim)
+                                                  ).astype(np.float32)
+    return out
+
+
+class ArrayIterator:
+    """Batches of in-memory arrays, reshuffled per epoch; example order is a pure function of
+    (seed, step), so the state is the step."""
+
+    def __init__(self, arrays: dict, global_batch: int, process_index: int, local_batch: int,
+                 seed: int, transform=None):
+        self.arrays, self.g, self.lb = arrays, global_batch, local_batch
+        self.offset, self.seed, self.step = process_index * local_batch, seed, 0
+        self.n = len(next(iter(arrays.values())))
+        self.transform = transform
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        pos = self.step * self.g + self.offset + np.arange(self.lb)
+        epoch, within = pos // self.n, pos % self.n
+        idx = np.array([np.random.default_rng([self.seed, int(e)]).permutation(self.n)[w]
+                        for e, w in zip(epoch, within)])
+        self.step += 1
+        out = {k: v[idx] for k, v in self.arrays.items()}
+        return self.transform(out) if self.transform else out
+
+    def get_state(self):
+        return {"step": self.step}
+
+    def set_state(self, state):
+        self.step = int(state["step"])
+
+    def stats(self):
+        return {}
+
+
+def token_mask_from_tokens(tokens: np.ndarray, eos_id: int) -> np.ndarray:
+    """True up to and including the first eos (pad may equal eos, as in CLIP)."""
+    is_eos = tokens == eos_id
+    first = np.where(is_eos.any(1), is_eos.argmax(1), tokens.shape[1] - 1)
+    return np.arange(tokens.shape[1])[None] <= first[:, None]
+
+
+class CacheBatches:
+    """Embedding-cache batches with token_mask added; keeps the inner iterator's state."""
+
+    def __init__(self, inner, eos_id: int, keys):
+        self.inner, self.eos_id, self.keys = inner, eos_id, tuple(keys)
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        b = next(self.inner)
+        out = {k: b[k] for k in self.keys if k in b and k != "token_mask"}
+        out["token_mask"] = token_mask_from_tokens(np.asarray(b["tokens"]), self.eos_id)
+        return out
+
+    def get_state(self):
+        return self.inner.get_state()
+
+    def set_state(self, s):
+        self.inner.set_state(s)
+
+    def stats(self):
+        return self.inner.stats()
+
+
+def prior_data(config, keys, *, split, process_index, process_count, local_batch_size, seed):
+    """The batch source shared by both prior stages (synthetic or embed_cache)."""
+    d, m = config.data, config.model
+    if d.name == "synthetic":
+        arrays = synthetic_pairs(int(d.num_examples), int(m.embed_dim), int(m.text_ctx),
+                                 int(m.get("vocab_size", 0)) or 64, int(d.get("seed", 0)),
+                                 int(m.get("text_dim", 0)))
+        arrays = {k: v for k, v in arrays.items() if k in keys}
+        return ArrayIterator(arrays, int(config.train.batch_size), process_index,
+                             local_batch_size, seed)
+    if d.name != "embed_cache":
+        raise ValueError(f"config.data.name {d.name!r}: the prior stages read 'embed_cache' "
+                         "or 'synthetic'")
+    from unclip_jax.data import make_iterator
+    from unclip_jax.tokenizer import Tokenizer
+
+    eos = Tokenizer.load(str(config.tokenizer.dir)).eos_id
+    fields = tuple(k for k in keys if k != "token_mask")
+    if "tokens" not in fields:
+        fields += ("tokens",)
+    inner = make_iterator(d, split=split, process_index=process_index,
+                          process_count=process_count, local_batch_size=local_batch_size,
+                          seed=seed, fields=fields)
+    return CacheBatches(inner, eos, keys)
+
+
+def batch_keys(config) -> tuple[str, ...]:
+    text = "tokens" if int(config.model.get("vocab_size", 0)) > 0 else "token_embeddings"
+    return ("image_embedding", "text_embedding", text, "token_mask")
+
+
+@functools.lru_cache(maxsize=8)
+def _scaling(mode: str, scale: float, stats_path: str, clamp: float) -> EmbeddingScaling:
+    if mode == "fixed":
+        return EmbeddingScaling.fixed(scale)
+    return EmbeddingScaling.from_stats(stats_path, clamp)
+
+
+def scaling_from_config(config) -> EmbeddingScaling:
+    m = config.model
+    mode = str(m.get("scale_mode", "fixed"))
+    if mode not in ("fixed", "standardize"):
+        raise ValueError(f"config.model.scale_mode {mode!r} must be 'fixed' or 'standardize'")
+    path = str(m.get("stats_path", ""))
+    if mode == "standardize" and not os.path.exists(path):
+        if config.data.name != "embed_cache":
+            raise ValueError(f"config.model.stats_path {path!r} does not exist")
+        from unclip_jax.data import cache
+        cdir = str(config.data.cache_dir)
+        save_embedding_stats(path, cache.load_field(cdir, "train", "image_embedding"),
+                             cache.load_field(cdir, "train", "text_embedding"))
+    return _scaling(mode, float(m.get("scale", 17.2)), path, float(m.get("clamp", 10.0)))
+
+
+def schedule_from_config(config):
+    dc = config.get("diffusion", {})
+    return diffusion.make_schedule(str(dc.get("schedule", "cosine")),
+                                   int(dc.get("num_timesteps", 1000)))
+
+
+def build_prior(m) -> DiffusionPrior:
+    return DiffusionPrior(int(m.embed_dim), int(m.width), int(m.depth), int(m.heads),
+                          int(m.text_ctx), int(m.get("vocab_size", 0)),
+                          float(m.get("mlp_ratio", 4.0)), float(m.get("dropout", 0.0)),
+                          bool(m.get("remat", False)), np.dtype(str(m.get("dtype", "float32"))))
+
+
+class DiffusionPriorStage(Stage):
+    name = "diffusion_prior"
+
+    def validate(self, config):
+        m = config.model
+        for f in ("embed_dim", "width", "depth", "heads", "text_ctx"):
+            if f not in m:
+                raise ValueError(f"config.model.{f} is required by the diffusion_prior stage")
+        if int(m.width) % int(m.heads):
+            raise ValueError(f"config.model.width {m.width} not divisible by heads {m.heads}")
+        if int(m.get("vocab_size", 0)) <= 0 and int(m.get("text_dim", 0)) <= 0:
+            raise ValueError("config.model: set vocab_size (token ids) or text_dim (token "
+                             "encodings from the cache)")
+        if not 0.0 <= float(m.get("drop_prob", 0.1)) < 1.0:
+            raise ValueError(f"config.model.drop_prob must be in [0, 1), got {m.drop_prob}")
+
+    def build_model(self, config):
+        return build_prior(config.model)
+
+    def example_batch(self, config, batch_size):
+        m = config.model
+        d, ctx = int(m.embed_dim), int(m.text_ctx)
+        b = {"image_embedding": np.zeros((batch_size, d), np.float32),
+             "text_embedding": np.zeros((batch_size, d), np.float32),
+             "token_mask": np.ones((batch_size, ctx), bool)}
+        if int(m.get("vocab_size", 0)) > 0:
+            b["tokens"] = np.zeros((batch_size, ctx), np.int32)
+        else:
+            b["token_embeddings"] = np.zeros((batch_size, ctx, int(m.text_dim)), np.float32)
+        return b
+
+    def init(self, model, rng, batch):
+        from unclip_jax.models.prior import make_cond
+        cond = make_cond(batch, EmbeddingScaling.fixed(1.0))
+        cond["drop"] = np.zeros((batch["image_embedding"].shape[0],), bool)
+        t = np.zeros((batch["image_embedding"].shape[0],), np.int32)
+        return model.init({"params": rng}, batch["image_embedding"], t, cond)
+
+    def loss(self, model, params, batch, rng, config):
+        return prior_loss(model, params, batch, rng, schedule_from_config(config),
+                          scaling_from_config(config), float(config.model.get("drop_prob", 0.1)))
+
+    def make_data(self, config, *, split, process_index, process_count, local_batch_size, seed):
+        return prior_data(config, batch_keys(config), split=split, process_index=process_index,
+                          process_count=process_count, local_batch_size=local_batch_size,
+                          seed=seed)
+
+    def model_flops_per_example(self, config):
+        m = config.model
+        w, n = int(m.width), int(m.text_ctx) + 4
+        r = float(m.get("mlp_ratio", 4.0))
+        return 3.0 * int(m.depth) * (2 * n * (4 + 2 * r) * w * w + 4 * n * n * w)
