@@ -1,0 +1,58 @@
+"""Caption accuracy of generated shapes images, judged from pixels by `data.shapes_eval`.
+
+Single-object prompts ("a red circle ..."): the dominant object (`shapes_eval.classify`) must have
+the prompt's colour / shape / both. Two-object prompts ("a red circle and a blue square"):
+binding is correct when every named (colour, shape) pair is seen as one object
+(`shapes_eval.analyse`), so a blue circle + red square for "a red circle and a blue square"
+fails even though both colours and both shapes appear. Size, position, relation and background
+are not scored here (`shapes_eval.caption_errors` checks them on clean images).
+Images: [N, H, W, 3] uint8 or float in [-1, 1], any size the classifier handles (32 or 64).
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+
+from unclip_jax.data import shapes_eval
+
+
+def _ratio(a: int, b: int) -> float:
+    return a / b if b else float("nan")
+
+
+def shapes_accuracy(images, prompts: Sequence[str]) -> dict:
+    """Counts and accuracies; prompts outside the shapes grammar are counted as "unparsed"."""
+    if len(images) != len(prompts):
+        raise ValueError(f"shapes_accuracy: {len(images)} images but {len(prompts)} prompts")
+    c = dict(single=0, colour=0, shape=0, both=0, two=0, binding=0, objects_named=0,
+             objects_found=0, unparsed=0)
+    for image, prompt in zip(images, prompts):
+        try:
+            parsed = shapes_eval.parse_caption(prompt)
+        except ValueError:
+            c["unparsed"] += 1
+            continue
+        objs = parsed["objects"]
+        if len(objs) == 1:
+            seen = shapes_eval.classify(np.asarray(image))
+            ok_c = seen["colour"] == objs[0]["colour"]
+            ok_s = seen["shape"] == objs[0]["shape"]
+            c["single"] += 1
+            c["colour"] += ok_c
+            c["shape"] += ok_s
+            c["both"] += ok_c and ok_s
+        else:
+            seen = {(o["colour"], o["shape"])
+                    for o in shapes_eval.analyse(np.asarray(image))["objects"]}
+            found = sum((o["colour"], o["shape"]) in seen for o in objs)
+            c["two"] += 1
+            c["objects_named"] += len(objs)
+            c["objects_found"] += found
+            c["binding"] += found == len(objs)
+    return {**{f"{k}_count": int(v) for k, v in c.items()},
+            "colour_acc": _ratio(c["colour"], c["single"]),
+            "shape_acc": _ratio(c["shape"], c["single"]),
+            "both_acc": _ratio(c["both"], c["single"]),
+            "binding_acc": _ratio(c["binding"], c["two"]),
+            "object_acc": _ratio(c["objects_found"], c["objects_named"])}
