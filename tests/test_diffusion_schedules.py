@@ -103,3 +103,22 @@ def test_respace_twice_composes_timestep_map():
     np.testing.assert_allclose(np.asarray(twice.alphas_cumprod),
                                np.asarray(base.alphas_cumprod)[expect], rtol=1e-5)
     assert math.isclose(float(twice.alphas_cumprod_prev[0]), 1.0)
+
+
+def test_schedule_built_inside_a_trace_is_concrete():
+    # Stages cache schedules; one first built inside jit must not hold tracers (a leak).
+    import jax
+    import jax.numpy as jnp
+
+    from unclip_jax.diffusion import make_schedule
+
+    holder = {}
+
+    @jax.jit
+    def f(x):
+        holder["s"] = make_schedule("cosine", 10)
+        return x + holder["s"].betas[0]
+
+    f(jnp.zeros(()))
+    assert not isinstance(holder["s"].betas, jax.core.Tracer)
+    assert float(jax.jit(lambda x: x + holder["s"].betas[0])(jnp.zeros(()))) > 0

@@ -60,7 +60,14 @@ def schedule_from_betas(betas, timestep_map=None) -> Schedule:
         np.log(np.maximum(post_var, 1e-20))
     if timestep_map is None:
         timestep_map = np.arange(len(betas))
-    f32 = lambda a: jnp.asarray(a, jnp.float32)
+    # Built eagerly even when first called inside a jit trace: callers cache schedules, and a
+    # staged (traced) array kept in a cache would leak into the next trace.
+    f32 = lambda a: jnp.asarray(np.asarray(a, np.float32))  # noqa: E731
+    with jax.ensure_compile_time_eval():
+        return _schedule(f32, betas, ac, ac_prev, post_var, post_logvar, timestep_map)
+
+
+def _schedule(f32, betas, ac, ac_prev, post_var, post_logvar, timestep_map) -> Schedule:
     return Schedule(
         betas=f32(betas),
         log_alphas=f32(np.log1p(-betas)),
