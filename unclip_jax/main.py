@@ -25,6 +25,10 @@ flags.mark_flags_as_required(["config", "workdir"])
 
 
 def run(config, workdir: str):
+    """A whole-stack config (`pipeline` field) runs every stage; otherwise one stage trains."""
+    if "pipeline" in config:
+        from unclip_jax.pipeline_train import run_pipeline
+        return run_pipeline(config, workdir)
     from unclip_jax.train.trainer import train
     return train(config, workdir)
 
@@ -37,7 +41,7 @@ def main(argv):
     distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
     summary = run(FLAGS.config, FLAGS.workdir)
     import jax
-    if jax.process_index() == 0:
+    if jax.process_index() == 0 and "metrics" in summary:
         m = summary["metrics"]
         print(f"{summary['status']} at step {summary['step']} (resumed from "
               f"{summary['resumed_from']}): loss {m.get('loss', float('nan')):.4g}, "

@@ -1,0 +1,264 @@
+"""The main job: train every unCLIP stage in order on one dataset, then sample and report.
+
+    python -m unclip_jax.main --config=experiments/shapes.py --workdir=runs/shapes
+
+Order: clip -> embed (CLIP embedding cache) -> diffusion_prior -> ar_prior -> decoder ->
+upsampler -> samples (a PNG grid for fixed prompts) -> report (JSON + markdown).
+Each stage trains in its own sub-workdir with the generic trainer, so re-running the command
+resumes an interrupted stage and skips finished ones; the cache, samples and report are written
+once (delete them to redo). The config's `stages.<name>` are ordinary stage configs; this module
+only wires paths between them (tokenizer, cache, codec) so they can't disagree.
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+
+import jax
+import ml_collections
+import numpy as np
+from absl import logging
+
+from unclip_jax.pipeline import STAGE_DIRS, Pipeline, SampleSettings
+
+TRAINED = ("clip", "diffusion_prior", "ar_prior", "decoder", "upsampler")
+
+
+def _say(msg: str):
+    if jax.process_index() == 0:
+        print(msg, flush=True)
+
+
+def stage_configs(config, workdir: str) -> dict[str, ml_collections.ConfigDict]:
+    """Each stage's training config with the paths between stages filled in (absolute)."""
+    w = os.path.abspath(workdir)
+    tok_dir = os.path.join(w, "clip", "tokenizer")
+    cache_dir = os.path.join(w, "embed")
+    out = {}
+    for name in TRAINED:
+        if name not in config.stages:
+            continue
+        c = config.stages[name].copy_and_resolve_references()
+        with c.unlocked():
+            c.seed = int(config.seed)
+            if name == "clip":
+                c.data = _shapes_data(config, int(c.model.image_size))
+                c.tokenizer.dir = tok_dir
+            elif name in ("diffusion_prior", "ar_prior"):
+                c.data = _cache_data(cache_dir, config, None)
+                c.tokenizer.dir = tok_dir
+                if name == "ar_prior":
+                    c.model.codec_path = os.path.join(w, "ar_prior", "codec.npz")
+            elif name == "decoder":
+                c.data = _cache_data(cache_dir, config, int(c.model.image_size))
+            elif name == "upsampler":
+                c.data = _shapes_data(config, int(c.model.image_size))
+        out[name] = c
+    return out
+
+
+def _shapes_data(config, resolution: int):
+    d = config.data.copy_and_resolve_references()
+    with d.unlocked():
+        d.resolution = resolution
+    return d
+
+
+def _cache_data(cache_dir: str, config, image_resolution: int | None):
+    from unclip_jax.data import default_data_config
+    d = default_data_config("embed_cache")
+    d.cache_dir = cache_dir
+    d.num_threads = int(config.data.get("num_threads", 2))
+    if image_resolution:
+        # The decoder trains on the cached embeddings joined with the images at its own size.
+        d.join_images = True
+        d.resolution = image_resolution
+        d.source = _shapes_data(config, image_resolution)
+    return d
+
+
+def _finished(workdir: str, num_steps: int) -> bool:
+    d = os.path.join(workdir, "checkpoints")
+    if not os.path.isdir(d):
+        return False
+    steps = [int(n) for n in os.listdir(d) if n.isdigit()]
+    return bool(steps) and max(steps) >= num_steps
+
+
+def _train_stage(name: str, cfg, workdir: str, timings: dict):
+    from unclip_jax.train.trainer import train
+    sub = os.path.join(workdir, name)
+    if _finished(sub, int(cfg.train.num_steps)):
+        _say(f"[{name}] finished earlier ({cfg.train.num_steps} steps): skipped")
+        return
+    _say(f"[{name}] training {cfg.train.num_steps} steps in {sub}")
+    t = time.perf_counter()
+    out = train(cfg, sub)
+    timings[name] = timings.get(name, 0.0) + time.perf_counter() - t
+    if out["status"] != "done":
+        raise SystemExit(f"[{name}] stopped ({out['status']}) at step {out['step']}; re-run the "
+                         "same command to resume")
+
+
+def _embed(config, cfgs, workdir: str, timings: dict):
+    from unclip_jax import embed as embed_lib
+    out = os.path.join(workdir, "embed")
+    marker = os.path.join(out, "complete.json")
+    if os.path.exists(marker):
+        _say("[embed] cache complete: skipped")
+        return
+    _say(f"[embed] writing CLIP embeddings of the dataset to {out}")
+    t = time.perf_counter()
+    e = ml_collections.ConfigDict(dict(
+        data=cfgs["clip"].data,
+        embed=dict(encoder="unclip_jax.pipeline:clip_encoder",
+                   clip_workdir=os.path.join(workdir, "clip"),
+                   splits=tuple(config.embed.get("splits", ("train", "test"))),
+                   batch_size=int(config.embed.get("batch_size", 256)),
+                   shard_size=int(config.embed.get("shard_size", 8192)))))
+    manifests = embed_lib.embed(e, out, process_index=jax.process_index(),
+                                process_count=jax.process_count(), log=lambda s: None)
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+        multihost_utils.sync_global_devices("embed_done")
+    if jax.process_index() == 0:
+        with open(marker, "w") as f:
+            json.dump({s: m["num_examples"] for s, m in manifests.items()}, f)
+    timings["embed"] = time.perf_counter() - t
+
+
+def _settings(config) -> SampleSettings:
+    fields = {f.name for f in SampleSettings.__dataclass_fields__.values()}
+    return SampleSettings(**{k: v for k, v in config.sample.settings.items() if k in fields})
+
+
+def save_grid(images: np.ndarray, path: str, cols: int, labels=None):
+    """Save images [N, H, W, 3] in [-1, 1] as one PNG grid, `cols` per row."""
+    from PIL import Image
+    imgs = ((np.clip(images, -1, 1) + 1) * 127.5).round().astype(np.uint8)
+    n, h, w, _ = imgs.shape
+    rows = -(-n // cols)
+    grid = np.full((rows * (h + 2), cols * (w + 2), 3), 255, np.uint8)
+    for i, im in enumerate(imgs):
+        r, c = divmod(i, cols)
+        grid[r * (h + 2) + 1:r * (h + 2) + 1 + h, c * (w + 2) + 1:c * (w + 2) + 1 + w] = im
+    Image.fromarray(grid).save(path)
+    if labels is not None:
+        with open(os.path.splitext(path)[0] + ".txt", "w") as f:
+            f.write("\n".join(labels) + "\n")
+
+
+def _samples(config, workdir: str, pipe: Pipeline, timings: dict):
+    out = os.path.join(workdir, "samples")
+    path = os.path.join(out, "grid.png")
+    if os.path.exists(path):
+        _say(f"[samples] {path} exists: skipped")
+        return
+    os.makedirs(out, exist_ok=True)
+    s = config.sample
+    prompts = [p for p in s.prompts for _ in range(int(s.per_prompt))]
+    t = time.perf_counter()
+    res = pipe.text_to_image(prompts, seed=int(s.seed), settings=_settings(config))
+    timings["samples"] = time.perf_counter() - t
+    save_grid(res["images"], path, int(s.per_prompt), labels=list(s.prompts))
+    with open(os.path.join(out, "settings.json"), "w") as f:
+        json.dump({"prompts": list(s.prompts), "per_prompt": int(s.per_prompt),
+                   "seed": int(s.seed), **dataclass_dict(_settings(config))}, f, indent=2)
+    _say(f"[samples] wrote {path} (one row per prompt: {', '.join(s.prompts)})")
+
+
+def dataclass_dict(d) -> dict:
+    import dataclasses
+    return dataclasses.asdict(d)
+
+
+def evaluate_prompts(pipe: Pipeline, prompts, per_prompt: int, seed: int,
+                     settings: SampleSettings, batch: int = 64) -> dict:
+    """Generate per_prompt images for each single-object prompt and check colour and shape
+    from the pixels (unclip_jax.eval.shapes_accuracy)."""
+    from unclip_jax.eval.shapes_accuracy import shapes_accuracy
+    all_prompts = [p for p in prompts for _ in range(per_prompt)]
+    images = []
+    for i in range(0, len(all_prompts), batch):
+        chunk = all_prompts[i:i + batch]
+        images.append(pipe.text_to_image(chunk, seed=seed + i, settings=settings)["images"])
+    images = np.concatenate(images)
+    return shapes_accuracy(images, all_prompts), images
+
+
+def _report(config, workdir: str, pipe: Pipeline, timings: dict):
+    path = os.path.join(workdir, "report.json")
+    if os.path.exists(path):
+        _say(f"[report] {path} exists: skipped")
+        return
+    r = config.report
+    settings = _settings(config)
+    t = time.perf_counter()
+    acc, images = evaluate_prompts(pipe, list(r.prompts), int(r.per_prompt), int(r.seed), settings)
+    timings["report_sampling"] = time.perf_counter() - t
+    save_grid(images, os.path.join(workdir, "samples", "report_grid.png"), int(r.per_prompt))
+    stages = {}
+    for name in STAGE_DIRS:
+        mfile = os.path.join(workdir, name, "metrics.jsonl")
+        if os.path.exists(mfile):
+            with open(mfile) as f:
+                rows = [json.loads(line) for line in f if line.strip()]
+            if rows:
+                stages[name] = {"step": rows[-1]["step"], "loss": rows[-1].get("loss"),
+                                "first_loss": rows[0].get("loss")}
+    report = {"accuracy": acc, "stages": stages, "timings_s": timings,
+              "settings": dataclass_dict(settings), "eval_prompts": list(r.prompts),
+              "per_prompt": int(r.per_prompt), "devices": jax.device_count(),
+              "device_kind": jax.devices()[0].device_kind}
+    if jax.process_index() == 0:
+        with open(path, "w") as f:
+            json.dump(report, f, indent=2)
+        with open(os.path.join(workdir, "report.md"), "w") as f:
+            f.write(_markdown(report))
+    _say(f"[report] single-object prompts: colour {acc['colour_acc']:.1%}, shape "
+         f"{acc['shape_acc']:.1%}, both {acc['both_acc']:.1%} over {acc['single_count']} "
+         f"samples; {path}")
+
+
+def _markdown(r: dict) -> str:
+    a = r["accuracy"]
+    lines = ["# unclip-jax run report", "",
+             f"Pixel check of {a['single_count']} samples for {len(r['eval_prompts'])} single-object "
+             "prompts (colour of the object's pixels, shape from its fill ratio):", "",
+             "| colour | shape | both |", "|---|---|---|",
+             f"| {a['colour_acc']:.1%} | {a['shape_acc']:.1%} | {a['both_acc']:.1%} |",
+             "", "| stage | steps | first loss | last loss | train time (s) |", "|---|---|---|---|---|"]
+    for name, s in r["stages"].items():
+        t = r["timings_s"].get(name)
+        lines.append(f"| {name} | {s['step']} | {s['first_loss']:.4g} | {s['loss']:.4g} | "
+                     f"{'' if t is None else f'{t:.0f}'} |")
+    lines += ["", f"Sampling settings: `{json.dumps(r['settings'])}`", "",
+              "Samples: `samples/grid.png` (fixed prompts), `samples/report_grid.png` (evaluation).",
+              ""]
+    return "\n".join(lines)
+
+
+def run_pipeline(config, workdir: str) -> dict:
+    os.makedirs(workdir, exist_ok=True)
+    tfile = os.path.join(workdir, "timings.json")
+    timings = json.load(open(tfile)) if os.path.exists(tfile) else {}
+    cfgs = stage_configs(config, workdir)
+    t0 = time.perf_counter()
+    pipe = None
+    for name in config.order:
+        if name in cfgs:
+            _train_stage(name, cfgs[name], workdir, timings)
+        elif name == "embed":
+            _embed(config, cfgs, workdir, timings)
+        elif name in ("samples", "report"):
+            pipe = pipe or Pipeline.from_workdir(workdir)
+            (_samples if name == "samples" else _report)(config, workdir, pipe, timings)
+        else:
+            raise ValueError(f"config.order: unknown step {name!r}")
+        if jax.process_index() == 0:
+            with open(tfile, "w") as f:
+                json.dump(timings, f, indent=2)
+    total = time.perf_counter() - t0
+    logging.info("pipeline finished in %.0f s", total)
+    return {"workdir": workdir, "timings": timings, "seconds": total}
