@@ -183,3 +183,16 @@ def test_load_trained_reads_ema_without_touching_workdir(tmp_path):
     os.makedirs(tmp_path / "empty" / "checkpoints")
     with pytest.raises(FileNotFoundError, match="no complete checkpoint"):
         load_trained(str(tmp_path / "empty"))
+
+
+def test_resume_with_another_architecture_is_refused(tmp_path):
+    wd = str(tmp_path / "arch")
+    train(toy_config(), wd, stop_at=4)
+    before = sorted(os.listdir(os.path.join(wd, "checkpoints")))
+    with pytest.raises(ValueError, match=r"model.hidden: 32 -> 64"):
+        train(toy_config(**{"model.hidden": 64}), wd)
+    assert sorted(os.listdir(os.path.join(wd, "checkpoints"))) == before
+    assert not os.path.exists(os.path.join(wd, "corrupt_checkpoints"))
+    # Changing the training length (not the model) resumes fine.
+    out = train(toy_config(**{"train.num_steps": 8}), wd)
+    assert out["resumed_from"] == 4 and out["step"] == 8

@@ -8,6 +8,7 @@ Re-running on the same workdir resumes from the latest complete checkpoint; SIGT
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import os
 import signal
@@ -164,6 +165,7 @@ def train(config, workdir: str, *, stop_at: int | None = None) -> dict:
     n_dev = int(config.mesh.get("num_devices", 0) or 0) or jax.device_count()
     validate_config(config, stage, n_dev, jax.process_count())
     os.makedirs(workdir, exist_ok=True)
+    check_same_model(config, workdir)
     b = build_step(config)
     mesh, data_sharding, abstract, init = b.mesh, b.batch_sharding, b.abstract_state, b.init
     num_steps = int(config.train.num_steps)
@@ -260,6 +262,32 @@ def train(config, workdir: str, *, stop_at: int | None = None) -> dict:
             pbar.close()
     return {"step": step, "status": status, "metrics": last_metrics, "params": n_params,
             "state": state, "mesh": mesh, "resumed_from": start}
+
+
+def _diff(a, b, prefix=""):
+    if isinstance(a, dict) and isinstance(b, dict):
+        out = []
+        for k in sorted(set(a) | set(b)):
+            out += _diff(a.get(k, "<absent>"), b.get(k, "<absent>"), f"{prefix}{k}.")
+        return out
+    return [] if a == b else [f"{prefix[:-1]}: {a!r} -> {b!r}"]
+
+
+def check_same_model(config, workdir: str) -> None:
+    """Refuse to resume a workdir whose checkpoints hold another stage or architecture: restoring
+    would fail (or, worse, silently mismatch); the existing checkpoints are left untouched."""
+    path = os.path.join(workdir, "config.json")
+    if not os.path.exists(path):
+        return
+    with open(path) as f:
+        saved = json.load(f)
+    now = json.loads(config.to_json_best_effort())
+    diffs = _diff({"stage": saved.get("stage"), "model": saved.get("model")},
+                  {"stage": now.get("stage"), "model": now.get("model")})
+    if diffs:
+        raise ValueError(f"workdir {workdir} holds a run with a different stage/model config ("
+                         + "; ".join(diffs[:5]) + (" ..." if len(diffs) > 5 else "")
+                         + "); use a new --workdir, or the config it was trained with")
 
 
 def _check_bad(metrics, max_bad: int, step: int):
