@@ -18,8 +18,10 @@ from unclip_jax.pipeline import Pipeline, SampleSettings, slerp
 
 
 def _ddim(settings: SampleSettings, eta: float = 0.0) -> SampleSettings:
-    # Inversion is DDIM by construction; decoding must use the same respaced schedule.
-    return dataclasses.replace(settings, decoder_method="ddim", decoder_eta=float(eta))
+    # Inversion is DDIM by construction; decoding must use the same respaced schedule and, like
+    # the inversion, no x0 clipping, or eta = 0 would not give the image back.
+    return dataclasses.replace(settings, decoder_method="ddim", decoder_eta=float(eta),
+                               decoder_clip=False)
 
 
 def _as_batch(image) -> np.ndarray:

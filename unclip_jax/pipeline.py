@@ -45,6 +45,8 @@ class SampleSettings:
     decoder_method: str = "ddpm"      # "ddpm" (learned variance, as the paper) | "ddim"
     decoder_eta: float = 0.0          # DDIM only
     decoder_guidance: float = 3.0
+    decoder_clip: bool = True         # clip x0 to [-1, 1] while sampling; off when decoding an
+                                      # inverted x_T (the inversion has no clipping)
     upsampler_steps: str = "ddim15"   # paper: DDIM 27 (256) and 15 (1024)
     upsampler_eta: float = 0.0
 
@@ -291,7 +293,7 @@ class Pipeline:
             guidance_scale=s.decoder_guidance, method=s.decoder_method, eta=s.decoder_eta,
             parameterization=d["parameterization"],
             var_type="learned_range" if learned else "fixed_small", learned_sigma=learned,
-            clip_x0=1.0, x_T=x_T)
+            clip_x0=1.0 if s.decoder_clip else None, x_T=x_T)
 
     def _invert_fn(self, params, images, z_i, tokens, s: SampleSettings, use_text: bool):
         m = self.decoder.config.model
