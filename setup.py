@@ -8,7 +8,7 @@ setup(
     packages=find_packages(include=["unclip_jax", "unclip_jax.*"]),
     python_requires=">=3.10",
     install_requires=[
-        # jax 0.10-0.12 are what this code is tested on; the CPU wheel is enough for tests,
+        # jax 0.10.x is what this code is tested on (0.10.2); the CPU wheel is enough for tests,
         # accelerators install jax[cuda12] / jax[tpu] on top.
         "jax>=0.10.2,<0.11",
         "flax>=0.12,<0.13",

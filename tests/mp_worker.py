@@ -19,11 +19,15 @@ def main():
     port, n, pid, workdir = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
     if n > 1:
         distributed.initialize(f"127.0.0.1:{port}", n, pid)
-    out = train(toy_config(**{"mesh.data": -1}), workdir)
+    over = {"mesh.data": -1}
+    if int(os.environ.get("MP_SIGTERM_PROCESS", "-1")) == pid:  # a preemption notice on one host
+        over["data.sigterm_at_step"] = int(os.environ["MP_SIGTERM_STEP"])
+    out = train(toy_config(**over), workdir)
     params = host_tree(out["state"].params)
     print("RESULT " + json.dumps({
         "process": jax.process_index(), "processes": jax.process_count(),
         "devices": jax.device_count(), "loss": out["metrics"]["loss"],
+        "status": out["status"], "step": out["step"],
         "kernel_sum": float(params["up_0"]["kernel"].sum()),
     }), flush=True)
 

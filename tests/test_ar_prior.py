@@ -100,12 +100,58 @@ def test_ar_prior_overfits_nonlinear_map(trained):
 
 
 def test_dot_token_from_top_half_and_guidance(trained):
-    model, params, batch, codec, _, ts = trained
+    # The dot token comes from at or above the median of the model's own (guided, tempered)
+    # distribution for each caption; unrestricted sampling goes below it.
+    from unclip_jax.models.ar_prior import ARPrior, _cond
+    model, params, batch, _, _, ts = trained
+    temp, g = 4.0, 1.5  # a hot distribution: the half-split matters for every caption
+    kw = dict(temperature=temp, guidance_scale=g, text_scale=ts)
     tokens = np.asarray(sample_ar_prior(model, params, batch, jax.random.PRNGKey(4),
-                                        dot_top_half=True, guidance_scale=1.5, top_k=3,
-                                        text_scale=ts))
-    assert (tokens[:, 0] >= BUCKETS // 2).all()
+                                        dot_top_half=True, **kw))
     assert tokens.min() >= 0 and tokens.max() < BUCKETS
-    unrestricted = np.asarray(sample_ar_prior(model, params, batch, jax.random.PRNGKey(4),
-                                              dot_top_half=False, text_scale=ts))
-    assert (unrestricted[:, 0] < BUCKETS // 2).any()  # the restriction is what moved them
+    cond = _cond(batch, ts)
+    both = jax.tree.map(lambda x: jnp.concatenate([x, x], 0), cond)
+    both["drop"] = jnp.arange(2 * N) >= N
+    apply = lambda m, *a: model.apply({"params": params}, *a, method=m)  # noqa: E731
+    prefix, mask = apply(ARPrior.prefix, both)
+    lg = np.asarray(apply(ARPrior.logits, prefix, mask,
+                          jnp.zeros((2 * N, K + 1), jnp.int32))[:, 0])
+    guided = (lg[N:] + g * (lg[:N] - lg[N:])) / temp
+    p = np.exp(guided - guided.max(-1, keepdims=True))
+    p /= p.sum(-1, keepdims=True)
+    median = (np.cumsum(p, -1) >= 0.5).argmax(-1)
+    assert (tokens[:, 0] >= median).all()
+    free = np.concatenate([np.asarray(sample_ar_prior(
+        model, params, batch, jax.random.PRNGKey(5 + i), dot_top_half=False, **kw))[:, 0]
+        for i in range(4)])
+    assert (free < np.tile(median, 4)).any()  # the restriction is what keeps them up
+
+
+def test_upper_half_keeps_the_buckets_from_the_median_up():
+    from unclip_jax.models.ar_prior import upper_half
+
+    p = np.array([0.1, 0.1, 0.2, 0.2, 0.1, 0.1, 0.1, 0.1])  # cdf 0.1 0.2 0.4 0.6 ...: median 3
+    lg = np.asarray(upper_half(jnp.log(jnp.asarray(p))[None]))[0]
+    assert np.isinf(lg[:3]).all() and np.isfinite(lg[3:]).all()
+    kept = np.exp(lg[3:]) / np.exp(lg[3:]).sum()
+    np.testing.assert_allclose(kept, p[3:] / p[3:].sum(), rtol=1e-5)  # renormalised, not reshaped
+    # Mass piled on the top bucket: the half is that bucket alone, wherever the index midpoint is.
+    q = np.full(8, 0.02)
+    q[-1] = 1 - 0.14
+    assert np.isfinite(np.asarray(upper_half(jnp.log(jnp.asarray(q))))).sum() == 1
+
+
+def test_token_j_is_predicted_from_earlier_tokens_only(trained):
+    # Teacher-forced logits at position j must not move when tokens j, j+1, ... change.
+    from unclip_jax.models.ar_prior import ARPrior, _cond
+    model, params, batch, _, _, ts = trained
+    cond = dict(_cond(batch, ts), drop=jnp.zeros((N,), bool))
+    apply = lambda m, *a: model.apply({"params": params}, *a, method=m)  # noqa: E731
+    prefix, mask = apply(ARPrior.prefix, cond)
+    tokens = batch["ar_tokens"]
+    j0 = 5
+    other = tokens.at[:, j0:].set((tokens[:, j0:] + 7) % BUCKETS)
+    a = np.asarray(apply(ARPrior.logits, prefix, mask, tokens))
+    b = np.asarray(apply(ARPrior.logits, prefix, mask, other))
+    np.testing.assert_allclose(a[:, :j0 + 1], b[:, :j0 + 1], atol=1e-5)
+    assert np.abs(a[:, j0 + 1:] - b[:, j0 + 1:]).max() > 1e-3  # later positions do see them

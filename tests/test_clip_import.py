@@ -6,8 +6,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-torch = pytest.importorskip("torch")  # the `test` extra installs torch (CPU) for this file
-transformers = pytest.importorskip("transformers")
+import torch  # the `test` extra installs torch (CPU) for this file
+import transformers
 
 from unclip_jax.models import clip_import  # noqa: E402
 from unclip_jax.models.clip import CLIP, to_clip_pixels  # noqa: E402

@@ -209,6 +209,23 @@ def test_webdataset_resume(shards):
     assert fresh.stats() == stats  # skip counters travel with the state
 
 
+def test_webdataset_truncated_shard_keeps_what_is_whole(shards):
+    # An interrupted download: shard 3 cut in the middle of its examples, and shard 0 not a tar.
+    import glob as _glob
+    paths = sorted(_glob.glob(shards.path))
+    data = open(paths[3], "rb").read()
+    with open(paths[3], "wb") as f:
+        f.write(data[: len(data) * 3 // 5])
+    with open(paths[0], "wb") as f:
+        f.write(b"this is not a tar file")
+    out, stats = _all(shards)
+    got = sorted(int(c.split()[1]) for c in out["caption"])
+    from_3 = [i for i in got if i >= 15]
+    assert 1 <= len(from_3) < 5 and from_3 == list(range(15, 15 + len(from_3)))  # a prefix
+    assert [i for i in got if i < 15] == [5, 6, 8, 9, 10, 11, 12, 14]  # shards 1, 2 as before
+    assert out["image"].shape[0] == len(got)
+
+
 def test_webdataset_bad_pattern_names_it(tmp_path):
     c = default_data_config("webdataset")
     c.path = str(tmp_path / "nothing-*.tar")

@@ -11,10 +11,10 @@ import pytest
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
-def _run(n, local_devices, workdir):
+def _run(n, local_devices, workdir, **extra_env):
     port = portpicker.pick_unused_port()
     env = dict(os.environ, MP_LOCAL_DEVICES=str(local_devices), JAX_PLATFORMS="cpu",
-               UNCLIP_NO_PROGRESS="1")
+               UNCLIP_NO_PROGRESS="1", **extra_env)
     env.pop("XLA_FLAGS", None)
     procs = [subprocess.Popen([sys.executable, os.path.join(HERE, "mp_worker.py"), str(port),
                                str(n), str(i), workdir], env=env, stdout=subprocess.PIPE,
@@ -41,6 +41,16 @@ def test_two_processes_agree_with_one(tmp_path):
     # Only process 0 wrote metrics; the checkpoint is complete.
     assert os.path.exists(tmp_path / "two" / "metrics.jsonl")
     assert os.path.isdir(tmp_path / "two" / "checkpoints" / "12")
+
+
+def test_sigterm_on_one_host_stops_every_host_at_the_same_step(tmp_path):
+    wd = str(tmp_path / "pre")
+    two = _run(2, 2, wd, MP_SIGTERM_PROCESS="1", MP_SIGTERM_STEP="5")
+    assert [r["status"] for r in two] == ["preempted", "preempted"]
+    assert two[0]["step"] == two[1]["step"] == 6  # the step in flight finishes, then both save
+    assert os.path.isdir(os.path.join(wd, "checkpoints", "6"))
+    resumed = _run(2, 2, wd)
+    assert [r["status"] for r in resumed] == ["done", "done"] and resumed[0]["step"] == 12
 
 
 def test_local_launcher_runs_main_on_two_processes(tmp_path):

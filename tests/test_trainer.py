@@ -69,6 +69,11 @@ def test_corrupt_latest_checkpoint_falls_back(tmp_path):
     assert len(moved) == 1 and moved[0].startswith("8-")  # kept aside, not deleted
     full = train(toy_config(), str(tmp_path / "full"))
     assert_trees_close(full["state"].params, resumed["state"].params)
+    # Steps 6 and 8 were logged, lost with checkpoint 8, and logged again: once each in the log.
+    rows = lambda d: [json.loads(x) for x in open(os.path.join(d, "metrics.jsonl"))]  # noqa: E731
+    got, want = rows(wd), rows(str(tmp_path / "full"))
+    assert [r["step"] for r in got] == [r["step"] for r in want] == [2, 4, 6, 8, 10, 12]
+    assert [r["loss"] for r in got] == pytest.approx([r["loss"] for r in want], rel=1e-6)
 
 
 def test_restore_onto_another_mesh(tmp_path):
@@ -98,6 +103,11 @@ def test_nan_batch_is_skipped_and_checkpoint_stays_finite(tmp_path):
     assert int(out["state"].skipped_steps) == 1 and out["step"] == 12
     clean = host_tree(out["state"].params)
     assert all(np.isfinite(x).all() for x in jax.tree.leaves(clean))
+    # What is on disk is that same finite state.
+    from unclip_jax.train.checkpoint import load_trained
+    on_disk = load_trained(wd, ema=False)
+    assert on_disk.step == 12
+    assert_trees_close(clean, host_tree(on_disk.params))
     # The poisoned step changed nothing: compare with a run that stops right before it.
     before = train(toy_config(), str(tmp_path / "ref"), stop_at=2)
     after_poison = train(toy_config(**{"data.poison_steps": (2,)}), str(tmp_path / "p3"), stop_at=3)
@@ -196,3 +206,35 @@ def test_resume_with_another_architecture_is_refused(tmp_path):
     # Changing the training length (not the model) resumes fine.
     out = train(toy_config(**{"train.num_steps": 8}), wd)
     assert out["resumed_from"] == 4 and out["step"] == 8
+
+
+def test_resume_with_another_optimiser_chain_is_refused_not_quarantined(tmp_path):
+    # Turning gradient clipping off changes the optimiser state's layout: the checkpoint is fine,
+    # the config is not, so nothing may be moved aside or retrained from step 0.
+    wd = str(tmp_path / "opt")
+    train(toy_config(), wd, stop_at=8)
+    before = sorted(os.listdir(os.path.join(wd, "checkpoints")))
+    with pytest.raises(ValueError, match="different train state layout"):
+        train(toy_config(**{"optim.grad_clip": 0.0}), wd)
+    assert sorted(os.listdir(os.path.join(wd, "checkpoints"))) == before
+    assert not os.path.exists(os.path.join(wd, "corrupt_checkpoints"))
+    out = train(toy_config(), wd)
+    assert out["resumed_from"] == 8 and out["step"] == 12
+
+
+def test_all_checkpoints_corrupt_is_an_error_then_a_fresh_start(tmp_path):
+    wd = str(tmp_path / "allbad")
+    train(toy_config(), wd, stop_at=8)
+    for step in ("4", "8"):
+        for root, _, files in os.walk(os.path.join(wd, "checkpoints", step, "state")):
+            for f in files:
+                if not f.startswith("_") and not f.endswith(".json"):
+                    open(os.path.join(root, f), "wb").close()
+    with pytest.raises(RuntimeError, match="none of the checkpoints"):
+        train(toy_config(), wd)
+    assert sorted(n.split("-")[0] for n in os.listdir(os.path.join(wd, "corrupt_checkpoints"))) \
+        == ["4", "8"]
+    out = train(toy_config(), wd)  # told what happened, the user re-runs: a fresh start
+    assert out["resumed_from"] is None or out["resumed_from"] == 0
+    full = train(toy_config(), str(tmp_path / "full"))
+    assert_trees_close(full["state"].params, out["state"].params)

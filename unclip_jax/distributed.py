@@ -41,3 +41,33 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
         logging.info("jax.distributed: process %d of %d, %d local / %d global devices",
                      jax.process_index(), jax.process_count(), jax.local_device_count(),
                      jax.device_count())
+
+
+def write_once(path: str, write) -> None:
+    """Create `path` (a file or a directory) once for all processes of the job.
+
+    Process 0 runs `write(tmp)` into a temporary name beside `path` and renames it into place,
+    so no process ever reads a half-written file and two processes never write the same one; the
+    others wait at a barrier until it exists."""
+    import shutil
+
+    from jax.experimental import multihost_utils
+
+    if jax.process_index() == 0 and not (os.path.exists(path) and (
+            not os.path.isdir(path) or os.listdir(path))):
+        parent = os.path.dirname(os.path.abspath(path))
+        os.makedirs(parent, exist_ok=True)
+        root, ext = os.path.splitext(os.path.abspath(path))
+        tmp = f"{root}.tmp{os.getpid()}{ext}"
+        try:
+            write(tmp)
+            if os.path.isdir(path):
+                os.rmdir(path)  # an empty directory left by an earlier failed write
+            os.replace(tmp, path)
+        finally:
+            if os.path.isdir(tmp):
+                shutil.rmtree(tmp, ignore_errors=True)
+            elif os.path.exists(tmp):
+                os.remove(tmp)
+    if jax.process_count() > 1:
+        multihost_utils.sync_global_devices(f"write_once {path}")

@@ -16,6 +16,7 @@ import tarfile
 import threading
 
 import numpy as np
+from absl import logging
 
 _IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 # Webdataset example ids: shard number in the sorted shard list, and position inside the shard.
@@ -143,23 +144,32 @@ def open_shapes(cfg, split: str, process_index: int, process_count: int) -> Shap
 
 # ------------------------------------------------------------------------------------ webdataset
 def _index_tar(path: str) -> list[dict]:
-    """Examples of one img2dataset tar shard, in tar order: key -> member (offset, size)."""
+    """Examples of one img2dataset tar shard, in tar order: key -> member (offset, size).
+
+    A truncated or damaged shard (an interrupted download) keeps the examples whose members lie
+    wholly before the damage, with a warning naming the shard; one that is not a tar at all
+    gives none."""
     examples: dict[str, dict] = {}
-    with tarfile.open(path, "r:") as tar:
-        for m in tar:
-            if not m.isfile():
-                continue
-            base = os.path.basename(m.name)
-            if "." not in base or base.startswith("."):
-                continue
-            stem, ext = base.split(".", 1)
-            key = os.path.join(os.path.dirname(m.name), stem)
-            ex = examples.setdefault(key, {"key": key})
-            ext = ext.lower()
-            if ext in _IMAGE_EXTS and "image" not in ex:
-                ex["image"] = (m.offset_data, m.size)
-            elif ext in ("txt", "json"):
-                ex[ext] = (m.offset_data, m.size)
+    file_size = os.path.getsize(path)
+    try:
+        with tarfile.open(path, "r:") as tar:
+            for m in tar:
+                if not m.isfile() or m.offset_data + m.size > file_size:
+                    continue
+                base = os.path.basename(m.name)
+                if "." not in base or base.startswith("."):
+                    continue
+                stem, ext = base.split(".", 1)
+                key = os.path.join(os.path.dirname(m.name), stem)
+                ex = examples.setdefault(key, {"key": key})
+                ext = ext.lower()
+                if ext in _IMAGE_EXTS and "image" not in ex:
+                    ex["image"] = (m.offset_data, m.size)
+                elif ext in ("txt", "json"):
+                    ex[ext] = (m.offset_data, m.size)
+    except (tarfile.TarError, EOFError, OSError) as e:
+        logging.warning("webdataset shard %s is damaged (%s: %s); using the %d examples before "
+                        "the damage", path, type(e).__name__, e, len(examples))
     return list(examples.values())
 
 

@@ -10,7 +10,6 @@ import math
 
 import flax.struct
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 
@@ -62,7 +61,9 @@ def schedule_from_betas(betas, timestep_map=None) -> Schedule:
         timestep_map = np.arange(len(betas))
     # Built eagerly even when first called inside a jit trace: callers cache schedules, and a
     # staged (traced) array kept in a cache would leak into the next trace.
-    f32 = lambda a: jnp.asarray(np.asarray(a, np.float32))  # noqa: E731
+    # device_put, not jnp.asarray: under a mesh of abstract (AOT, TPU-topology) devices
+    # jnp.asarray looks for an executable's local devices and fails.
+    f32 = lambda a: jax.device_put(np.asarray(a, np.float32))  # noqa: E731
     with jax.ensure_compile_time_eval():
         return _schedule(f32, betas, ac, ac_prev, post_var, post_logvar, timestep_map)
 
@@ -79,7 +80,7 @@ def _schedule(f32, betas, ac, ac_prev, post_var, post_logvar, timestep_map) -> S
         posterior_log_variance_clipped=f32(post_logvar),
         posterior_mean_coef1=f32(betas * np.sqrt(ac_prev) / (1.0 - ac)),
         posterior_mean_coef2=f32((1.0 - ac_prev) * np.sqrt(1.0 - betas) / (1.0 - ac)),
-        timestep_map=jnp.asarray(np.asarray(timestep_map), jnp.int32),
+        timestep_map=jax.device_put(np.asarray(timestep_map, np.int32)),
     )
 
 

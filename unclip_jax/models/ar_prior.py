@@ -9,8 +9,9 @@ Model: a bidirectional text encoder over [caption tokens, z_t] (Table 3: 2048 wi
 projected to the latent decoder's width as a prefix of its causal sequence (Table 3: 1664 wide,
 24 deep); the decoder predicts token j from the prefix and tokens < j. The caption (tokens and
 z_t) is dropped to learned nulls at `drop_prob` in training so guidance is available.
-Sampling: temperature / top-k, and the dot token drawn from the top half of its buckets (paper:
-conditioning on a high z_i . z_t gave better samples). No KV cache: each step re-runs the
+Sampling: temperature / top-k, and the dot token drawn from the top half of its predicted
+distribution, i.e. at or above the model's median for the caption (paper: a high z_i . z_t gave
+better samples). No KV cache: each step re-runs the
 decoder (fine for tests and small models; a cache is the next step for 320-token sampling at 1.6B).
 """
 from __future__ import annotations
@@ -59,10 +60,11 @@ class ARCodec:
         return self.pca.inverse_transform(self.quantizer.dequantize(pcs))
 
     def save(self, path: str) -> None:
-        np.savez(path, mean=self.pca.mean, components=self.pca.components[:self.k],
-                 eigenvalues=self.pca.eigenvalues, count=self.pca.count,
-                 edges=self.quantizer.edges, centres=self.quantizer.centres,
-                 dot_edges=self.dot_quantizer.edges, dot_centres=self.dot_quantizer.centres)
+        with open(path, "wb") as f:  # a file object: savez must not append ".npz" to path
+            np.savez(f, mean=self.pca.mean, components=self.pca.components[:self.k],
+                     eigenvalues=self.pca.eigenvalues, count=self.pca.count,
+                     edges=self.quantizer.edges, centres=self.quantizer.centres,
+                     dot_edges=self.dot_quantizer.edges, dot_centres=self.dot_quantizer.centres)
 
     @classmethod
     def load(cls, path: str) -> "ARCodec":
@@ -186,6 +188,14 @@ def filter_logits(logits, temperature: float = 1.0, top_k: int = 0):
     return logits
 
 
+def upper_half(logits):
+    """Restrict a distribution over ordered buckets to its upper half of probability mass: the
+    buckets from the one holding the median up (the paper's dot-token sampling; buckets are
+    ordered by value, so this is "a z_i . z_t above the model's median for this caption")."""
+    cdf = jnp.cumsum(jax.nn.softmax(logits, axis=-1), axis=-1)
+    return jnp.where(cdf >= 0.5, logits, -jnp.inf)
+
+
 def sample_ar_prior(model: ARPrior, params, batch, rng, *, temperature: float = 1.0,
                     top_k: int = 0, dot_top_half: bool = True, guidance_scale: float = 1.0,
                     text_scale=None):
@@ -208,8 +218,8 @@ def sample_ar_prior(model: ARPrior, params, batch, rng, *, temperature: float = 
         if guided:
             lg = lg[b:] + guidance_scale * (lg[:b] - lg[b:])
         lg = filter_logits(lg, temperature, top_k)
-        if dot_top_half:  # the z_i . z_t token only from its upper half of buckets
-            lg = jnp.where((j == 0) & (jnp.arange(v) < v // 2), -jnp.inf, lg)
+        if dot_top_half:
+            lg = jnp.where(j == 0, upper_half(lg), lg)
         s = jax.random.categorical(jax.random.fold_in(rng, j), lg, axis=-1)
         return tokens.at[:, j].set(s.astype(jnp.int32))
 

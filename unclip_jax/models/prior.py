@@ -149,10 +149,11 @@ class EmbeddingScaling:
 def save_embedding_stats(path: str, image_embeddings, text_embeddings) -> None:
     """Per-dimension mean / std of the embeddings (for EmbeddingScaling.from_stats)."""
     i, t = np.asarray(image_embeddings, np.float64), np.asarray(text_embeddings, np.float64)
-    np.savez(path, image_mean=i.mean(0).astype(np.float32),
-             image_std=np.maximum(i.std(0), 1e-6).astype(np.float32),
-             text_mean=t.mean(0).astype(np.float32),
-             text_std=np.maximum(t.std(0), 1e-6).astype(np.float32))
+    with open(path, "wb") as f:  # a file object: savez must not append ".npz" to path
+        np.savez(f, image_mean=i.mean(0).astype(np.float32),
+                 image_std=np.maximum(i.std(0), 1e-6).astype(np.float32),
+                 text_mean=t.mean(0).astype(np.float32),
+                 text_std=np.maximum(t.std(0), 1e-6).astype(np.float32))
 
 
 # ------------------------------------------------------------------------------------ training

@@ -52,9 +52,12 @@ def get_codec(config) -> ARCodec:
     if not path:
         raise ValueError("config.model.codec_path must be set (the PCA codec is saved there)")
     if not os.path.exists(path):
-        z_i, z_t = _training_embeddings(config)
-        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        fit_codec(z_i, z_t, int(m.pca_components), int(m.num_buckets)).save(path)
+        from unclip_jax.distributed import write_once
+
+        def fit(tmp):
+            z_i, z_t = _training_embeddings(config)
+            fit_codec(z_i, z_t, int(m.pca_components), int(m.num_buckets)).save(tmp)
+        write_once(path, fit)
     codec = _load_codec(path, os.path.getmtime(path))
     if codec.k != int(m.pca_components) or codec.num_buckets != int(m.num_buckets):
         raise ValueError(f"codec {path!r} has k={codec.k}, {codec.num_buckets} buckets; config."

@@ -30,10 +30,11 @@ def get_tokenizer(config, captions_fn=None) -> Tokenizer:
         return Tokenizer.load(path, context_length=ctx)
     if captions_fn is None:
         raise FileNotFoundError(f"config.tokenizer.dir {path!r} holds no tokenizer")
-    tok = Tokenizer.train(captions_fn(), vocab_size=int(config.model.vocab_size),
-                          context_length=ctx)
-    tok.save(path)
-    return tok
+    from unclip_jax.distributed import write_once
+
+    write_once(path, lambda tmp: Tokenizer.train(
+        captions_fn(), vocab_size=int(config.model.vocab_size), context_length=ctx).save(tmp))
+    return Tokenizer.load(path, context_length=ctx)
 
 
 def training_captions(config, n: int) -> list[str]:

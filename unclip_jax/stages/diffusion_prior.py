@@ -162,9 +162,11 @@ def scaling_from_config(config) -> EmbeddingScaling:
         if config.data.name != "embed_cache":
             raise ValueError(f"config.model.stats_path {path!r} does not exist")
         from unclip_jax.data import cache
+        from unclip_jax.distributed import write_once
         cdir = str(config.data.cache_dir)
-        save_embedding_stats(path, cache.load_field(cdir, "train", "image_embedding"),
-                             cache.load_field(cdir, "train", "text_embedding"))
+        write_once(path, lambda tmp: save_embedding_stats(
+            tmp, cache.load_field(cdir, "train", "image_embedding"),
+            cache.load_field(cdir, "train", "text_embedding")))
     return _scaling(mode, float(m.get("scale", 17.2)), path, float(m.get("clamp", 10.0)))
 
 

@@ -81,19 +81,53 @@ class Checkpointer:
     def restore_latest(self, abstract_state):
         """(state, data_state, step) from the newest checkpoint that restores, else None.
 
-        A checkpoint that fails to restore (truncated or corrupt files, missing data position) is
-        logged, moved to corrupt_checkpoints/ and the previous one is tried."""
-        for step in sorted(self.mgr.all_steps(), reverse=True):
+        A checkpoint whose files cannot be read (truncated or corrupt, missing data position) is
+        logged, moved to corrupt_checkpoints/ and the previous one is tried. A checkpoint that
+        reads fine but holds another state layout (the config changed the optimiser chain or
+        the model) is not corruption: that raises, and no checkpoint is touched. If every
+        checkpoint is corrupt this raises too, rather than silently starting from step 0."""
+        steps = sorted(self.mgr.all_steps(), reverse=True)
+        errors = []
+        for step in steps:
             try:
-                data_state = self._read_data_state(step)
-                restored = self.mgr.restore(
-                    step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state)))
-                return restored["state"], data_state, step
-            except Exception as e:  # noqa: BLE001 - any failure means: this checkpoint is unusable
-                logging.warning("checkpoint at step %d in %s cannot be restored (%s: %s); "
-                                "moving it to corrupt_checkpoints/ and trying the previous one",
-                                step, self.ckpt_dir, type(e).__name__, str(e)[:500])
-                self._quarantine(step)
+                meta = ocp.StandardCheckpointer().metadata(
+                    os.path.join(self.ckpt_dir, str(step), "state")).item_metadata
+                if meta is None:
+                    raise ValueError("no readable tree metadata")
+                saved = _tree_shapes(meta)
+                if not saved or "" in saved:
+                    raise ValueError("empty tree metadata")
+            except Exception as e:  # noqa: BLE001 - unreadable metadata: a corrupt checkpoint
+                saved, err = None, e
+            if saved is not None:
+                want = _tree_shapes(abstract_state)
+                if saved != want:
+                    diff = sorted(set(saved.items()) ^ set(want.items()))
+                    raise ValueError(
+                        f"checkpoint at step {step} in {self.ckpt_dir} holds a different train "
+                        f"state layout than this config builds ({len(diff)} leaves differ, e.g. "
+                        + ", ".join(f"{k} {v}" for k, v in diff[:4]) + "): the optimiser "
+                        "(e.g. optim.grad_clip, optim.ema_decay) or model changed. Resume with "
+                        "the config it was trained with, or use a new --workdir; the "
+                        "checkpoints are left untouched")
+                try:
+                    data_state = self._read_data_state(step)
+                    restored = self.mgr.restore(step, args=ocp.args.Composite(
+                        state=ocp.args.StandardRestore(abstract_state)))
+                    return restored["state"], data_state, step
+                except Exception as e:  # noqa: BLE001 - layout matched, so the files are bad
+                    err = e
+            logging.warning("checkpoint at step %d in %s cannot be restored (%s: %s); "
+                            "moving it to corrupt_checkpoints/ and trying the previous one",
+                            step, self.ckpt_dir, type(err).__name__, str(err)[:500])
+            errors.append(f"step {step}: {type(err).__name__}: {str(err)[:200]}")
+            self._quarantine(step)
+        if errors:
+            raise RuntimeError(
+                f"none of the checkpoints in {self.ckpt_dir} could be restored; they were moved "
+                f"to {os.path.join(self.workdir, 'corrupt_checkpoints')} (nothing deleted). "
+                "Re-run to start this stage from step 0, or restore them by hand:\n  "
+                + "\n  ".join(errors))
         return None
 
     def _read_data_state(self, step):
@@ -124,6 +158,17 @@ def read_config_json(workdir: str, step: int | None = None) -> dict:
         raise FileNotFoundError(f"no checkpoint in {workdir}/checkpoints")
     meta = mgr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
     return meta["config"]
+
+
+def _tree_shapes(tree) -> dict:
+    """{'a/b/c': shape} of a pytree's leaves (arrays, ShapeDtypeStructs or Orbax metadata)."""
+    def name(k):
+        for attr in ("key", "name", "idx"):
+            if hasattr(k, attr):
+                return str(getattr(k, attr))
+        return str(k)
+    return {"/".join(name(k) for k in path): tuple(getattr(leaf, "shape", ()) or ())
+            for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
 
 
 @dataclasses.dataclass

@@ -8,13 +8,17 @@ import jax
 
 
 class MetricWriter:
-    def __init__(self, workdir: str, *, enabled: bool | None = None):
+    def __init__(self, workdir: str, *, enabled: bool | None = None, resume_step: int = 0):
+        """`resume_step`: the checkpoint step training resumes from. Rows logged after it by the
+        interrupted run are dropped, since the resumed run logs those steps again."""
         self.enabled = jax.process_index() == 0 if enabled is None else enabled
         self._jsonl = None
         self._tb = None
         if self.enabled:
             os.makedirs(workdir, exist_ok=True)
-            self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")
+            path = os.path.join(workdir, "metrics.jsonl")
+            _truncate_after(path, int(resume_step))
+            self._jsonl = open(path, "a")
             from tensorboardX import SummaryWriter
             self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
 
@@ -31,3 +35,22 @@ class MetricWriter:
         if self.enabled:
             self._jsonl.close()
             self._tb.close()
+
+
+def _truncate_after(path: str, step: int) -> None:
+    if not os.path.exists(path):
+        return
+    with open(path) as f:
+        lines = f.readlines()
+    keep = []
+    for line in lines:
+        try:
+            if int(json.loads(line)["step"]) <= step:
+                keep.append(line if line.endswith("\n") else line + "\n")
+        except (ValueError, KeyError, TypeError):
+            continue  # a half-written last line of a killed run
+    if len(keep) != len(lines):
+        tmp = path + ".tmp"
+        with open(tmp, "w") as f:
+            f.writelines(keep)
+        os.replace(tmp, path)

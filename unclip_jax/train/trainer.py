@@ -92,12 +92,12 @@ class _Preemption:
 
     def reached(self, step: int) -> bool:
         if jax.process_count() > 1:
-            # All hosts must agree on the step at which to save.
+            # All hosts must stop at the same step (the save is collective): SIGTERM may reach
+            # them at different moments, so every step they share their flags and stop if any
+            # has one. A tiny host allgather, cheap next to a train step.
             from jax.experimental import multihost_utils
-            try:
-                return multihost_utils.reached_preemption_sync_point(step) or self.flag
-            except Exception:  # noqa: BLE001 - preemption service not running
-                return self.flag
+            flags = multihost_utils.process_allgather(np.asarray([self.flag], np.int32))
+            return bool(np.asarray(flags).any())
         return self.flag
 
     def restore(self):
@@ -192,7 +192,7 @@ def train(config, workdir: str, *, stop_at: int | None = None) -> dict:
         data.set_state(data_state)
 
     # -- loop ---------------------------------------------------------------------------------
-    writer = MetricWriter(workdir)
+    writer = MetricWriter(workdir, resume_step=start)
     config_json = config.to_json_best_effort()
     if jax.process_index() == 0:
         with open(os.path.join(workdir, "config.json"), "w") as f:
