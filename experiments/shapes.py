@@ -8,14 +8,15 @@ Trains, in order (one sub-workdir each, resumable; finished stages are skipped o
                    trained from the captions
   embed            CLIP image/text embeddings and token encodings of every example (cache)
   diffusion_prior  causal transformer over [token encodings, z_t, t, z_i^(t), query], x0 target
-  ar_prior         PCA (32 of 64 dims), 256 equal-mass buckets, causal transformer
+  ar_prior         PCA (32 of 64 dims), 32 equal-mass buckets, causal transformer
   decoder          32x32 ADM U-Net, learned sigma (hybrid loss), z_i + caption conditioning
   upsampler        32 -> 64 convolution-only U-Net, blurred low-res conditioning, random crops
 then writes samples/grid.png for `sample.prompts` and report.json / report.md with the pixel
 check of `report.prompts` (every colour x shape) and each stage's losses and timings.
 Reach (measured, see README): the report's colour/shape accuracy on single-object prompts.
 Deviations from the paper, for CPU size: 32x32 decoder and 64x64 upsampler; 64-d CLIP; decoder
-sampled with 50 (not 250) strided steps; AR prior with 256 (not 1024) buckets.
+sampled with 50 (not 250) strided steps; AR prior with 32 (not 1024) buckets, sampled at
+temperature 0.4 with guidance 2; x0-predicting upsampler (reasons at the fields below).
 """
 import importlib.util
 import os
@@ -61,14 +62,19 @@ def get_config(arg=None):
 
     s.diffusion_prior = _stage("prior_shapes")
     s.diffusion_prior.model.update(embed_dim=64, text_ctx=24, text_dim=64, vocab_size=0,
-                                   width=128, depth=4, heads=4)
-    s.diffusion_prior.train.update(batch_size=64, num_steps=1500, log_every=50, ckpt_every=500)
+                                   width=128, depth=3, heads=4)
+    s.diffusion_prior.train.update(batch_size=32, num_steps=1200, log_every=50, ckpt_every=400)
 
     s.ar_prior = _stage("ar_prior_shapes")
     s.ar_prior.model.update(embed_dim=64, text_ctx=24, text_dim=64, vocab_size=0,
                             enc_width=128, enc_depth=2, enc_heads=4, dec_width=128, dec_depth=3,
                             dec_heads=4)
-    s.ar_prior.train.update(batch_size=64, num_steps=1500, log_every=50, ckpt_every=500)
+    # 32 buckets (paper: 1024): with 20k examples 256 equal-mass buckets left the tokens near
+    # their uniform entropy after 1200 steps and the samples below the z_t baseline; with 32 and
+    # lr 1e-3 the sampled z_i beat it (cos 0.847 vs 0.837 at temperature 0.4, guidance 2).
+    s.ar_prior.model.num_buckets = 32
+    s.ar_prior.optim.lr = 1e-3
+    s.ar_prior.train.update(batch_size=32, num_steps=1200, log_every=50, ckpt_every=400)
 
     s.decoder = _stage("decoder_shapes")
     s.decoder.model.update(clip_dim=64, text_vocab=256, text_ctx=24, text_depth=1,
@@ -80,6 +86,11 @@ def get_config(arg=None):
     s.upsampler.model.update(base_channels=16, channel_mult=(1, 2))
     s.upsampler.diffusion.crop_fraction = 0.25   # the paper's: 16x16 crops of the 64x64 target
     s.upsampler.train.update(batch_size=16, num_steps=600, log_every=50, ckpt_every=300)
+    # x0 prediction (paper: eps). After 600 CPU steps an eps model is not precise enough at the
+    # noisiest steps, where x0 = (x_t - sqrt(1 - abar) eps) / sqrt(abar) amplifies its error:
+    # samples from ground-truth 32px images came out as noise (MSE 0.50 to the 64px originals)
+    # against MSE 0.005 with x0 prediction at the same cost (bilinear: 0.0025).
+    s.upsampler.diffusion.parameterization = "x0"
     c.stages = s
 
     c.embed = ml_collections.ConfigDict(dict(batch_size=256, splits=("train", "test")))
@@ -89,7 +100,8 @@ def get_config(arg=None):
                  "a red square and a green circle"),
         per_prompt=8, seed=0,
         settings=dict(prior="diffusion", prior_steps="64", num_candidates=2,
-                      prior_guidance=1.0, decoder_steps="50", decoder_method="ddpm",
+                      prior_guidance=1.0, ar_temperature=0.4, ar_guidance=2.0,
+                      decoder_steps="50", decoder_method="ddpm",
                       decoder_guidance=3.0, upsampler_steps="ddim15")))
     c.report = ml_collections.ConfigDict(dict(
         prompts=tuple(f"a {col} {shp}" if col != "orange" else f"an {col} {shp}"

@@ -9,28 +9,14 @@ from unclip_jax import manipulate, sample
 from unclip_jax.pipeline import Pipeline, SampleSettings
 from unclip_jax.pipeline_train import run_pipeline
 
-from trainer_util import load_config
+from trainer_util import snapshot
 
 FAST = SampleSettings(prior_steps="4", decoder_steps="4", upsampler_steps="ddim3")
 
 
-def _snapshot(root):
-    out = []
-    for r, _, files in os.walk(root):
-        for f in files:
-            p = os.path.join(r, f)
-            out.append((os.path.relpath(p, root), os.path.getsize(p), os.path.getmtime(p)))
-    return sorted(out)
-
-
 @pytest.fixture(scope="module")
-def run(tmp_path_factory):
-    root = tmp_path_factory.mktemp("e2e")
-    cfg = load_config("shapes.py", "tiny")
-    cfg.data.data_dir = str(root / "data")
-    wd = str(root / "run")
-    first = run_pipeline(cfg, wd)
-    return cfg, wd, first
+def run(tiny_run):
+    return tiny_run
 
 
 @pytest.fixture(scope="module")
@@ -48,17 +34,30 @@ def test_all_stages_trained_and_reported(run):
     acc = report["accuracy"]
     assert acc["single_count"] == 4 and 0.0 <= acc["both_acc"] <= 1.0
     assert set(report["stages"]) >= {"clip", "decoder", "upsampler"}
-    assert "colour" in open(os.path.join(wd, "report.md")).read()
+    assert report["accuracy_ar_prior"]["single_count"] == 4
+    assert os.path.exists(os.path.join(wd, "samples", "report_grid_ar.png"))
+    md = open(os.path.join(wd, "report.md")).read()
+    assert "| diffusion |" in md and "| AR |" in md
+    # The priors' baseline is cos(z_t, z_i) of the cache's test split, computed here directly.
+    from unclip_jax.data import cache
+    zi = np.asarray(cache.load_field(os.path.join(wd, "embed"), "test", "image_embedding"))
+    zt = np.asarray(cache.load_field(os.path.join(wd, "embed"), "test", "text_embedding"))
+    cos = (zi * zt).sum(1) / np.linalg.norm(zi, axis=1) / np.linalg.norm(zt, axis=1)
+    for name in ("diffusion", "ar"):
+        p = report["prior_cosines"][name]
+        assert p["n"] == len(zi) == 64
+        assert p["cos_text_true"] == pytest.approx(cos.mean(), abs=1e-5)
+        assert -1.0 <= p["cos_sample_true"] <= 1.0
 
 
 def test_rerun_resumes_without_retraining(run):
     cfg, wd, first = run
     ckpts = {s: sorted(os.listdir(os.path.join(wd, s, "checkpoints")))
              for s in ("clip", "decoder", "upsampler")}
-    before = {p: (size, mtime) for p, size, mtime in _snapshot(wd)
+    before = {p: (size, mtime) for p, size, mtime in snapshot(wd)
               if "/checkpoints/" in p or p.startswith(("embed/", "samples/", "report"))}
     second = run_pipeline(cfg, wd)
-    after = {p: (size, mtime) for p, size, mtime in _snapshot(wd) if p in before}
+    after = {p: (size, mtime) for p, size, mtime in snapshot(wd) if p in before}
     assert after == before  # nothing trained, embedded, sampled or reported again
     assert second["timings"] == first["timings"]
     assert {s: sorted(os.listdir(os.path.join(wd, s, "checkpoints"))) for s in ckpts} == ckpts
@@ -110,7 +109,7 @@ def test_interpolation_endpoints_and_variations(pipe):
 
 def test_sample_cli_writes_images_and_leaves_workdir_alone(run, tmp_path):
     wd = run[1]
-    before = _snapshot(wd)
+    before = snapshot(wd)
     out = tmp_path / "out"
     res = sample.run(["--workdir", wd, "--prompt", "a red circle", "--prompt", "a blue square",
                       "--num", "2", "--out", str(out), "--decoder-steps", "4", "--prior-steps",
@@ -126,7 +125,7 @@ def test_sample_cli_writes_images_and_leaves_workdir_alone(run, tmp_path):
                       "3", "--out", str(tmp_path / "var"), "--decoder-steps", "4",
                       "--upsampler-steps", "ddim3"])
     assert Image.open(tmp_path / "var" / "strip.png").size[0] == 3 * 66
-    assert _snapshot(wd) == before
+    assert snapshot(wd) == before
 
 
 @pytest.mark.parametrize("args,match", [
@@ -137,11 +136,11 @@ def test_sample_cli_writes_images_and_leaves_workdir_alone(run, tmp_path):
 ])
 def test_sample_cli_bad_input(run, tmp_path, args, match):
     wd = run[1]
-    before = _snapshot(wd)
+    before = snapshot(wd)
     base = ["--workdir", wd, "--out", str(tmp_path / "o")]
     with pytest.raises((ValueError, FileNotFoundError), match=match):
         sample.run(base + args)
-    assert _snapshot(wd) == before
+    assert snapshot(wd) == before
 
 
 def test_missing_stage_and_bad_image(run, tmp_path):
@@ -163,3 +162,30 @@ def test_long_prompt_is_truncated_with_a_warning(pipe):
     with pytest.warns(UserWarning, match="truncated"):
         tokens, _ = pipe.tokenize([long])
     assert tokens.shape == (1, 24)
+
+
+def test_mesh_sharded_pipeline_matches_single_device(run, pipe):
+    from unclip_jax.pipeline import default_mesh
+    sharded = Pipeline.from_workdir(run[1], mesh=default_mesh())
+    assert sharded.mesh.devices.size == 8
+    prompts = ["a red circle", "a blue square", "a green triangle", "a yellow circle"] * 2
+    a = pipe.text_to_image(prompts, settings=FAST)["images"]
+    b = sharded.text_to_image(prompts, settings=FAST)["images"]
+    np.testing.assert_allclose(a, b, atol=2e-4)
+    # A batch that doesn't divide over the devices is padded, and only its rows come back.
+    assert sharded.text_to_image(prompts[:3], settings=FAST)["images"].shape == (3, 64, 64, 3)
+
+
+def test_half_written_checkpoint_is_a_clear_error(run, tmp_path):
+    import shutil
+    wd = tmp_path / "copy"
+    shutil.copytree(run[1], wd, ignore=shutil.ignore_patterns("embed", "samples"))
+    state = wd / "decoder" / "checkpoints" / "4" / "state"
+    for r, _, files in os.walk(state):
+        for f in files:
+            if not f.startswith("_") and not f.endswith(".json"):
+                open(os.path.join(r, f), "wb").close()
+    before = snapshot(wd)
+    with pytest.raises(RuntimeError, match="could be loaded"):
+        Pipeline.from_workdir(str(wd))
+    assert snapshot(wd) == before

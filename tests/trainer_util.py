@@ -38,3 +38,13 @@ def assert_trees_close(a, b, rtol=0.0, atol=0.0):
     assert len(la) == len(lb)
     for x, y in zip(la, lb):
         np.testing.assert_allclose(x, y, rtol=rtol, atol=atol)
+
+
+def snapshot(root):
+    """(relative path, size, mtime) of every file under root: to show nothing was written."""
+    out = []
+    for r, _, files in os.walk(root):
+        for f in files:
+            p = os.path.join(r, f)
+            out.append((os.path.relpath(p, root), os.path.getsize(p), os.path.getmtime(p)))
+    return sorted(out)

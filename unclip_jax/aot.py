@@ -69,7 +69,18 @@ def plan(config, topology: str | None = None, mfu: float = 0.4) -> dict:
         cost = cost[0] if cost else {}
     xla_flops = float(cost.get("flops", 0.0)) * len(devices)
     per_ex = b.stage.model_flops_per_example(config)
-    model_flops = float(per_ex) * global_batch if per_ex else xla_flops
+    if per_ex:
+        model_flops = float(per_ex) * global_batch
+    else:
+        # Counted from the traced loss (3x forward matmuls/convs), not XLA's figure, which also
+        # counts rematerialised forwards and so would overstate useful work.
+        from unclip_jax.flops import train_flops_per_step
+        plain = lambda t: jax.tree.map(  # noqa: E731
+            lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), t)
+        with jax.set_mesh(mesh):
+            model_flops = train_flops_per_step(
+                b.stage, b.model, config, plain(b.abstract_state.params),
+                plain(b.abstract_batch(global_batch)), b.rules)
     peak = hardware.TPU[gen]["peak_flops"] * chips
     n_params = count_params(b.abstract_state.params)
     return {

@@ -198,6 +198,17 @@ def _report(config, workdir: str, pipe: Pipeline, timings: dict):
     acc, images = evaluate_prompts(pipe, list(r.prompts), int(r.per_prompt), int(r.seed), settings)
     timings["report_sampling"] = time.perf_counter() - t
     save_grid(images, os.path.join(workdir, "samples", "report_grid.png"), int(r.per_prompt))
+    acc_ar = None
+    if pipe.ar_prior is not None and bool(r.get("ar_prior", True)):
+        import dataclasses
+        t = time.perf_counter()
+        acc_ar, images = evaluate_prompts(pipe, list(r.prompts), int(r.per_prompt), int(r.seed),
+                                          dataclasses.replace(settings, prior="ar"))
+        timings["report_sampling_ar"] = time.perf_counter() - t
+        save_grid(images, os.path.join(workdir, "samples", "report_grid_ar.png"),
+                  int(r.per_prompt))
+    priors = _prior_cosines(pipe, os.path.join(workdir, "embed"), settings,
+                            int(r.get("prior_examples", 512)), int(r.seed))
     stages = {}
     for name in STAGE_DIRS:
         mfile = os.path.join(workdir, name, "metrics.jsonl")
@@ -207,7 +218,8 @@ def _report(config, workdir: str, pipe: Pipeline, timings: dict):
             if rows:
                 stages[name] = {"step": rows[-1]["step"], "loss": rows[-1].get("loss"),
                                 "first_loss": rows[0].get("loss")}
-    report = {"accuracy": acc, "stages": stages, "timings_s": timings,
+    report = {"accuracy": acc, "accuracy_ar_prior": acc_ar, "prior_cosines": priors,
+              "stages": stages, "timings_s": timings,
               "settings": dataclass_dict(settings), "eval_prompts": list(r.prompts),
               "per_prompt": int(r.per_prompt), "devices": jax.device_count(),
               "device_kind": jax.devices()[0].device_kind}
@@ -218,7 +230,52 @@ def _report(config, workdir: str, pipe: Pipeline, timings: dict):
             f.write(_markdown(report))
     _say(f"[report] single-object prompts: colour {acc['colour_acc']:.1%}, shape "
          f"{acc['shape_acc']:.1%}, both {acc['both_acc']:.1%} over {acc['single_count']} "
-         f"samples; {path}")
+         f"samples (diffusion prior)" + (
+             f"; AR prior: colour {acc_ar['colour_acc']:.1%}, shape {acc_ar['shape_acc']:.1%},"
+             f" both {acc_ar['both_acc']:.1%}" if acc_ar else "") + f"; {path}")
+
+
+def _prior_cosines(pipe: Pipeline, cache_dir: str, settings: SampleSettings, n: int,
+                   seed: int) -> dict:
+    """cos(sampled z_i, true z_i) against the cos(z_t, true z_i) baseline on the cache's test
+    split, for each trained prior (the paper's reason for a prior: beat using z_t directly)."""
+    from unclip_jax.data import cache
+    from unclip_jax.eval import prior_metrics as pm
+    from unclip_jax.stages import ar_prior as ars
+    from unclip_jax.stages import diffusion_prior as dps
+
+    manifest = os.path.join(cache_dir, "test")
+    if not os.path.isdir(manifest) or (pipe.prior is None and pipe.ar_prior is None):
+        return {}
+    from unclip_jax.tokenizer import Tokenizer
+
+    fields = {}
+    for key in ("image_embedding", "text_embedding", "tokens", "token_embeddings"):
+        try:
+            fields[key] = np.asarray(cache.load_field(cache_dir, "test", key))[:n]
+        except (KeyError, FileNotFoundError, ValueError):
+            pass
+    prior_cfg = (pipe.prior or pipe.ar_prior).config
+    eos = Tokenizer.load(str(prior_cfg.tokenizer.dir)).eos_id
+    fields["token_mask"] = dps.token_mask_from_tokens(fields["tokens"], eos)
+    bs = 128
+    batches = [{k: v[i:i + bs] for k, v in fields.items()}
+               for i in range(0, len(fields["image_embedding"]), bs)]
+    out = {}
+    if pipe.prior is not None:
+        cfg = pipe.prior.config
+        out["diffusion"] = pm.evaluate_prior(pm.diffusion_prior_sampler(
+            pipe.prior.model, pipe.prior.params, schedule=dps.schedule_from_config(cfg),
+            scaling=dps.scaling_from_config(cfg), steps=settings.prior_steps,
+            guidance_scale=settings.prior_guidance, num_candidates=settings.num_candidates),
+            batches, seed)
+    if pipe.ar_prior is not None:
+        cfg = pipe.ar_prior.config
+        out["ar"] = pm.evaluate_prior(pm.ar_prior_sampler(
+            pipe.ar_prior.model, pipe.ar_prior.params, ars.get_codec(cfg),
+            text_scale=ars.text_scale(cfg), temperature=settings.ar_temperature,
+            top_k=settings.ar_top_k, guidance_scale=settings.ar_guidance), batches, seed)
+    return out
 
 
 def _markdown(r: dict) -> str:
@@ -226,15 +283,23 @@ def _markdown(r: dict) -> str:
     lines = ["# unclip-jax run report", "",
              f"Pixel check of {a['single_count']} samples for {len(r['eval_prompts'])} single-object "
              "prompts (colour of the object's pixels, shape from its fill ratio):", "",
-             "| colour | shape | both |", "|---|---|---|",
-             f"| {a['colour_acc']:.1%} | {a['shape_acc']:.1%} | {a['both_acc']:.1%} |",
-             "", "| stage | steps | first loss | last loss | train time (s) |", "|---|---|---|---|---|"]
+             "| prior | colour | shape | both |", "|---|---|---|---|",
+             f"| diffusion | {a['colour_acc']:.1%} | {a['shape_acc']:.1%} | {a['both_acc']:.1%} |"]
+    if r.get("accuracy_ar_prior"):
+        b = r["accuracy_ar_prior"]
+        lines.append(f"| AR | {b['colour_acc']:.1%} | {b['shape_acc']:.1%} | {b['both_acc']:.1%} |")
+    if r.get("prior_cosines"):
+        from unclip_jax.eval.prior_metrics import prior_table
+        lines += ["", "Priors on the cache's test split (cosine to the true CLIP image embedding):",
+                  "", prior_table(r["prior_cosines"])]
+    lines += ["", "| stage | steps | first loss | last loss | train time (s) |", "|---|---|---|---|---|"]
     for name, s in r["stages"].items():
         t = r["timings_s"].get(name)
         lines.append(f"| {name} | {s['step']} | {s['first_loss']:.4g} | {s['loss']:.4g} | "
                      f"{'' if t is None else f'{t:.0f}'} |")
     lines += ["", f"Sampling settings: `{json.dumps(r['settings'])}`", "",
-              "Samples: `samples/grid.png` (fixed prompts), `samples/report_grid.png` (evaluation).",
+              "Samples: `samples/grid.png` (fixed prompts), `samples/report_grid.png` (evaluation; "
+              "`report_grid_ar.png` with the AR prior).",
               ""]
     return "\n".join(lines)
 

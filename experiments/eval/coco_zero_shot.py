@@ -13,8 +13,11 @@ Run:
   python -m unclip_jax.evaluate --workdir=runs/coco_eval \
       --config=experiments/eval/coco_zero_shot.py \
       --config.inception_weights=/path/pt_inception-2015-12-05.npz \
-      --config.stages.prior=runs/prior --config.stages.decoder=runs/decoder_64 \
+      --config.stages.diffusion_prior=runs/prior --config.stages.decoder=runs/decoder_64 \
       --config.stages.upsampler=runs/upsampler_256 --config.stages.clip=runs/clip
+  (config.stages.* override stage directories; unset ones come from --workdir, and the output
+  goes to <workdir>/eval/coco_zero_shot unless --out is given.) AR prior: set
+  --config.stages.ar_prior=... and --config.sampling.prior=ar.
   Variants: `:folder` reads a local folder instead of tfds; `:runlocal` shrinks everything
   (200 captions, 4 steps) for a smoke run.
 
@@ -27,8 +30,11 @@ prepared locally as array_record; nothing is downloaded at evaluation time):
   - folder: <path>/captions.jsonl with one line per validation image,
         {"file": "COCO_val2014_000000000042.jpg", "captions": ["...", ...]}
     (e.g. written from annotations/captions_val2014.json), images beside it.
-Reference statistics are computed once into `reference_stats` (FeatureStats.save: mu, sigma, n)
-and reused; a pytorch-fid .npz of the same images works too.
+Reference statistics of the drawn validation images are computed once into `reference_stats`
+(mu, sigma, n and the features, which KID needs; default <out>/reference_stats.npz) and reused;
+a pytorch-fid .npz (mu, sigma) of the same images works too for FID.
+The `:folder` variant evaluates the first `num_samples` images of the folder with the first
+caption of each (no random caption draw: that needs the tfds records).
 """
 import ml_collections
 
@@ -46,7 +52,7 @@ def get_config(arg=None):
     c.protocol = ml_collections.ConfigDict(dict(
         num_samples=30_000,          # captions = images (one caption per image)
         caption_seed=0,              # eval.coco.draw_captions(seed)
-        one_caption_per_image=True,
+        order="coco_draw",           # distinct images, one random caption each (tfds)
         split="val+test+restval",    # coco_captions' split names for the 2014 validation set
         resolution=256,              # generated and reference images
     ))
@@ -61,17 +67,18 @@ def get_config(arg=None):
         c.data = default_data_config("folder")
         c.data.path = ""                     # folder with captions.jsonl ("captions" lists)
         c.protocol.split = "val2014"
+        c.protocol.order = "first"
     else:
         raise ValueError(f"coco_zero_shot: unknown variant {arg!r}; use tfds, folder, runlocal")
     c.data.resolution = 256
 
     # --- generation (paper: prior 64 steps analytic, best of 2; decoder 250 steps guidance 1.25;
     #     64->256 upsampler 27 steps DDIM)
-    c.stages = ml_collections.ConfigDict(dict(prior="", prior_kind="diffusion", decoder="",
-                                              upsampler="", clip=""))
-    c.sampling = ml_collections.ConfigDict(dict(
-        batch_size=64,
-        prior_steps="64", prior_guidance=1.0, prior_candidates=2,
+    c.stages = ml_collections.ConfigDict(dict(clip="", diffusion_prior="", ar_prior="",
+                                              decoder="", upsampler=""))
+    c.sampling = ml_collections.ConfigDict(dict(   # batch_size + unclip_jax.pipeline.SampleSettings
+        batch_size=64, prior="diffusion",
+        prior_steps="64", prior_guidance=1.0, num_candidates=2,
         decoder_steps="250", decoder_guidance=1.25,
         upsampler_steps="ddim27",
     ))
@@ -79,14 +86,15 @@ def get_config(arg=None):
 
     # --- metrics
     c.inception_weights = ""              # pt_inception-2015-12-05-6726825d.pth or its .npz
-    c.reference_stats = ""                # .npz cache of the validation images' FID statistics
-    c.reference_images = "all"            # "all" validation images, or "drawn" (the 30k only)
+    c.reference_stats = ""                # .npz cache of the drawn images' FID statistics
     c.metrics = ml_collections.ConfigDict(dict(
         fid=True, kid=True, kid_subset_size=1000, kid_subsets=100,
         precision_recall=False, pr_k=3,   # O(N^2) on 30k features: off by default
         clip_score=True, clip_fd=True,
-        inception_batch_size=100,
+        prior=True, prior_ar=True, shapes_accuracy=False,
     ))
+    c.save_images = False
+    c.grid_images = 64
 
     if arg == "runlocal":
         c.protocol.num_samples = 200

@@ -13,6 +13,8 @@ encoder" row is that transformer. Count (jax.eval_shape, tests/test_prior_paper_
 1,226,451,968 parameters (~1.23B), 12 * 2048^2 * 24 = 1.208B of it in the blocks. That is GLIDE's
 own figure for this shape (1.2B), ~23% above the table's rounded "1B".
 """
+import ml_collections
+
 from unclip_jax.configs import base_config
 from unclip_jax.data import default_data_config
 
@@ -31,4 +33,7 @@ def get_config(arg=None):
     c.optim.update(lr=1.1e-4, b1=0.9, b2=0.96, eps=1e-6, weight_decay=6.0e-2,
                    ema_decay=0.9999, warmup_steps=10_000, schedule="cosine", grad_clip=1.0)
     c.mesh.update(data=-1, fsdp=8, tensor=1)
+    # Ahead-of-time plan (python -m unclip_jax.aot --config=THIS): 64 v5p chips, mesh 8 x 8,
+    # 64 examples per chip, bf16 compute, blocks rematerialised.
+    c.aot = ml_collections.ConfigDict(dict(topology="v5p:4x4x4"))
     return c

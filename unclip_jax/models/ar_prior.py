@@ -203,7 +203,7 @@ def sample_ar_prior(model: ARPrior, params, batch, rng, *, temperature: float = 
     tokens or token_embeddings). Decode with ARCodec.decode. One lax.fori_loop over tokens."""
     cond = _cond(batch, text_scale)
     b = cond["z_t"].shape[0]
-    v, t_len = model.num_buckets, model.num_tokens
+    t_len = model.num_tokens
     guided = guidance_scale != 1.0
     cond["drop"] = jnp.zeros((b,), bool)
     if guided:  # conditional and null halves in one doubled batch
