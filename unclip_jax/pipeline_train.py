@@ -243,12 +243,11 @@ def _prior_cosines(pipe: Pipeline, cache_dir: str, settings: SampleSettings, n: 
     from unclip_jax.eval import prior_metrics as pm
     from unclip_jax.stages import ar_prior as ars
     from unclip_jax.stages import diffusion_prior as dps
-
-    manifest = os.path.join(cache_dir, "test")
-    if not os.path.isdir(manifest) or (pipe.prior is None and pipe.ar_prior is None):
-        return {}
     from unclip_jax.tokenizer import Tokenizer
 
+    if not os.path.isdir(os.path.join(cache_dir, "test")) or (
+            pipe.prior is None and pipe.ar_prior is None):
+        return {}
     fields = {}
     for key in ("image_embedding", "text_embedding", "tokens", "token_embeddings"):
         try:
