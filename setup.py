@@ -35,7 +35,8 @@ setup(
             "portpicker>=1.6,<2",
             # CPU host compiles for TPU topologies (ahead-of-time plans); matches jax 0.10.2.
             "libtpu==0.0.42.*",
-            # transformers' PyTorch CLIP is the reference in the CLIP parity test; 2.13.0 is the
+            # transformers' PyTorch CLIP is the reference in the CLIP parity test, and
+            # unclip_jax.bench_torch the PyTorch U-Net of the CPU speed check; 2.13.0 is the
             # CPU build this project's machines carry.
             "torch==2.13.0",
         ],

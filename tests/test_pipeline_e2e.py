@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from unclip_jax import manipulate, sample
-from unclip_jax.pipeline import Pipeline, SampleSettings
+from unclip_jax.pipeline import Pipeline, SampleSettings, slerp
 from unclip_jax.pipeline_train import run_pipeline
 
 from trainer_util import snapshot
@@ -89,7 +89,27 @@ def test_text_diff_at_zero_is_the_reconstruction(pipe):
     diff = manipulate.text_diff(pipe, img, "a red circle", "a blue circle", [0.0, 0.5],
                                 settings=FAST)
     np.testing.assert_allclose(diff[0], recon[0], atol=1e-4)
-    assert np.abs(diff[1] - diff[0]).max() > 1e-4
+    # theta moves the embedding that is decoded along the caption difference. (Checked on the
+    # embeddings the decoder receives: a 4-step tiny decoder barely responds to z_i yet.)
+    seen = []
+
+    def spy(zs, **kw):
+        seen.append(np.asarray(zs))
+        return decode(zs, **kw)
+
+    decode, pipe.decode = pipe.decode, spy
+    try:
+        manipulate.text_diff(pipe, img, "a red circle", "a blue circle", [0.0, 0.5],
+                             settings=FAST)
+    finally:
+        del pipe.decode     # back to the class's method
+    zt = pipe.encode_text(["a red circle", "a blue circle"])["text_embedding"]
+    d = (zt[1] - zt[0]) / np.linalg.norm(zt[1] - zt[0])
+    want = np.asarray(slerp(np.asarray(z)[0], d, 0.5))
+    np.testing.assert_allclose(seen[0][0], np.asarray(z)[0], atol=1e-5)
+    np.testing.assert_allclose(seen[0][1], want, atol=1e-5)
+    assert np.dot(seen[0][1], seen[0][0]) / (np.linalg.norm(seen[0][1]) *
+                                             np.linalg.norm(seen[0][0])) < 0.99
 
 
 def test_interpolation_endpoints_and_variations(pipe):
