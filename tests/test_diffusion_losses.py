@@ -147,3 +147,26 @@ def test_sample_timesteps_range():
     t = D.sample_timesteps(jax.random.key(0), 4096, 37)
     assert t.dtype == jnp.int32 and t.shape == (4096,)
     assert int(t.min()) == 0 and int(t.max()) == 36
+
+
+@pytest.mark.parametrize("param", ["eps", "x0", "v"])
+def test_min_snr_loss_is_min_snr_gamma_times_x0_mse(sched, param):
+    # A prediction whose x0 is off by delta: every parameterization's min-SNR loss must equal
+    # min(SNR, gamma) * mean(delta^2) (Hang et al. 2023), and without gamma the plain MSE.
+    x0, noise = _data(3)
+    t = jnp.array([5, 150, 400, 900])
+    x_t = D.q_sample(sched, x0, t, noise)
+    delta = 0.1 * jax.random.normal(jax.random.key(9), x0.shape)
+    x0_hat = x0 + delta
+    eps_hat = D.predict_eps_from_x0(sched, x_t, t, x0_hat)
+    pred = {"eps": eps_hat, "x0": x0_hat, "v": D.v_from(sched, x0_hat, eps_hat, t)}[param]
+    _, ab, _ = _np_cosine(T)
+    snr = ab[np.asarray(t)] / (1 - ab[np.asarray(t)])
+    x0_mse = np.mean(np.asarray(delta) ** 2, axis=(1, 2))
+    for gamma in (1.0, 5.0):
+        loss, terms = D.diffusion_loss(sched, pred, x0, x_t, t, noise, parameterization=param,
+                                       min_snr_gamma=gamma)
+        np.testing.assert_allclose(loss, np.minimum(snr, gamma) * x0_mse, rtol=2e-3)
+        np.testing.assert_allclose(terms["mse"], D.diffusion_loss(
+            sched, pred, x0, x_t, t, noise, parameterization=param)[0], rtol=1e-6)
+    assert snr.min() < 1.0 < 5.0 < snr.max()     # both sides of gamma are exercised

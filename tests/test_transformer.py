@@ -59,3 +59,36 @@ def test_remat_same_outputs_and_gradients_and_partitioned_params(setup):
     (l0, g0), (l1, g1) = grads(False), grads(True)
     np.testing.assert_allclose(l0, l1, rtol=1e-5)
     jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-4), g0, g1)
+
+
+def _stack_blocks(params, depth):
+    """Unrolled `block_{i}` params -> the scanned layout `blocks/block` ([depth, ...] leaves)."""
+    blocks = [params[f"block_{i}"] for i in range(depth)]
+    out = {k: v for k, v in params.items() if not k.startswith("block_")}
+    out["blocks"] = {"block": jax.tree_util.tree_map(lambda *xs: jnp.stack(xs), *blocks)}
+    return out
+
+
+@pytest.mark.parametrize("remat", [False, True])
+def test_scan_equals_unrolled_outputs_and_gradients(setup, remat):
+    x, params, _ = setup
+    mask = jnp.array([[True] * L, [True] * 4 + [False] * (L - 4)])
+    scanned = Transformer(W, 2, 4, causal=True, final_norm=True, scan=True, remat=remat)
+    var = jax.jit(scanned.init)(jax.random.key(1), x, mask)
+    # Initialised in the stacked layout, with "layers" leading every block leaf's names.
+    leaves = jax.tree_util.tree_leaves(
+        var["params"]["blocks"], is_leaf=lambda v: isinstance(v, nn.LogicallyPartitioned))
+    assert leaves and all(v.names[0] == "layers" and v.value.shape[0] == 2 for v in leaves)
+    stacked = _stack_blocks(params, 2)
+    assert jax.tree_util.tree_structure(stacked) == jax.tree_util.tree_structure(
+        nn.unbox(var["params"]))
+    unrolled = Transformer(W, 2, 4, causal=True, final_norm=True)
+
+    def loss(m, p):
+        return jnp.sum(jnp.sin(m.apply({"params": p}, x, mask)))
+
+    l0, g0 = jax.jit(jax.value_and_grad(lambda p: loss(unrolled, p)))(params)
+    l1, g1 = jax.jit(jax.value_and_grad(lambda p: loss(scanned, p)))(stacked)
+    np.testing.assert_allclose(l1, l0, rtol=1e-5)
+    jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5),
+                           g1, _stack_blocks(g0, 2))

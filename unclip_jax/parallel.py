@@ -14,6 +14,7 @@ Logical names (use these, not new ones, unless a model truly needs another):
   conv_in   conv kernels' input channels                 -> fsdp
   conv_out  conv kernels' output channels                -> tensor
   norm      norm scales/biases and other small vectors   -> replicated
+  layers    the stacked axis of scanned transformer blocks -> replicated
   length, height, width, act_embed, act_heads            -> replicated (activations)
 """
 from __future__ import annotations
@@ -35,6 +36,7 @@ DEFAULT_RULES: tuple[tuple[str, object], ...] = (
     ("conv_in", "fsdp"),
     ("conv_out", "tensor"),
     ("norm", None),
+    ("layers", None),
     ("length", None),
     ("height", None),
     ("width", None),

@@ -10,9 +10,10 @@ Training (stages call their model themselves; `t` indexes the training schedule)
   x_t = q_sample(schedule, x0, t, noise)
   out = model(x_t, t, cond)            # [..., C], or [..., 2C] = [prediction, v] if sigma learned
   loss, terms = diffusion_loss(schedule, out, x0, x_t, t, noise, parameterization="eps"|"x0"|"v",
-                               learned_variance=False, vlb_weight=0.001)
+                               learned_variance=False, vlb_weight=0.001, min_snr_gamma=0.0)
   # loss [B] (mean over non-batch dims); terms["mse"], terms["vlb"] (bits/dim), terms["loss"].
-  # hybrid: loss = mse + vlb_weight * T * L_t, IDDPM's lambda = 0.001.
+  # hybrid: loss = mse + vlb_weight * T * L_t, IDDPM's lambda = 0.001; min_snr_gamma > 0
+  # weights the mse by min(SNR, gamma) in x0 terms (min_snr_weight, Hang et al. 2023).
 
 Sampling (one lax.scan; jit it with model params closed over or inside `cond`):
   x = sample(model_fn, fast, shape, rng, cond, uncond=None, guidance_scale=1.0,
@@ -54,6 +55,7 @@ from unclip_jax.diffusion.losses import (
     diffusion_loss,
     discretized_gaussian_log_likelihood,
     mean_flat,
+    min_snr_weight,
     normal_kl,
     sample_timesteps,
 )
@@ -76,7 +78,8 @@ __all__ = [
     "Schedule", "analytic_variance", "cosine_betas", "ddim_invert", "diffusion_loss",
     "discretized_gaussian_log_likelihood", "eps_from_v", "estimate_eps_sq_norm", "extract",
     "fixed_log_variance", "guided_output", "learned_range_log_variance", "linear_betas",
-    "make_schedule", "mean_flat", "normal_kl", "predict_eps_from_x0", "predict_x0_from_eps",
+    "make_schedule", "mean_flat", "min_snr_weight", "normal_kl", "predict_eps_from_x0",
+    "predict_x0_from_eps",
     "prediction_to_x0_eps", "q_posterior", "q_sample", "respace", "sample", "sample_timesteps",
     "schedule_from_betas", "space_timesteps", "split_learned_sigma", "target_for",
     "threshold_x0", "v_from", "x0_from_v",

@@ -55,9 +55,27 @@ def vlb_terms(schedule: Schedule, x0, x_t, t, pred, log_variance, parameterizati
     return jnp.where(t == 0, nll, kl)
 
 
+def min_snr_weight(schedule: Schedule, t, parameterization: str, gamma: float) -> jax.Array:
+    """Min-SNR-gamma loss weights [batch] (Hang et al. 2023) for a `parameterization` MSE.
+
+    Every parameterization's MSE is a multiple of the x0 MSE: eps by SNR, v by SNR + 1, x0 by
+    1. Min-SNR weights the x0 MSE by min(SNR, gamma), so the per-example factor is that over the
+    multiple: low-noise steps (large SNR), which only refine detail, stop dominating the loss."""
+    abar = schedule.alphas_cumprod[t]
+    snr = abar / (1.0 - abar)
+    target = jnp.minimum(snr, gamma)
+    if parameterization == "eps":
+        return target / snr
+    if parameterization == "v":
+        return target / (snr + 1.0)
+    if parameterization == "x0":
+        return target
+    raise ValueError(f"min_snr_weight: unknown parameterization {parameterization!r}")
+
+
 def diffusion_loss(schedule: Schedule, model_output, x0, x_t, t, noise, *,
                    parameterization: str = "eps", learned_variance: bool = False,
-                   vlb_weight: float = 0.001):
+                   vlb_weight: float = 0.001, min_snr_gamma: float = 0.0):
     """Per-example loss [batch] and a dict of per-example terms.
 
     `t` indexes `schedule` (the training schedule). With `learned_variance` the model output has
@@ -65,6 +83,7 @@ def diffusion_loss(schedule: Schedule, model_output, x0, x_t, t, noise, *,
     T * L_t (L_t = terms["vlb"], bits/dim) is the one-sample estimate of the full VLB sum over t,
     so vlb_weight = 0.001 is IDDPM's lambda (loss = mse + L_t at T = 1000). The VLB sees the
     prediction through a stop-gradient: it trains only the variance channels.
+    `min_snr_gamma` > 0 weights the MSE by `min_snr_weight` (the VLB term is left as it is).
     """
     model_output = model_output.astype(jnp.float32)
     if learned_variance:
@@ -75,11 +94,13 @@ def diffusion_loss(schedule: Schedule, model_output, x0, x_t, t, noise, *,
     mse = mean_flat((target - pred) ** 2)
     terms = {"mse": mse}
     loss = mse
+    if min_snr_gamma > 0:
+        loss = mse * min_snr_weight(schedule, t, parameterization, min_snr_gamma)
     if learned_variance:
         log_var = g.learned_range_log_variance(schedule, t, v)
         vlb = vlb_terms(schedule, x0, x_t, t, jax.lax.stop_gradient(pred), log_var,
                         parameterization)
         terms["vlb"] = vlb
-        loss = mse + vlb_weight * schedule.num_timesteps * vlb
+        loss = loss + vlb_weight * schedule.num_timesteps * vlb
     terms["loss"] = loss
     return loss, terms

@@ -38,7 +38,8 @@ def decoder_model_config(**kw) -> ml_collections.ConfigDict:
     c = _common(kind="decoder", learn_sigma=True, clip_dim=64, clip_tokens=4,
                 text_vocab=264, text_ctx=32, text_width=64, text_depth=2, text_heads=2,
                 image_emb_source="auto", tokens_source="auto", image_emb_scale=1.0,
-                text_pad_id=0)
+                text_pad_id=0,
+                text_scan=False)      # caption encoder blocks as one nn.scan (paper scale)
     c.update(kw)
     return c
 

@@ -26,6 +26,7 @@ class TextEncoder(nn.Module):
     depth: int
     heads: int
     remat: bool = False
+    scan: bool = False            # nn.scan over the blocks (compile size of deep encoders)
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
@@ -47,7 +48,7 @@ class TextEncoder(nn.Module):
         x = jnp.take(tok_table, tokens, axis=0) + pos[None]
         x = jnp.where(token_mask[..., None], x, pad[None])
         x = Transformer(self.width, self.depth, self.heads, causal=False, remat=self.remat,
-                        dtype=self.dtype, param_dtype=self.param_dtype, name="transformer")(
-                            x.astype(self.dtype), None, train)
+                        scan=self.scan, dtype=self.dtype, param_dtype=self.param_dtype,
+                        name="transformer")(x.astype(self.dtype), None, train)
         x = LayerNorm(dtype=self.dtype, param_dtype=self.param_dtype, name="final_ln")(x)
         return x[:, -1], x

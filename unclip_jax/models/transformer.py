@@ -3,7 +3,9 @@
 `Transformer(width, depth, heads)(x [B, L, W], mask=None)`: causal or bidirectional self-attention,
 an optional key padding mask [B, L] (True = real token), attention through
 `jax.nn.dot_product_attention` so fused kernels run on GPU/TPU, logically partitioned parameters,
-and `remat` to recompute each block in the backward pass.
+`remat` to recompute each block in the backward pass, and `scan` to run the blocks as one
+`nn.scan` over stacked parameters (leading "layers" axis): the compiled program holds one block
+instead of `depth`, which keeps compile time and compile memory of deep paper-scale models down.
 """
 from __future__ import annotations
 
@@ -88,8 +90,32 @@ class Block(nn.Module):
         return constrain(x, ACT)
 
 
+class _ScanBlock(nn.Module):
+    """`Block` as an nn.scan body: (carry, mask) -> (carry, None); `train` is static."""
+    width: int
+    heads: int
+    mlp_ratio: float
+    causal: bool
+    dropout: float
+    train: bool
+    remat: bool
+    dtype: Dtype
+    param_dtype: Dtype
+
+    @nn.compact
+    def __call__(self, x, mask):
+        block = nn.remat(Block, static_argnums=(3,)) if self.remat else Block
+        x = block(self.width, self.heads, self.mlp_ratio, self.causal, self.dropout,
+                  dtype=self.dtype, param_dtype=self.param_dtype, name="block")(x, mask, self.train)
+        return x, None
+
+
 class Transformer(nn.Module):
-    """Stack of `depth` pre-LN blocks; `final_norm` adds a last LayerNorm."""
+    """Stack of `depth` pre-LN blocks; `final_norm` adds a last LayerNorm.
+
+    Parameters are `block_{i}/...` per block, or with `scan=True` one `blocks/block/...` tree whose
+    leaves have a leading [depth] axis (logical name "layers", replicated); both compute the same
+    function (tests/test_transformer.py)."""
     width: int
     depth: int
     heads: int
@@ -98,15 +124,26 @@ class Transformer(nn.Module):
     dropout: float = 0.0
     final_norm: bool = False
     remat: bool = False
+    scan: bool = False
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
     @nn.compact
     def __call__(self, x, mask=None, train: bool = False):
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        x = constrain(x.astype(self.dtype), ACT)
+        if self.scan:
+            stack = nn.scan(_ScanBlock, variable_axes={"params": 0},
+                            split_rngs={"params": True, "dropout": True},
+                            in_axes=nn.broadcast, length=self.depth,
+                            metadata_params={nn.PARTITION_NAME: "layers"})
+            x, _ = stack(self.width, self.heads, self.mlp_ratio, self.causal, self.dropout, train,
+                         self.remat, name="blocks", **kw)(x, mask)
+            if self.final_norm:
+                x = LayerNorm(name="ln_final", **kw)(x)
+            return x
         # static_argnums counts `self` as 0: (x=1, mask=2, train=3).
         block = nn.remat(Block, static_argnums=(3,)) if self.remat else Block
-        x = constrain(x.astype(self.dtype), ACT)
         for i in range(self.depth):
             x = block(self.width, self.heads, self.mlp_ratio, self.causal, self.dropout,
                       name=f"block_{i}", **kw)(x, mask, train)

@@ -179,6 +179,7 @@ class Decoder(nn.Module):
     text_width: int = 0
     text_depth: int = 0
     text_heads: int = 1
+    text_scan: bool = False
 
     @nn.compact
     def __call__(self, x, t, image_emb=None, tokens=None, token_mask=None, drop_image_emb=None,
@@ -209,7 +210,8 @@ class Decoder(nn.Module):
                 token_mask = token_mask & ~drop_text[:, None]
             pooled, seq = TextEncoder(self.text_vocab, self.text_ctx, self.text_width,
                                       self.text_depth, self.text_heads, remat=u["remat"],
-                                      name="text_encoder", **kw)(tokens, token_mask, train)
+                                      scan=self.text_scan, name="text_encoder", **kw)(
+                                          tokens, token_mask, train)
             emb_add.append(Dense(ed, axes=("embed", "mlp"), name="text_emb_proj", **kw)(pooled))
             ctx.append(seq)
         return UNet(**u, name="unet")(
@@ -247,4 +249,5 @@ def model_from_config(m) -> nn.Module:
                    clip_tokens=int(m.get("clip_tokens", 4)),
                    text_vocab=int(m.get("text_vocab", 0)), text_ctx=int(m.get("text_ctx", 0)),
                    text_width=int(m.get("text_width", 0)), text_depth=int(m.get("text_depth", 0)),
-                   text_heads=int(m.get("text_heads", 1)))
+                   text_heads=int(m.get("text_heads", 1)),
+                   text_scan=bool(m.get("text_scan", False)))

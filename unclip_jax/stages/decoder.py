@@ -44,7 +44,8 @@ def diffusion_settings(config) -> dict:
     return dict(schedule=str(d.get("schedule", "cosine")),
                 num_timesteps=int(d.get("num_timesteps", 1000)),
                 parameterization=str(d.get("parameterization", "eps")),
-                vlb_weight=float(d.get("vlb_weight", 0.001)))
+                vlb_weight=float(d.get("vlb_weight", 0.001)),
+                min_snr_gamma=float(d.get("min_snr_gamma", 0.0)))   # 0: plain MSE
 
 
 def validate_diffusion(config) -> None:
@@ -56,6 +57,8 @@ def validate_diffusion(config) -> None:
                          "eps/x0/v")
     if s["num_timesteps"] < 2:
         raise ValueError("config.diffusion.num_timesteps must be >= 2")
+    if s["min_snr_gamma"] < 0:
+        raise ValueError("config.diffusion.min_snr_gamma must be >= 0 (0 disables it)")
 
 
 def noised(config, rng, x0):
@@ -208,7 +211,8 @@ class DecoderStage(Stage):
         learn_sigma = bool(config.model.get("learn_sigma", False))
         per_ex, terms = diffusion.diffusion_loss(
             schedule, out, x0, x_t, t, noise, parameterization=s["parameterization"],
-            learned_variance=learn_sigma, vlb_weight=s["vlb_weight"])
+            learned_variance=learn_sigma, vlb_weight=s["vlb_weight"],
+            min_snr_gamma=s["min_snr_gamma"])
         metrics = {k: jnp.mean(v) for k, v in terms.items()}
         return jnp.mean(per_ex), metrics
 

@@ -90,7 +90,7 @@ class UpsamplerStage(Stage):
         out = model.apply({"params": params}, x_t, t, cond, train=True, rngs={"dropout": k_drop})
         per_ex, terms = diffusion.diffusion_loss(
             schedule, out, x0, x_t, t, noise, parameterization=s["parameterization"],
-            learned_variance=False)
+            learned_variance=False, min_snr_gamma=s["min_snr_gamma"])
         return jnp.mean(per_ex), {k: jnp.mean(v) for k, v in terms.items()}
 
     def make_data(self, config, *, split, process_index, process_count, local_batch_size, seed):
