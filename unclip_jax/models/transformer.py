@@ -90,6 +90,11 @@ class Block(nn.Module):
         return constrain(x, ACT)
 
 
+def _block_class(remat: bool):
+    # static_argnums counts `self` as 0: (x=1, mask=2, train=3).
+    return nn.remat(Block, static_argnums=(3,)) if remat else Block
+
+
 class _ScanBlock(nn.Module):
     """`Block` as an nn.scan body: (carry, mask) -> (carry, None); `train` is static."""
     width: int
@@ -104,10 +109,10 @@ class _ScanBlock(nn.Module):
 
     @nn.compact
     def __call__(self, x, mask):
-        block = nn.remat(Block, static_argnums=(3,)) if self.remat else Block
-        x = block(self.width, self.heads, self.mlp_ratio, self.causal, self.dropout,
-                  dtype=self.dtype, param_dtype=self.param_dtype, name="block")(x, mask, self.train)
-        return x, None
+        block = _block_class(self.remat)(self.width, self.heads, self.mlp_ratio, self.causal,
+                                         self.dropout, dtype=self.dtype,
+                                         param_dtype=self.param_dtype, name="block")
+        return block(x, mask, self.train), None
 
 
 class Transformer(nn.Module):
@@ -139,14 +144,11 @@ class Transformer(nn.Module):
                             metadata_params={nn.PARTITION_NAME: "layers"})
             x, _ = stack(self.width, self.heads, self.mlp_ratio, self.causal, self.dropout, train,
                          self.remat, name="blocks", **kw)(x, mask)
-            if self.final_norm:
-                x = LayerNorm(name="ln_final", **kw)(x)
-            return x
-        # static_argnums counts `self` as 0: (x=1, mask=2, train=3).
-        block = nn.remat(Block, static_argnums=(3,)) if self.remat else Block
-        for i in range(self.depth):
-            x = block(self.width, self.heads, self.mlp_ratio, self.causal, self.dropout,
-                      name=f"block_{i}", **kw)(x, mask, train)
+        else:
+            block = _block_class(self.remat)
+            for i in range(self.depth):
+                x = block(self.width, self.heads, self.mlp_ratio, self.causal, self.dropout,
+                          name=f"block_{i}", **kw)(x, mask, train)
         if self.final_norm:
             x = LayerNorm(name="ln_final", **kw)(x)
         return x
