@@ -12,7 +12,9 @@ Trains, in order (one sub-workdir each, resumable; finished stages are skipped o
   decoder          32x32 ADM U-Net, v prediction, z_i + caption conditioning
   upsampler        32 -> 64 convolution-only U-Net, blurred low-res conditioning, random crops
 then writes samples/grid.png for `sample.prompts` and report.json / report.md with the pixel
-check of `report.prompts` (every colour x shape) and each stage's losses and timings.
+check of `report.prompts` (every colour x shape; with each prior, and decoded from the true z_i of
+rendered scenes, which shows the decoder's share of the errors) and each stage's losses and
+timings.
 Reach (measured, see README): the report's colour/shape accuracy on single-object prompts.
 Deviations from the paper, for CPU size: 32x32 decoder and 64x64 upsampler; 64-d CLIP; decoder
 sampled with 50 (not 250) strided steps; AR prior with 32 (not 1024) buckets, sampled at
@@ -112,7 +114,10 @@ def get_config(arg=None):
     c.report = ml_collections.ConfigDict(dict(
         prompts=tuple(f"a {col} {shp}" if col != "orange" else f"an {col} {shp}"
                       for col in COLOURS for shp in SHAPES),
-        per_prompt=8, seed=1))
+        per_prompt=8, seed=1,
+        # Also decode the TRUE CLIP z_i of rendered scenes for each prompt (no prior) and check
+        # the renders themselves: which stage loses colour or shape.
+        true_embedding=True))
 
     if tiny:
         for name, st in s.items():

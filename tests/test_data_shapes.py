@@ -112,6 +112,22 @@ def test_two_objects_never_overlap():
             assert abs(a["x"] - b["x"]) > reach or abs(a["y"] - b["y"]) > reach
 
 
+def test_single_object_scene_fixes_colour_and_shape_only():
+    rng = np.random.default_rng(0)
+    scenes = [shapes.single_object_scene(rng, "orange", "triangle") for _ in range(200)]
+    assert all(len(s["objects"]) == 1 for s in scenes)
+    objs = [s["objects"][0] for s in scenes]
+    assert {(o["colour"], o["shape"]) for o in objs} == {("orange", "triangle")}
+    # The rest is drawn as in sample_scene: every background, size and position occurs.
+    assert {s["background"] for s in scenes} == set(shapes.BACKGROUND_NAMES)
+    assert {o["size"] for o in objs} == set(shapes.SIZES)
+    assert {o["position"] for o in objs} == set(shapes.POSITIONS)
+    got = shapes_eval.classify(shapes.render(scenes[0]))
+    assert (got["colour"], got["shape"]) == ("orange", "triangle")
+    with pytest.raises(ValueError, match="unknown colour/shape"):
+        shapes.single_object_scene(rng, "pink", "circle")
+
+
 @pytest.mark.parametrize("size", [64, 32])
 def test_classifier_accuracy_on_single_objects(size):
     right = total = 0

@@ -37,7 +37,13 @@ def test_all_stages_trained_and_reported(run):
     assert report["accuracy_ar_prior"]["single_count"] == 4
     assert os.path.exists(os.path.join(wd, "samples", "report_grid_ar.png"))
     md = open(os.path.join(wd, "report.md")).read()
-    assert "| diffusion |" in md and "| AR |" in md
+    assert "| diffusion |" in md and "| AR |" in md and "true z_i" in md
+    # No-prior rows: the same 4 prompts decoded from the true z_i of renders, and the renders
+    # themselves, which the pixel check must read right (its ceiling).
+    assert report["accuracy_true_embedding"]["single_count"] == 4
+    ref = report["accuracy_rendered"]
+    assert ref["single_count"] == 4 and ref["colour_acc"] == 1.0 and ref["shape_acc"] == 1.0
+    assert os.path.exists(os.path.join(wd, "samples", "report_grid_true_z.png"))
     # The priors' baseline is cos(z_t, z_i) of the cache's test split, computed here directly.
     from unclip_jax.data import cache
     zi = np.asarray(cache.load_field(os.path.join(wd, "embed"), "test", "image_embedding"))

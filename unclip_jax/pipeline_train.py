@@ -187,6 +187,50 @@ def evaluate_prompts(pipe: Pipeline, prompts, per_prompt: int, seed: int,
     return shapes_accuracy(images, all_prompts), images
 
 
+def evaluate_true_embeddings(pipe: Pipeline, prompts, per_prompt: int, seed: int,
+                             settings: SampleSettings, *, render_size: int = 64,
+                             batch: int = 64) -> tuple[dict, dict, np.ndarray]:
+    """The report's no-prior rows: for each single-object prompt, render per_prompt scenes of that
+    colour and shape (background, size and position drawn as in the data), decode their TRUE CLIP
+    image embeddings with the prompt as caption, upsample, and check the pixels. This splits the
+    errors between the priors and the decoder + upsamplers. Also returns the check on the rendered
+    scenes themselves at the output size (its ceiling). Scenes are rendered at `render_size`
+    (the dataset's) and resized like the training data. Returns (accuracy of the decoded images,
+    accuracy of the renders, decoded images)."""
+    from unclip_jax.data import preprocess, shapes, shapes_eval
+    from unclip_jax.eval.shapes_accuracy import shapes_accuracy
+    all_prompts, renders = [], []
+    for i, p in enumerate(prompts):
+        try:
+            colour, shape = shapes_eval.parse_single(p)
+        except ValueError:   # not a one-object shapes caption: nothing to render for it
+            continue
+        rng = np.random.default_rng([seed, i])
+        for _ in range(per_prompt):
+            renders.append(shapes.render(shapes.single_object_scene(rng, colour, shape),
+                                         render_size))
+            all_prompts.append(p)
+    if not all_prompts:
+        return None, None, np.zeros((0,), np.float32)
+    clip_size = int(pipe.clip.config.model.image_size)
+    last = pipe.upsamplers[-1] if pipe.upsamplers else pipe.decoder
+    out_size = int(last.config.model.image_size)
+
+    def at(size):
+        return np.stack([preprocess.normalize(preprocess.resize_center_crop(r, size))
+                         for r in renders])
+
+    clip_in, reference = at(clip_size), at(out_size)
+    images = []
+    for i in range(0, len(all_prompts), batch):
+        z = pipe.encode_images(clip_in[i:i + batch])
+        dec = pipe.decode(z, prompts=all_prompts[i:i + batch], seed=seed + i, settings=settings)
+        images.append(pipe.upsample(dec, seed=seed + i, settings=settings))
+    images = np.concatenate(images)
+    return (shapes_accuracy(images, all_prompts), shapes_accuracy(reference, all_prompts),
+            images)
+
+
 def _report(config, workdir: str, pipe: Pipeline, timings: dict):
     path = os.path.join(workdir, "report.json")
     if os.path.exists(path):
@@ -207,6 +251,16 @@ def _report(config, workdir: str, pipe: Pipeline, timings: dict):
         timings["report_sampling_ar"] = time.perf_counter() - t
         save_grid(images, os.path.join(workdir, "samples", "report_grid_ar.png"),
                   int(r.per_prompt))
+    acc_true = acc_ref = None
+    if bool(r.get("true_embedding", True)):
+        t = time.perf_counter()
+        acc_true, acc_ref, images = evaluate_true_embeddings(
+            pipe, list(r.prompts), int(r.per_prompt), int(r.seed), settings,
+            render_size=int(config.data.get("shapes", {}).get("image_size", 64)))
+        timings["report_true_embedding"] = time.perf_counter() - t
+        if len(images):
+            save_grid(images, os.path.join(workdir, "samples", "report_grid_true_z.png"),
+                      int(r.per_prompt))
     priors = _prior_cosines(pipe, os.path.join(workdir, "embed"), settings,
                             int(r.get("prior_examples", 512)), int(r.seed))
     stages = {}
@@ -218,7 +272,9 @@ def _report(config, workdir: str, pipe: Pipeline, timings: dict):
             if rows:
                 stages[name] = {"step": rows[-1]["step"], "loss": rows[-1].get("loss"),
                                 "first_loss": rows[0].get("loss")}
-    report = {"accuracy": acc, "accuracy_ar_prior": acc_ar, "prior_cosines": priors,
+    report = {"accuracy": acc, "accuracy_ar_prior": acc_ar,
+              "accuracy_true_embedding": acc_true, "accuracy_rendered": acc_ref,
+              "prior_cosines": priors,
               "stages": stages, "timings_s": timings,
               "settings": dataclass_dict(settings), "eval_prompts": list(r.prompts),
               "per_prompt": int(r.per_prompt), "devices": jax.device_count(),
@@ -232,7 +288,9 @@ def _report(config, workdir: str, pipe: Pipeline, timings: dict):
          f"{acc['shape_acc']:.1%}, both {acc['both_acc']:.1%} over {acc['single_count']} "
          f"samples (diffusion prior)" + (
              f"; AR prior: colour {acc_ar['colour_acc']:.1%}, shape {acc_ar['shape_acc']:.1%},"
-             f" both {acc_ar['both_acc']:.1%}" if acc_ar else "") + f"; {path}")
+             f" both {acc_ar['both_acc']:.1%}" if acc_ar else "") + (
+             f"; decoder from the true z_i: colour {acc_true['colour_acc']:.1%}, shape "
+             f"{acc_true['shape_acc']:.1%}" if acc_true else "") + f"; {path}")
 
 
 def _prior_cosines(pipe: Pipeline, cache_dir: str, settings: SampleSettings, n: int,
@@ -287,6 +345,12 @@ def _markdown(r: dict) -> str:
     if r.get("accuracy_ar_prior"):
         b = r["accuracy_ar_prior"]
         lines.append(f"| AR | {b['colour_acc']:.1%} | {b['shape_acc']:.1%} | {b['both_acc']:.1%} |")
+    for key, name in (("accuracy_true_embedding", "none: true z_i of rendered scenes, decoded"),
+                      ("accuracy_rendered", "none: the rendered scenes themselves")):
+        if r.get(key):
+            b = r[key]
+            lines.append(f"| {name} | {b['colour_acc']:.1%} | {b['shape_acc']:.1%} | "
+                         f"{b['both_acc']:.1%} |")
     if r.get("prior_cosines"):
         from unclip_jax.eval.prior_metrics import prior_table
         lines += ["", "Priors on the cache's test split (cosine to the true CLIP image embedding):",
@@ -298,7 +362,8 @@ def _markdown(r: dict) -> str:
                      f"{'' if t is None else f'{t:.0f}'} |")
     lines += ["", f"Sampling settings: `{json.dumps(r['settings'])}`", "",
               "Samples: `samples/grid.png` (fixed prompts), `samples/report_grid.png` (evaluation; "
-              "`report_grid_ar.png` with the AR prior).",
+              "`report_grid_ar.png` with the AR prior, `report_grid_true_z.png` decoded from the "
+              "true z_i of rendered scenes: the decoder's share of the errors).",
               ""]
     return "\n".join(lines)
 

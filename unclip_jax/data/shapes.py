@@ -61,6 +61,17 @@ def sample_scene(rng: np.random.Generator) -> dict:
     return {"background": background, "objects": objects}
 
 
+def single_object_scene(rng: np.random.Generator, colour: str, shape: str) -> dict:
+    """A one-object scene of the given colour and shape; background, size and position drawn as
+    in `sample_scene` (what a caption naming only colour and shape leaves open)."""
+    if colour not in COLOURS or shape not in SHAPES:
+        raise ValueError(f"unknown colour/shape {colour!r}/{shape!r}; expected one of "
+                         f"{COLOUR_NAMES} / {SHAPES}")
+    background = BACKGROUND_NAMES[rng.integers(len(BACKGROUND_NAMES))]
+    return {"background": background, "objects": [dict(_sample_object(rng), colour=colour,
+                                                       shape=shape)]}
+
+
 def _sample_object(rng: np.random.Generator) -> dict:
     size = SIZES[rng.integers(len(SIZES))]
     position = POSITIONS[rng.integers(len(POSITIONS))]
