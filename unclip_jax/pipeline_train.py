@@ -340,12 +340,9 @@ def _markdown(r: dict) -> str:
     lines = ["# unclip-jax run report", "",
              f"Pixel check of {a['single_count']} samples for {len(r['eval_prompts'])} single-object "
              "prompts (colour of the object's pixels, shape from its fill ratio):", "",
-             "| prior | colour | shape | both |", "|---|---|---|---|",
-             f"| diffusion | {a['colour_acc']:.1%} | {a['shape_acc']:.1%} | {a['both_acc']:.1%} |"]
-    if r.get("accuracy_ar_prior"):
-        b = r["accuracy_ar_prior"]
-        lines.append(f"| AR | {b['colour_acc']:.1%} | {b['shape_acc']:.1%} | {b['both_acc']:.1%} |")
-    for key, name in (("accuracy_true_embedding", "none: true z_i of rendered scenes, decoded"),
+             "| prior | colour | shape | both |", "|---|---|---|---|"]
+    for key, name in (("accuracy", "diffusion"), ("accuracy_ar_prior", "AR"),
+                      ("accuracy_true_embedding", "none: true z_i of rendered scenes, decoded"),
                       ("accuracy_rendered", "none: the rendered scenes themselves")):
         if r.get(key):
             b = r[key]
