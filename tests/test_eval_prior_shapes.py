@@ -137,3 +137,24 @@ def test_binding_needs_the_right_colour_shape_pairing():
     assert shapes_accuracy(images[two], right)["binding_acc"] >= 0.98
     r = shapes_accuracy(images[two], swapped)
     assert r["binding_count"] == 0 and r["two_count"] == len(two)
+
+
+def test_shape_confusion_counts_asked_against_read():
+    """Single-object images under captions naming another shape: each sample is counted under
+    (shape asked for, shape in the image), a blank image under "none"; the rows sum to the
+    single-object count and the diagonal to the shape hits."""
+    images, _, scenes = _dataset(32)
+    single = [i for i, s in enumerate(scenes) if len(s["objects"]) == 1]
+    nxt = {"circle": "square", "square": "triangle", "triangle": "circle"}
+    prompts = [f"a red {nxt[scenes[i]['objects'][0]['shape']]}" for i in single]
+    blank = np.full_like(images[0], 255)              # white background, no object
+    r = shapes_accuracy(np.concatenate([images[single], blank[None]]), prompts + ["a red circle"])
+    conf = r["shape_confusion"]
+    for asked in shapes.SHAPES:
+        truth = [scenes[i]["objects"][0]["shape"] for i, p in zip(single, prompts)
+                 if p.endswith(asked)]
+        want = {read: truth.count(read) for read in shapes.SHAPES}
+        want["none"] = 1 if asked == "circle" else 0
+        assert conf[asked] == want, (asked, conf[asked], want)
+    assert sum(sum(row.values()) for row in conf.values()) == r["single_count"] == len(single) + 1
+    assert sum(conf[s][s] for s in shapes.SHAPES) == r["shape_count"] == 0

@@ -43,6 +43,14 @@ def test_all_stages_trained_and_reported(run):
     assert report["accuracy_true_embedding"]["single_count"] == 4
     ref = report["accuracy_rendered"]
     assert ref["single_count"] == 4 and ref["colour_acc"] == 1.0 and ref["shape_acc"] == 1.0
+    # The upsampler-only row (renders at the decoder's size through the upsampler) and the shape
+    # confusion tables: every single-object sample is counted once per table.
+    assert report["accuracy_upsampled_render"]["single_count"] == 4
+    for key in ("accuracy", "accuracy_true_embedding", "accuracy_upsampled_render"):
+        conf = report[key]["shape_confusion"]
+        assert sum(sum(row.values()) for row in conf.values()) == 4
+        assert sum(conf[s][s] for s in conf) == report[key]["shape_count"]
+    assert "upsampled |" in md and "| diffusion prior | circle |" in md
     assert os.path.exists(os.path.join(wd, "samples", "report_grid_true_z.png"))
     # The priors' baseline is cos(z_t, z_i) of the cache's test split, computed here directly.
     from unclip_jax.data import cache

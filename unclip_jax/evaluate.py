@@ -332,23 +332,32 @@ def _ratio(a: int, b: int) -> float:
 
 def _merge_shapes(parts: list[dict]) -> dict:
     """Sum eval.shapes_accuracy's counts over batches (and processes); ratios from the sums."""
-    counts = {}
+    counts = {}   # "<name>_count" and "shape_confusion/<asked>/<read>" -> summed count
     for p in parts:
         for k, v in p.items():
             if k.endswith("_count"):
                 counts[k] = counts.get(k, 0) + int(v)
+        for asked, row in p.get("shape_confusion", {}).items():
+            for read, n in row.items():
+                key = f"shape_confusion/{asked}/{read}"
+                counts[key] = counts.get(key, 0) + int(n)
     import jax
     if jax.process_count() > 1:
         keys = sorted(counts)
         summed = allgather_rows(np.asarray([[counts[k] for k in keys]], np.int64)).sum(0)
         counts = {k: int(v) for k, v in zip(keys, summed)}
+    confusion = {}
+    for k in [k for k in counts if k.startswith("shape_confusion/")]:
+        _, asked, read = k.split("/")
+        confusion.setdefault(asked, {})[read] = counts.pop(k)
     c = {k[:-len("_count")]: v for k, v in counts.items()}
     return {**counts,
             "colour_acc": _ratio(c["colour"], c["single"]),
             "shape_acc": _ratio(c["shape"], c["single"]),
             "both_acc": _ratio(c["both"], c["single"]),
             "binding_acc": _ratio(c["binding"], c["two"]),
-            "object_acc": _ratio(c["objects_found"], c["objects_named"])}
+            "object_acc": _ratio(c["objects_found"], c["objects_named"]),
+            "shape_confusion": confusion}
 
 
 # ------------------------------------------------------------------------------------- plot

@@ -143,6 +143,7 @@ def save_grid(images: np.ndarray, path: str, cols: int, labels=None):
     for i, im in enumerate(imgs):
         r, c = divmod(i, cols)
         grid[r * (h + 2) + 1:r * (h + 2) + 1 + h, c * (w + 2) + 1:c * (w + 2) + 1 + w] = im
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)  # a report-only run has no samples/
     Image.fromarray(grid).save(path)
     if labels is not None:
         with open(os.path.splitext(path)[0] + ".txt", "w") as f:
@@ -189,14 +190,16 @@ def evaluate_prompts(pipe: Pipeline, prompts, per_prompt: int, seed: int,
 
 def evaluate_true_embeddings(pipe: Pipeline, prompts, per_prompt: int, seed: int,
                              settings: SampleSettings, *, render_size: int = 64,
-                             batch: int = 64) -> tuple[dict, dict, np.ndarray]:
+                             batch: int = 64) -> dict:
     """The report's no-prior rows: for each single-object prompt, render per_prompt scenes of that
     colour and shape (background, size and position drawn as in the data), decode their TRUE CLIP
     image embeddings with the prompt as caption, upsample, and check the pixels. This splits the
-    errors between the priors and the decoder + upsamplers. Also returns the check on the rendered
-    scenes themselves at the output size (its ceiling). Scenes are rendered at `render_size`
-    (the dataset's) and resized like the training data. Returns (accuracy of the decoded images,
-    accuracy of the renders, decoded images)."""
+    errors between the priors and the decoder + upsamplers. Two more rows split the rest: the
+    renders at the decoder's size put through the upsamplers alone (their share), and the renders
+    themselves at the output size (the check's ceiling). Scenes are rendered at `render_size`
+    (the dataset's) and resized like the training data.
+    Returns {"decoded", "upsampled_render" (None without upsamplers), "rendered"}: accuracies,
+    and "images": the decoded and upsampled images ([0] when no prompt has one object)."""
     from unclip_jax.data import preprocess, shapes, shapes_eval
     from unclip_jax.eval.shapes_accuracy import shapes_accuracy
     all_prompts, renders = [], []
@@ -211,8 +214,10 @@ def evaluate_true_embeddings(pipe: Pipeline, prompts, per_prompt: int, seed: int
                                          render_size))
             all_prompts.append(p)
     if not all_prompts:
-        return None, None, np.zeros((0,), np.float32)
+        return {"decoded": None, "upsampled_render": None, "rendered": None,
+                "images": np.zeros((0,), np.float32)}
     clip_size = int(pipe.clip.config.model.image_size)
+    dec_size = int(pipe.decoder.config.model.image_size)
     last = pipe.upsamplers[-1] if pipe.upsamplers else pipe.decoder
     out_size = int(last.config.model.image_size)
 
@@ -220,15 +225,19 @@ def evaluate_true_embeddings(pipe: Pipeline, prompts, per_prompt: int, seed: int
         return np.stack([preprocess.normalize(preprocess.resize_center_crop(r, size))
                          for r in renders])
 
-    clip_in, reference = at(clip_size), at(out_size)
-    images = []
+    clip_in, low, reference = at(clip_size), at(dec_size), at(out_size)
+    images, upsampled = [], []
     for i in range(0, len(all_prompts), batch):
         z = pipe.encode_images(clip_in[i:i + batch])
         dec = pipe.decode(z, prompts=all_prompts[i:i + batch], seed=seed + i, settings=settings)
         images.append(pipe.upsample(dec, seed=seed + i, settings=settings))
+        if pipe.upsamplers:
+            upsampled.append(pipe.upsample(low[i:i + batch], seed=seed + i, settings=settings))
     images = np.concatenate(images)
-    return (shapes_accuracy(images, all_prompts), shapes_accuracy(reference, all_prompts),
-            images)
+    return {"decoded": shapes_accuracy(images, all_prompts),
+            "upsampled_render": (shapes_accuracy(np.concatenate(upsampled), all_prompts)
+                                 if upsampled else None),
+            "rendered": shapes_accuracy(reference, all_prompts), "images": images}
 
 
 def _report(config, workdir: str, pipe: Pipeline, timings: dict):
@@ -251,16 +260,17 @@ def _report(config, workdir: str, pipe: Pipeline, timings: dict):
         timings["report_sampling_ar"] = time.perf_counter() - t
         save_grid(images, os.path.join(workdir, "samples", "report_grid_ar.png"),
                   int(r.per_prompt))
-    acc_true = acc_ref = None
+    true = {}
     if bool(r.get("true_embedding", True)):
         t = time.perf_counter()
-        acc_true, acc_ref, images = evaluate_true_embeddings(
+        true = evaluate_true_embeddings(
             pipe, list(r.prompts), int(r.per_prompt), int(r.seed), settings,
             render_size=int(config.data.get("shapes", {}).get("image_size", 64)))
         timings["report_true_embedding"] = time.perf_counter() - t
-        if len(images):
-            save_grid(images, os.path.join(workdir, "samples", "report_grid_true_z.png"),
+        if len(true["images"]):
+            save_grid(true["images"], os.path.join(workdir, "samples", "report_grid_true_z.png"),
                       int(r.per_prompt))
+    acc_true = true.get("decoded")
     priors = _prior_cosines(pipe, os.path.join(workdir, "embed"), settings,
                             int(r.get("prior_examples", 512)), int(r.seed))
     stages = {}
@@ -273,7 +283,9 @@ def _report(config, workdir: str, pipe: Pipeline, timings: dict):
                 stages[name] = {"step": rows[-1]["step"], "loss": rows[-1].get("loss"),
                                 "first_loss": rows[0].get("loss")}
     report = {"accuracy": acc, "accuracy_ar_prior": acc_ar,
-              "accuracy_true_embedding": acc_true, "accuracy_rendered": acc_ref,
+              "accuracy_true_embedding": acc_true,
+              "accuracy_upsampled_render": true.get("upsampled_render"),
+              "accuracy_rendered": true.get("rendered"),
               "prior_cosines": priors,
               "stages": stages, "timings_s": timings,
               "settings": dataclass_dict(settings), "eval_prompts": list(r.prompts),
@@ -343,11 +355,27 @@ def _markdown(r: dict) -> str:
              "| prior | colour | shape | both |", "|---|---|---|---|"]
     for key, name in (("accuracy", "diffusion"), ("accuracy_ar_prior", "AR"),
                       ("accuracy_true_embedding", "none: true z_i of rendered scenes, decoded"),
+                      ("accuracy_upsampled_render",
+                       "none: rendered scenes at the decoder's size, upsampled"),
                       ("accuracy_rendered", "none: the rendered scenes themselves")):
         if r.get(key):
             b = r[key]
             lines.append(f"| {name} | {b['colour_acc']:.1%} | {b['shape_acc']:.1%} | "
                          f"{b['both_acc']:.1%} |")
+    confusions = [(name, r[key]["shape_confusion"]) for key, name in (
+        ("accuracy", "diffusion prior"), ("accuracy_true_embedding", "true z_i, decoded"))
+        if r.get(key) and r[key].get("shape_confusion")]
+    if confusions:
+        from unclip_jax.data.shapes import SHAPES
+        read = SHAPES + ("none",)
+        lines += ["", "Shape asked for (rows) and shape read from the pixels (columns; none: no "
+                  "object found), single-object samples:", "",
+                  "| samples | asked | " + " | ".join(read) + " |",
+                  "|---|---|" + "---|" * len(read)]
+        for name, conf in confusions:
+            for asked in SHAPES:
+                lines.append(f"| {name} | {asked} | "
+                             + " | ".join(str(conf[asked][x]) for x in read) + " |")
     if r.get("prior_cosines"):
         from unclip_jax.eval.prior_metrics import prior_table
         lines += ["", "Priors on the cache's test split (cosine to the true CLIP image embedding):",

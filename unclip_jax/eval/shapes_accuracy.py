@@ -14,7 +14,7 @@ from typing import Sequence
 
 import numpy as np
 
-from unclip_jax.data import shapes_eval
+from unclip_jax.data import shapes, shapes_eval
 
 
 def _ratio(a: int, b: int) -> float:
@@ -22,11 +22,16 @@ def _ratio(a: int, b: int) -> float:
 
 
 def shapes_accuracy(images, prompts: Sequence[str]) -> dict:
-    """Counts and accuracies; prompts outside the shapes grammar are counted as "unparsed"."""
+    """Counts and accuracies; prompts outside the shapes grammar are counted as "unparsed".
+
+    `shape_confusion[asked][read]` counts single-object samples by the shape asked for and the
+    shape read from the pixels ("none": no object found), which tells a decoder that draws
+    blobs (everything read as circles) from one that draws the wrong shapes."""
     if len(images) != len(prompts):
         raise ValueError(f"shapes_accuracy: {len(images)} images but {len(prompts)} prompts")
     c = dict(single=0, colour=0, shape=0, both=0, two=0, binding=0, objects_named=0,
              objects_found=0, unparsed=0)
+    confusion = {a: {r: 0 for r in shapes.SHAPES + ("none",)} for a in shapes.SHAPES}
     for image, prompt in zip(images, prompts):
         try:
             parsed = shapes_eval.parse_caption(prompt)
@@ -42,6 +47,7 @@ def shapes_accuracy(images, prompts: Sequence[str]) -> dict:
             c["colour"] += ok_c
             c["shape"] += ok_s
             c["both"] += ok_c and ok_s
+            confusion[objs[0]["shape"]][seen["shape"] or "none"] += 1
         else:
             seen = {(o["colour"], o["shape"])
                     for o in shapes_eval.analyse(np.asarray(image))["objects"]}
@@ -55,4 +61,5 @@ def shapes_accuracy(images, prompts: Sequence[str]) -> dict:
             "shape_acc": _ratio(c["shape"], c["single"]),
             "both_acc": _ratio(c["both"], c["single"]),
             "binding_acc": _ratio(c["binding"], c["two"]),
-            "object_acc": _ratio(c["objects_found"], c["objects_named"])}
+            "object_acc": _ratio(c["objects_found"], c["objects_named"]),
+            "shape_confusion": confusion}
