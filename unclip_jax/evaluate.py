@@ -326,10 +326,6 @@ def _safe(fn, name: str, warnings_: list):
         return float("nan")
 
 
-def _ratio(a: int, b: int) -> float:
-    return a / b if b else float("nan")
-
-
 def _merge_shapes(parts: list[dict]) -> dict:
     """Sum eval.shapes_accuracy's counts over batches (and processes); ratios from the sums."""
     counts = {}   # "<name>_count" and "shape_confusion/<asked>/<read>" -> summed count
@@ -346,18 +342,12 @@ def _merge_shapes(parts: list[dict]) -> dict:
         keys = sorted(counts)
         summed = allgather_rows(np.asarray([[counts[k] for k in keys]], np.int64)).sum(0)
         counts = {k: int(v) for k, v in zip(keys, summed)}
+    from unclip_jax.eval.shapes_accuracy import from_counts
     confusion = {}
     for k in [k for k in counts if k.startswith("shape_confusion/")]:
         _, asked, read = k.split("/")
         confusion.setdefault(asked, {})[read] = counts.pop(k)
-    c = {k[:-len("_count")]: v for k, v in counts.items()}
-    return {**counts,
-            "colour_acc": _ratio(c["colour"], c["single"]),
-            "shape_acc": _ratio(c["shape"], c["single"]),
-            "both_acc": _ratio(c["both"], c["single"]),
-            "binding_acc": _ratio(c["binding"], c["two"]),
-            "object_acc": _ratio(c["objects_found"], c["objects_named"]),
-            "shape_confusion": confusion}
+    return from_counts({k[:-len("_count")]: v for k, v in counts.items()}, confusion)
 
 
 # ------------------------------------------------------------------------------------- plot

@@ -56,6 +56,12 @@ def shapes_accuracy(images, prompts: Sequence[str]) -> dict:
             c["objects_named"] += len(objs)
             c["objects_found"] += found
             c["binding"] += found == len(objs)
+    return from_counts(c, confusion)
+
+
+def from_counts(c: dict, confusion: dict) -> dict:
+    """The result dict from the raw counts (keys without "_count") and the confusion counts; the
+    evaluator sums both over batches and processes and calls this once."""
     return {**{f"{k}_count": int(v) for k, v in c.items()},
             "colour_acc": _ratio(c["colour"], c["single"]),
             "shape_acc": _ratio(c["shape"], c["single"]),
