@@ -118,8 +118,9 @@ def get_config(arg=None):
         prompts=tuple(f"a {col} {shp}" if col != "orange" else f"an {col} {shp}"
                       for col in COLOURS for shp in SHAPES),
         per_prompt=8, seed=1,
-        # Also decode the TRUE CLIP z_i of rendered scenes for each prompt (no prior) and check
-        # the renders themselves: which stage loses colour or shape.
+        # Also decode the TRUE CLIP z_i of rendered scenes for each prompt (no prior), put the
+        # renders at the decoder's size through the upsampler alone, and check the renders
+        # themselves: which stage loses colour or shape.
         true_embedding=True))
 
     if tiny:
