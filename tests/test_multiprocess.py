@@ -68,3 +68,25 @@ def test_local_launcher_runs_main_on_two_processes(tmp_path):
     assert "[0] done at step 4 (resumed from 0)" in r.stdout
     assert "[1] done" not in r.stdout
     assert os.path.isdir(wd / "checkpoints" / "4")
+
+
+def test_shapes_counts_are_summed_over_processes(tmp_path):
+    """The evaluator's shapes counts and confusion table, merged over two processes (one with two
+    batches, one with one; then one with none), equal a one-process merge of all the batches."""
+    from unclip_jax.evaluate import _merge_shapes
+    two = _run(2, 1, str(tmp_path / "m"), MP_TASK="merge_shapes")
+    assert sorted(r["process"] for r in two) == [0, 1]
+    by = {r["process"]: r for r in two}
+    parts0, parts1 = by[0]["parts"], by[1]["parts"]
+    assert len(parts0) == 2 and len(parts1) == 1
+    want = _merge_shapes(parts0 + parts1)
+    want_empty = _merge_shapes(parts0)
+    assert want["single_count"] == 15 and want["two_count"] == 3
+    # The captions make every cell kind occur: right shapes, wrong ones, and "none".
+    conf = want["shape_confusion"]
+    assert sum(conf[s][s] for s in conf) == want["shape_count"] > 0
+    assert sum(row["none"] for row in conf.values()) == 3
+    assert want["shape_count"] < want["single_count"] - 3
+    for r in two:   # every process gets the global result
+        assert r["merged"] == want
+        assert r["merged_empty"] == want_empty

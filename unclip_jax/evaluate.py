@@ -328,8 +328,11 @@ def _safe(fn, name: str, warnings_: list):
 
 def _merge_shapes(parts: list[dict]) -> dict:
     """Sum eval.shapes_accuracy's counts over batches (and processes); ratios from the sums."""
+    from unclip_jax.eval.shapes_accuracy import from_counts, shapes_accuracy
     counts = {}   # "<name>_count" and "shape_confusion/<asked>/<read>" -> summed count
-    for p in parts:
+    # Seeded with the all-zero result so that every process gathers the same keys in the same
+    # order, also one that evaluated no batch.
+    for p in [shapes_accuracy([], []), *parts]:
         for k, v in p.items():
             if k.endswith("_count"):
                 counts[k] = counts.get(k, 0) + int(v)
@@ -342,7 +345,6 @@ def _merge_shapes(parts: list[dict]) -> dict:
         keys = sorted(counts)
         summed = allgather_rows(np.asarray([[counts[k] for k in keys]], np.int64)).sum(0)
         counts = {k: int(v) for k, v in zip(keys, summed)}
-    from unclip_jax.eval.shapes_accuracy import from_counts
     confusion = {}
     for k in [k for k in counts if k.startswith("shape_confusion/")]:
         _, asked, read = k.split("/")
