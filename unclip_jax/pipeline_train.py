@@ -225,7 +225,8 @@ def evaluate_true_embeddings(pipe: Pipeline, prompts, per_prompt: int, seed: int
         return np.stack([preprocess.normalize(preprocess.resize_center_crop(r, size))
                          for r in renders])
 
-    clip_in, low, reference = at(clip_size), at(dec_size), at(out_size)
+    clip_in, reference = at(clip_size), at(out_size)
+    low = at(dec_size) if pipe.upsamplers else None   # the upsampler-only row's input
     images, upsampled = [], []
     for i in range(0, len(all_prompts), batch):
         z = pipe.encode_images(clip_in[i:i + batch])
