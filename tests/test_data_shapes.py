@@ -112,6 +112,25 @@ def test_two_objects_never_overlap():
             assert abs(a["x"] - b["x"]) > reach or abs(a["y"] - b["y"]) > reach
 
 
+def test_objects_have_their_nominal_size_and_stay_inside():
+    """A square's rendered side is 2 * HALF_EXTENT of the image side (the size the 32x32 decoder
+    is sized for), every object lies inside the image, and two-object scenes stay common."""
+    for size in shapes.SIZES:
+        for px in (32, 64):
+            img = shapes.render({"background": "black", "objects": [
+                {"shape": "square", "colour": "red", "size": size, "position": "centre"}]}, px)
+            cols = np.nonzero((img[..., 0] > 117).any(axis=0))[0]   # over half red
+            assert abs(len(cols) - 2 * shapes.HALF_EXTENT[size] * px) <= 1.0, (size, px)
+    scenes = [shapes.sample_scene(np.random.default_rng(i)) for i in range(400)]
+    for sc in scenes:
+        for o in sc["objects"]:
+            r = shapes.HALF_EXTENT[o["size"]]
+            assert r <= o["x"] <= 1 - r and r <= o["y"] <= 1 - r
+    two = [sc for sc in scenes if len(sc["objects"]) == 2]
+    assert 0.4 < len(two) / len(scenes) < 0.6
+    assert any("large" in {o["size"] for o in sc["objects"]} for sc in two)
+
+
 def test_single_object_scene_fixes_colour_and_shape_only():
     rng = np.random.default_rng(0)
     scenes = [shapes.single_object_scene(rng, "orange", "triangle") for _ in range(200)]

@@ -223,17 +223,11 @@ def test_half_written_checkpoint_is_a_clear_error(run, tmp_path):
     assert snapshot(wd) == before
 
 
-def test_long_variant_only_lengthens_clip_and_decoder():
-    """shapes.py:long is the default with CLIP and the decoder trained longer, nothing else; an
-    unknown variant is an error naming it."""
+def test_unknown_shapes_variant_is_an_error():
+    """A misspelt variant (or the retired :long) fails naming it, instead of silently running
+    the default."""
     from trainer_util import load_config
-    base, long_ = load_config("shapes.py"), load_config("shapes.py", "long")
-    assert long_.stages.clip.train.num_steps == 3000 > base.stages.clip.train.num_steps
-    assert long_.stages.decoder.train.num_steps == 7200 > base.stages.decoder.train.num_steps
-    for cfg in (base, long_):
-        for st in ("clip", "decoder"):
-            cfg.stages[st].train.num_steps = 0
-            cfg.stages[st].train.ckpt_every = 0
-    assert long_.to_json() == base.to_json()
-    with pytest.raises(ValueError, match="'lng'"):
-        load_config("shapes.py", "lng")
+    for bad in ("lng", "long"):
+        with pytest.raises(ValueError, match=f"'{bad}'"):
+            load_config("shapes.py", bad)
+    assert load_config("shapes.py", "tiny").stages.decoder.train.num_steps == 4

@@ -41,7 +41,9 @@ def config_for(num_train: int, num_test: int, seed: int, image_size: int) -> Sha
 class UnclipShapes(tfds.core.GeneratorBasedBuilder):
     """Captioned images of one or two coloured circles, squares and triangles."""
 
-    VERSION = tfds.core.Version("1.0.0")
+    VERSION = tfds.core.Version("1.1.0")
+    RELEASE_NOTES = {"1.0.0": "objects of half extent 0.11 / 0.2",
+                     "1.1.0": "larger objects (half extent 0.16 / 0.25); builds anew"}
     BUILDER_CONFIGS = [config_for(20_000, 2_000, 0, 64)]
     # tfds finds this through importlib_resources (not installed) for packaged builders.
     code_path = epath.Path(__file__)
