@@ -121,6 +121,8 @@ def test_objects_have_their_nominal_size_and_stay_inside():
                 {"shape": "square", "colour": "red", "size": size, "position": "centre"}]}, px)
             cols = np.nonzero((img[..., 0] > 117).any(axis=0))[0]   # over half red
             assert abs(len(cols) - 2 * shapes.HALF_EXTENT[size] * px) <= 1.0, (size, px)
+            # The main job's decoder draws shapes right from about 10 px (README).
+            assert len(cols) >= 10 * px // 32, (size, px)
     scenes = [shapes.sample_scene(np.random.default_rng(i)) for i in range(400)]
     for sc in scenes:
         for o in sc["objects"]:
