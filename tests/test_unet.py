@@ -311,3 +311,54 @@ def test_tiny_decoder_overfits_images_from_embeddings(decoder):
     noise = jax.random.normal(jax.random.key(999), imgs.shape)
     swapped = jax.jit(lambda p: model.apply({"params": p}, noise, t, z[perm], tok, mask))(p)
     assert float(jnp.mean((swapped[..., :3] - imgs[perm]) ** 2)) < first / 10
+
+
+def _stack_into(scanned_like, unrolled):
+    """Unrolled U-Net params -> the `scan_blocks` layout: each level's `*_scan` holds, stacked in
+    order, the blocks (`res`, `attn`) that the scanned tree no longer names one by one."""
+    out = {k: v for k, v in unrolled.items() if k in scanned_like}
+    for k in scanned_like:
+        if not k.endswith("_scan"):
+            continue
+        prefix = k[:-len("scan")]                       # e.g. "down_1_"
+        idx = sorted(int(n[len(prefix):]) for n in unrolled
+                     if n.startswith(prefix) and n[len(prefix):].isdigit()
+                     and n not in scanned_like)
+        stack = lambda names: jax.tree_util.tree_map(lambda *a: jnp.stack(a), *names)  # noqa
+        out[k] = {"res": stack([unrolled[f"{prefix}{i}"] for i in idx])}
+        if f"{prefix}{idx[0]}_attn" in unrolled:
+            out[k]["attn"] = stack([unrolled[f"{prefix}{i}_attn"] for i in idx])
+        assert scanned_like[k]["res"]["norm_in"]["scale"].shape[0] == len(idx)
+    return out
+
+
+@pytest.mark.parametrize("remat", [False, True])
+def test_scanned_blocks_compute_the_same_function(remat):
+    """`scan_blocks` runs each level's same-shaped res blocks (+ attention) as one nn.scan: with
+    the unrolled weights stacked into it, outputs and every gradient are the same, and the
+    stacked leaves carry the "layers" logical axis."""
+    kw = dict(num_res_blocks=3, remat=remat)
+    unrolled, scanned = (model_from_config(tiny_decoder_cfg(scan_blocks=s, **kw))
+                         for s in (False, True))
+    inputs = decoder_inputs()
+    p_u = rerandomise_zeros(init_jit(unrolled, *inputs))
+    boxed = jax.jit(scanned.init)(jax.random.key(0, impl="rbg"), *inputs)["params"]
+    p_s = _stack_into(nn.unbox(boxed)["unet"], p_u["unet"])
+    # down: level 0 scans blocks 0-2, level 1 blocks 1-2 (block 0 widens); up: level 1 blocks
+    # 0-2, level 0 blocks 1-3 (block 0 narrows from the level below).
+    assert {k: v["res"]["norm_in"]["scale"].shape[0] for k, v in p_s.items()
+            if k.endswith("_scan")} == {"down_0_scan": 3, "down_1_scan": 2, "up_1_scan": 3,
+                                        "up_0_scan": 3}
+    p_s = {**p_u, "unet": p_s}
+    ref = jax.jit(unrolled.apply)({"params": p_u}, *inputs)
+    out = jax.jit(scanned.apply)({"params": p_s}, *inputs)
+    np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-5)
+    loss = lambda m: lambda p: jnp.sum(m.apply({"params": p}, *inputs) ** 2)  # noqa: E731
+    g_u = jax.jit(jax.grad(loss(unrolled)))(p_u)
+    g_s = jax.jit(jax.grad(loss(scanned)))(p_s)
+    want = {**g_u, "unet": _stack_into(g_s["unet"], g_u["unet"])}
+    # float32 sums in another order: absolute error relative to each gradient's scale.
+    jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(
+        a, b, rtol=1e-4, atol=1e-5 * max(1.0, float(np.abs(b).max()))), g_s, want)
+    spec = nn.get_partition_spec(boxed)["unet"]["up_0_scan"]["res"]["conv_in"]["Conv_0"]["kernel"]
+    assert spec[0] == "layers"

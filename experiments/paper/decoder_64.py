@@ -33,9 +33,9 @@ def get_config(arg=None):
         learn_sigma=True, clip_dim=1024, clip_tokens=4,
         text_vocab=50304, text_ctx=256, text_width=2048, text_depth=24, text_heads=32,
         image_emb_source="cache", tokens_source="cache", image_emb_scale=1.0, text_pad_id=0,
-        # The 24 caption-encoder blocks as one nn.scan: a 29% smaller program to compile (the
-        # AOT compile for v5p:4x4x8 still needs more than the 24 GB dev host, see README).
-        text_scan=True)
+        # The 24 caption-encoder blocks as one nn.scan, and each level's same-shaped U-Net
+        # blocks too: a smaller program to compile (AOT figures: README).
+        text_scan=True, scan_blocks=True)
     c.data = default_data_config("embed_cache")
     c.data.resolution = 64
     c.data.join_images = True

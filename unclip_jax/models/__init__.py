@@ -18,6 +18,7 @@ def _common(**kw) -> ml_collections.ConfigDict:
         dtype="float32",             # compute dtype; "bfloat16" on accelerators
         param_dtype="float32",
         remat=False,                 # rematerialise res blocks / transformer blocks
+        scan_blocks=False,           # each level's same-shaped U-Net blocks as one nn.scan
         image_size=32,               # resolution the model is trained at (attention uses it)
         out_channels=3,
         base_channels=32,

@@ -79,6 +79,47 @@ class AttentionBlock(nn.Module):
         return constrain(x + out.reshape(x.shape), IMG)
 
 
+class _ScanBlock(nn.Module):
+    """A res block (+ attention) as an nn.scan body over the same-shaped blocks of one level:
+    (h, skip) -> (h, h); on the up path the skip is concatenated first. `train` is static."""
+    channels: int
+    attention: bool
+    concat: bool
+    head_channels: int
+    dropout: float
+    norm_groups: int
+    train: bool
+    remat: bool
+    dtype: Dtype
+    param_dtype: Dtype
+
+    @nn.compact
+    def __call__(self, h, skip, emb, context):
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        if self.concat:
+            h = jnp.concatenate([h, skip], axis=-1)
+        res = nn.remat(ResBlock, static_argnums=(3,)) if self.remat else ResBlock
+        h = res(self.channels, dropout=self.dropout, norm_groups=self.norm_groups, name="res",
+                **kw)(h, emb, self.train)
+        if self.attention:
+            h = AttentionBlock(self.head_channels, self.norm_groups, name="attn", **kw)(h, context)
+        return h, h
+
+
+def _scan_range(same_shape: list[bool], enabled: bool) -> tuple[int, int]:
+    """[a, b): the blocks of a level to run as one scan, the longest run of blocks whose input
+    and output shapes agree; empty ([n, n)) when disabled or shorter than 2."""
+    n = len(same_shape)
+    best, start = (n, n), None
+    for i, f in enumerate(same_shape + [False]):
+        if f and start is None:
+            start = i
+        elif not f and start is not None:
+            best = max(best, (start, i), key=lambda r: r[1] - r[0])
+            start = None
+    return best if enabled and best[1] - best[0] >= 2 else (n, n)
+
+
 class UNet(nn.Module):
     """ADM U-Net backbone: x [B, H, W, Cin], t [B] -> [B, H, W, out_channels (x2 if learn_sigma)].
 
@@ -95,8 +136,20 @@ class UNet(nn.Module):
     learn_sigma: bool = False
     norm_groups: int = 32
     remat: bool = False
+    # Run each level's same-shaped res blocks (+ attention) as one nn.scan over stacked params
+    # ("layers" axis): a smaller program to compile at paper scale, the same function.
+    scan_blocks: bool = False
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+
+    def _scan(self, n, channels, attention, concat, train, name):
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        stack = nn.scan(_ScanBlock, variable_axes={"params": 0},
+                        split_rngs={"params": True, "dropout": True},
+                        in_axes=(0, nn.broadcast, nn.broadcast), length=n,
+                        metadata_params={nn.PARTITION_NAME: "layers"})
+        return stack(channels, attention, concat, self.head_channels, self.dropout,
+                     self.norm_groups, train, self.remat, name=name, **kw)
 
     @nn.compact
     def __call__(self, x, t, emb_add=None, context=None, train: bool = False):
@@ -118,11 +171,21 @@ class UNet(nn.Module):
                  **kw)(constrain(x.astype(self.dtype), IMG))
         skips, ds = [h], 1
         for level, mult in enumerate(self.channel_mult):
-            for i in range(self.num_res_blocks):
-                h = Res(base * mult, name=f"down_{level}_{i}", **rb)(h, emb, train)
+            ch, n = base * mult, self.num_res_blocks
+            a, b = _scan_range([i > 0 or h.shape[-1] == ch for i in range(n)], self.scan_blocks)
+            i = 0
+            while i < n:
+                if i == a and b > a:
+                    h, hs = self._scan(b - a, ch, ds in self.attention_ds, False, train,
+                                       f"down_{level}_scan")(h, None, emb, context)
+                    skips.extend(hs[j] for j in range(b - a))
+                    i = b
+                    continue
+                h = Res(ch, name=f"down_{level}_{i}", **rb)(h, emb, train)
                 if ds in self.attention_ds:
                     h = attn(f"down_{level}_{i}_attn")(h, context)
                 skips.append(h)
+                i += 1
             if level != len(self.channel_mult) - 1:
                 h = Res(h.shape[-1], "down", name=f"down_{level}_resample", **rb)(h, emb, train)
                 skips.append(h)
@@ -132,11 +195,23 @@ class UNet(nn.Module):
             h = attn("mid_attn")(h, context)
         h = Res(h.shape[-1], name="mid_1", **rb)(h, emb, train)
         for level, mult in reversed(list(enumerate(self.channel_mult))):
-            for i in range(self.num_res_blocks + 1):
+            ch, n = base * mult, self.num_res_blocks + 1
+            skip_ch = [skips[-1 - i].shape[-1] for i in range(n)]
+            a, b = _scan_range([(i > 0 or h.shape[-1] == ch) and skip_ch[i] == ch
+                                for i in range(n)], self.scan_blocks)
+            i = 0
+            while i < n:
+                if i == a and b > a:
+                    xs = jnp.stack([skips.pop() for _ in range(b - a)])
+                    h, _ = self._scan(b - a, ch, ds in self.attention_ds, True, train,
+                                      f"up_{level}_scan")(h, xs, emb, context)
+                    i = b
+                    continue
                 h = jnp.concatenate([h, skips.pop()], axis=-1)
-                h = Res(base * mult, name=f"up_{level}_{i}", **rb)(h, emb, train)
+                h = Res(ch, name=f"up_{level}_{i}", **rb)(h, emb, train)
                 if ds in self.attention_ds:
                     h = attn(f"up_{level}_{i}_attn")(h, context)
+                i += 1
             if level:
                 h = Res(h.shape[-1], "up", name=f"up_{level}_resample", **rb)(h, emb, train)
                 ds //= 2
@@ -159,6 +234,7 @@ def _unet_kwargs(m, dtype, param_dtype) -> dict:
         head_channels=int(m.get("head_channels", 64)), dropout=float(m.get("dropout", 0.0)),
         out_channels=int(m.get("out_channels", 3)), learn_sigma=bool(m.get("learn_sigma", False)),
         norm_groups=int(m.get("norm_groups", 32)), remat=bool(m.get("remat", False)),
+        scan_blocks=bool(m.get("scan_blocks", False)),
         dtype=dtype, param_dtype=param_dtype)
 
 
