@@ -79,6 +79,11 @@ class AttentionBlock(nn.Module):
         return constrain(x + out.reshape(x.shape), IMG)
 
 
+def _res_class(remat: bool):
+    # static_argnums counts `self` as 0: (x=1, emb=2, train=3).
+    return nn.remat(ResBlock, static_argnums=(3,)) if remat else ResBlock
+
+
 class _ScanBlock(nn.Module):
     """A res block (+ attention) as an nn.scan body over the same-shaped blocks of one level:
     (h, skip) -> (h, h); on the up path the skip is concatenated first. `train` is static."""
@@ -98,9 +103,9 @@ class _ScanBlock(nn.Module):
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         if self.concat:
             h = jnp.concatenate([h, skip], axis=-1)
-        res = nn.remat(ResBlock, static_argnums=(3,)) if self.remat else ResBlock
-        h = res(self.channels, dropout=self.dropout, norm_groups=self.norm_groups, name="res",
-                **kw)(h, emb, self.train)
+        res = _res_class(self.remat)(self.channels, dropout=self.dropout,
+                                     norm_groups=self.norm_groups, name="res", **kw)
+        h = res(h, emb, self.train)
         if self.attention:
             h = AttentionBlock(self.head_channels, self.norm_groups, name="attn", **kw)(h, context)
         return h, h
@@ -155,8 +160,7 @@ class UNet(nn.Module):
     def __call__(self, x, t, emb_add=None, context=None, train: bool = False):
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         rb = dict(dropout=self.dropout, norm_groups=self.norm_groups, **kw)
-        # static_argnums counts `self` as 0: (x=1, emb=2, train=3).
-        Res = nn.remat(ResBlock, static_argnums=(3,)) if self.remat else ResBlock
+        Res = _res_class(self.remat)
         attn = lambda name: AttentionBlock(self.head_channels, self.norm_groups,  # noqa: E731
                                            name=name, **kw)
         base, ed = self.base_channels, 4 * self.base_channels
@@ -178,7 +182,7 @@ class UNet(nn.Module):
                 if i == a and b > a:
                     h, hs = self._scan(b - a, ch, ds in self.attention_ds, False, train,
                                        f"down_{level}_scan")(h, None, emb, context)
-                    skips.extend(hs[j] for j in range(b - a))
+                    skips.extend(hs)   # one skip per scanned block
                     i = b
                     continue
                 h = Res(ch, name=f"down_{level}_{i}", **rb)(h, emb, train)
