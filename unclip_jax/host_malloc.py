@@ -18,7 +18,6 @@ UNCLIP_JAX_HUGEPAGES=0 turns it off.
 from __future__ import annotations
 
 import os
-import platform
 import sys
 
 TUNABLE = "glibc.malloc.hugetlb=1"
@@ -42,6 +41,15 @@ def _started_as_tool(argv) -> bool:
     return "-m" in argv[:-1] and argv[argv.index("-m") + 1].startswith("unclip_jax.")
 
 
+def glibc_version() -> str:
+    """'2.36' for glibc 2.36; '' for another C library or OS."""
+    try:
+        name, _, version = (os.confstr("CS_GNU_LIBC_VERSION") or "").partition(" ")
+    except (AttributeError, ValueError, OSError):
+        return ""
+    return version if name == "glibc" else ""
+
+
 def _accelerator_present() -> bool:
     import glob
     return any(glob.glob(p) for p in _ACCELERATOR_NODES)
@@ -52,9 +60,10 @@ def active(environ=os.environ) -> bool:
     return TUNABLE in environ.get("GLIBC_TUNABLES", "").split(":")
 
 
-def why_not(environ=os.environ, argv=None, *, libc=None, thp=None, accelerator=None,
+def why_not(environ=os.environ, argv=None, *, glibc=None, thp=None, accelerator=None,
             jax_imported=None) -> str | None:
-    """Why this process should not re-execute itself with huge pages, or None if it should."""
+    """Why this process should not re-execute itself with huge pages, or None if it should.
+    The keyword arguments stand in for what is otherwise read off this host (for tests)."""
     argv = getattr(sys, "orig_argv", sys.argv) if argv is None else argv
     if environ.get("UNCLIP_JAX_HUGEPAGES", "1").lower() in ("0", "false", "off", "no"):
         return "disabled by UNCLIP_JAX_HUGEPAGES"
@@ -62,8 +71,10 @@ def why_not(environ=os.environ, argv=None, *, libc=None, thp=None, accelerator=N
         return "already on (GLIBC_TUNABLES)"
     if environ.get(MARK):
         return "already re-executed once"
-    name, version = platform.libc_ver() if libc is None else libc
-    if sys.platform != "linux" or name != "glibc":
+    if not _started_as_tool(argv):
+        return "not started as `python -m unclip_jax.<tool>`"
+    version = glibc_version() if glibc is None else glibc
+    if sys.platform != "linux" or not version:
         return "not Linux with glibc"
     if tuple(int(v) for v in version.split(".")[:2]) < (2, 35):
         return f"glibc {version} has no malloc.hugetlb tunable (2.35+)"
@@ -77,8 +88,6 @@ def why_not(environ=os.environ, argv=None, *, libc=None, thp=None, accelerator=N
         return f"JAX_PLATFORMS={environ['JAX_PLATFORMS']} (not the CPU)"
     if not platforms and (_accelerator_present() if accelerator is None else accelerator):
         return "an accelerator device node exists (JAX will not compute on the CPU)"
-    if not _started_as_tool(argv):
-        return "not started as `python -m unclip_jax.<tool>`"
     if ("jax" in sys.modules) if jax_imported is None else jax_imported:
         return "JAX is already imported"
     return None
