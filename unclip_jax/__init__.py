@@ -6,9 +6,9 @@ made our U-Nets ~2x faster on CPU (see shared jax-notes). The flag only touches 
 is left alone when the user has set it.
 
 A command started as `python -m unclip_jax.<tool>` on a CPU-only Linux host re-executes itself
-once, before JAX is imported, with glibc's transparent-huge-page tunable: XLA:CPU's per-call temp
-buffer is then faulted in 2 MiB pages, not 4 KiB ones (`unclip_jax.host_malloc`; 14-33% faster
-CPU train steps, measured; UNCLIP_JAX_HUGEPAGES=0 turns it off).
+once, before JAX is imported, with an allocator that does not map XLA:CPU's large per-step blocks
+afresh on every step: tcmalloc when installed, else glibc with transparent huge pages
+(`unclip_jax.host_malloc`; UNCLIP_JAX_MALLOC=off turns it off).
 """
 import os
 
@@ -18,6 +18,6 @@ _CPU_CONV_FLAG = "--xla_cpu_experimental_ynn_fusion_type=-individual_convolution
 if "xla_cpu_experimental_ynn_fusion_type" not in os.environ.get("XLA_FLAGS", ""):
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + _CPU_CONV_FLAG).strip()
 
-host_malloc.reexec_with_huge_pages()
+host_malloc.reexec()
 
 __version__ = "0.1.0"

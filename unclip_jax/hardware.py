@@ -38,7 +38,8 @@ def chip_of_device_kind(kind: str) -> dict | None:
 def temp_buffer_page_faults() -> dict:
     """Page faults per call of a jitted program with a 128 MiB temp buffer, after warm-up: about
     one per 4 KiB page of it when XLA:CPU's temp block is mapped afresh in small pages, ~1/512 of
-    that with transparent huge pages (`unclip_jax.host_malloc`)."""
+    that with transparent huge pages, ~0 when the allocator reuses it (tcmalloc); see
+    `unclip_jax.host_malloc`."""
     import resource
 
     import jax
@@ -62,9 +63,10 @@ if __name__ == "__main__":
     import sys
 
     from unclip_jax import host_malloc
-    out = dict(huge_pages=host_malloc.active(), thp_mode=host_malloc.thp_mode(),
-               reexecuted=bool(os.environ.get(host_malloc.MARK)),
-               why_not=host_malloc.why_not(argv=["python", "-m", "unclip_jax.hardware"]))
+    remedy, why = host_malloc.choose(argv=["python", "-m", "unclip_jax.hardware"])
+    out = dict(allocator=host_malloc.allocator(), reexecuted=bool(os.environ.get(host_malloc.MARK)),
+               would_reexecute=remedy, why=why, thp_mode=host_malloc.thp_mode(),
+               tcmalloc=host_malloc.find_tcmalloc())
     if "--probe" in sys.argv[1:]:
         out.update(temp_buffer_page_faults())
     print(json.dumps(out))

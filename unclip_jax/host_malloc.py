@@ -1,27 +1,43 @@
-"""Transparent huge pages for XLA:CPU's buffers, through glibc malloc's `hugetlb` tunable.
+"""The host allocator for XLA:CPU: tcmalloc when it is installed, else glibc with huge pages.
 
-XLA:CPU allocates an executable's temporaries as one block per call (0.9 GB for the CPU bench
-U-Net's train step). glibc maps a block that large afresh on every call and the step then
-first-touches it in 4 KiB pages: 237k page faults and 0.37 s of kernel time per 1.2 s step on the
-2-core dev host, and every kernel of the step runs on 4 KiB pages. With
-GLIBC_TUNABLES=glibc.malloc.hugetlb=1, glibc asks the kernel for transparent huge pages (2 MiB)
-on the memory it maps (the kernel must allow them on request: THP mode `madvise`). Measured on
-that host: the CPU bench U-Net step 1.23 -> 1.06 s, the shapes decoder / diffusion prior / CLIP
-steps 15% / 18% / 33% faster (README "Benchmarks"); PyTorch's step did not change with it.
+XLA:CPU asks malloc for large blocks from its worker threads on every step: the executable's
+temporaries, one block per call (0.9 GB for the CPU bench U-Net's train step), and Eigen's packed
+operands for each convolution (~76 MB for a 32x32, 64-channel convolution at batch 32). glibc
+serves a block over 32 MiB asked for by a worker thread with a fresh mmap and unmaps it at free.
+So every step the kernel zeroes and faults in ~3.5 GB of new pages: on the 2-core dev host 0.1-0.3
+s of kernel time per ~1 s U-Net step (perf: clear_page), where PyTorch spends 0.04 s.
 
-glibc reads tunables only when a process starts. So a command started as
-`python -m unclip_jax.<tool>` re-executes itself once, with the tunable added, when the package is
-imported (before JAX is). A program or test that imports unclip_jax is never re-executed: set the
-variable yourself there. `python -m unclip_jax.hardware` says what applies and why.
-UNCLIP_JAX_HUGEPAGES=0 turns it off.
+Two remedies, the first one found is used:
+- gperftools' tcmalloc (`apt-get install libtcmalloc-minimal4` on Debian/Ubuntu), preloaded: it
+  keeps freed blocks mapped and hands them out again, so a step's blocks are neither zeroed nor
+  faulted again. Measured (README "Benchmarks"): the bench U-Net step 1.02-1.06 -> 0.96-0.97 s
+  (PyTorch 0.92), the shapes decoder step 0.140 -> 0.117 s.
+- glibc's `glibc.malloc.hugetlb=1` tunable (glibc 2.35+, kernel THP mode `madvise`): the fresh
+  blocks come in 2 MiB pages, so the faults (237k per step in 4 KiB pages) go; the zeroing stays.
+  Measured: the same U-Net step 1.23 -> 1.06 s.
+jemalloc and mimalloc (Debian's builds, default settings) were slower than either: they return
+large freed blocks to the kernel at once (U-Net step 1.22-1.25 s).
+
+Both act only from process start (the dynamic loader reads LD_PRELOAD, glibc its tunables). So a
+command started as `python -m unclip_jax.<tool>` on a CPU host re-executes itself once, with the
+setting added, when the package is imported (before JAX is). A program or test that imports
+unclip_jax is never re-executed: set the variables yourself there. `python -m unclip_jax.hardware`
+says what applies and why. UNCLIP_JAX_MALLOC chooses: auto (default), tcmalloc, hugepages, off.
 """
 from __future__ import annotations
 
+import glob
 import os
 import sys
 
 TUNABLE = "glibc.malloc.hugetlb=1"
 MARK = "_UNCLIP_JAX_REEXECUTED"
+MODES = ("auto", "tcmalloc", "hugepages", "off")
+# tcmalloc prints a line for every allocation over this size (default 1 GiB): XLA's temp block
+# for a large step is one, on every step.
+TCMALLOC_ENV = {"TCMALLOC_LARGE_ALLOC_REPORT_THRESHOLD": str(1 << 40)}
+_TCMALLOC_GLOBS = tuple(f"{d}/libtcmalloc{kind}.so.4" for kind in ("_minimal", "")
+                        for d in ("/usr/lib*", "/usr/lib*/*-linux-gnu", "/usr/local/lib*"))
 _THP = "/sys/kernel/mm/transparent_hugepage/enabled"
 _ACCELERATOR_NODES = ("/dev/nvidia[0-9]*", "/dev/accel[0-9]*", "/dev/kfd", "/dev/vfio/[0-9]*")
 
@@ -36,11 +52,6 @@ def thp_mode(path: str = _THP) -> str:
     return text[text.find("[") + 1:text.find("]")] if "[" in text else "unknown"
 
 
-def _started_as_tool(argv) -> bool:
-    argv = list(argv or [])
-    return "-m" in argv[:-1] and argv[argv.index("-m") + 1].startswith("unclip_jax.")
-
-
 def glibc_version() -> str:
     """'2.36' for glibc 2.36; '' for another C library or OS."""
     try:
@@ -50,56 +61,108 @@ def glibc_version() -> str:
     return version if name == "glibc" else ""
 
 
+def find_tcmalloc(environ=os.environ) -> str:
+    """Path of gperftools' tcmalloc: UNCLIP_JAX_TCMALLOC if set, else the first system copy
+    found (conda's in $CONDA_PREFIX/lib too); '' if none."""
+    if environ.get("UNCLIP_JAX_TCMALLOC"):
+        return environ["UNCLIP_JAX_TCMALLOC"]
+    patterns = list(_TCMALLOC_GLOBS)
+    if environ.get("CONDA_PREFIX"):
+        patterns.insert(0, os.path.join(environ["CONDA_PREFIX"], "lib", "libtcmalloc*.so.4"))
+    for pattern in patterns:
+        found = sorted(glob.glob(pattern))
+        if found:
+            return found[0]
+    return ""
+
+
+def allocator(environ=os.environ) -> str:
+    """What this process allocates with: 'tcmalloc', 'glibc+hugepages', 'glibc', or what the user
+    preloaded."""
+    preload = environ.get("LD_PRELOAD", "")
+    if "tcmalloc" in preload:
+        return "tcmalloc"
+    if preload:
+        return f"preloaded: {preload}"
+    return "glibc+hugepages" if TUNABLE in environ.get("GLIBC_TUNABLES", "").split(":") else "glibc"
+
+
+def _started_as_tool(argv) -> bool:
+    argv = list(argv or [])
+    return "-m" in argv[:-1] and argv[argv.index("-m") + 1].startswith("unclip_jax.")
+
+
 def _accelerator_present() -> bool:
-    import glob
     return any(glob.glob(p) for p in _ACCELERATOR_NODES)
 
 
-def active(environ=os.environ) -> bool:
-    """True when this process runs with glibc's huge-page tunable."""
-    return TUNABLE in environ.get("GLIBC_TUNABLES", "").split(":")
-
-
-def why_not(environ=os.environ, argv=None, *, glibc=None, thp=None, accelerator=None,
-            jax_imported=None) -> str | None:
-    """Why this process should not re-execute itself with huge pages, or None if it should.
-    The keyword arguments stand in for what is otherwise read off this host (for tests)."""
+def choose(environ=os.environ, argv=None, *, tcmalloc=None, glibc=None, thp=None,
+           accelerator=None, jax_imported=None) -> tuple[str | None, str]:
+    """(remedy, reason): remedy is 'tcmalloc' or 'hugepages' when this process should re-execute
+    itself with it, None when it should run as it is; reason says why. The keyword arguments
+    stand in for what is otherwise read off this host (for tests)."""
     argv = getattr(sys, "orig_argv", sys.argv) if argv is None else argv
-    if environ.get("UNCLIP_JAX_HUGEPAGES", "1").lower() in ("0", "false", "off", "no"):
-        return "disabled by UNCLIP_JAX_HUGEPAGES"
-    if active(environ):
-        return "already on (GLIBC_TUNABLES)"
+    mode = environ.get("UNCLIP_JAX_MALLOC", "auto").strip().lower() or "auto"
+    if mode in ("0", "false", "no", "none"):
+        mode = "off"
+    if mode not in MODES:
+        raise ValueError(f"UNCLIP_JAX_MALLOC={environ['UNCLIP_JAX_MALLOC']!r}: use one of {MODES}")
+    if mode == "off":
+        return None, "disabled by UNCLIP_JAX_MALLOC=off"
     if environ.get(MARK):
-        return "already re-executed once"
+        return None, f"already re-executed once ({allocator(environ)})"
     if not _started_as_tool(argv):
-        return "not started as `python -m unclip_jax.<tool>`"
-    version = glibc_version() if glibc is None else glibc
-    if sys.platform != "linux" or not version:
-        return "not Linux with glibc"
-    if tuple(int(v) for v in version.split(".")[:2]) < (2, 35):
-        return f"glibc {version} has no malloc.hugetlb tunable (2.35+)"
-    mode = thp_mode() if thp is None else thp
-    if mode != "madvise":
-        return f"transparent huge pages are '{mode}' (only 'madvise' needs the tunable)"
+        return None, "not started as `python -m unclip_jax.<tool>`"
     if environ.get("LD_PRELOAD") or "malloc" in environ.get("GLIBC_TUNABLES", ""):
-        return "the user chose the allocator or its settings (LD_PRELOAD / GLIBC_TUNABLES)"
-    platforms = [p.strip().lower() for p in environ.get("JAX_PLATFORMS", "").split(",") if p.strip()]
+        return None, "the user chose the allocator or its settings (LD_PRELOAD / GLIBC_TUNABLES)"
+    if sys.platform != "linux":
+        return None, "not Linux"
+    platforms = [p.strip().lower() for p in environ.get("JAX_PLATFORMS", "").split(",")
+                 if p.strip()]
     if platforms and platforms[0] != "cpu":
-        return f"JAX_PLATFORMS={environ['JAX_PLATFORMS']} (not the CPU)"
+        return None, f"JAX_PLATFORMS={environ['JAX_PLATFORMS']} (not the CPU)"
     if not platforms and (_accelerator_present() if accelerator is None else accelerator):
-        return "an accelerator device node exists (JAX will not compute on the CPU)"
+        return None, "an accelerator device node exists (JAX will not compute on the CPU)"
     if ("jax" in sys.modules) if jax_imported is None else jax_imported:
-        return "JAX is already imported"
-    return None
+        return None, "JAX is already imported"
+    if mode in ("auto", "tcmalloc"):
+        path = find_tcmalloc(environ) if tcmalloc is None else tcmalloc
+        if path:
+            return "tcmalloc", f"tcmalloc at {path}"
+        if mode == "tcmalloc":
+            return None, ("UNCLIP_JAX_MALLOC=tcmalloc but no tcmalloc was found (apt-get install "
+                          "libtcmalloc-minimal4, or set UNCLIP_JAX_TCMALLOC to its path)")
+    version = glibc_version() if glibc is None else glibc
+    if not version:
+        return None, "no tcmalloc found, and not glibc"
+    if tuple(int(v) for v in version.split(".")[:2]) < (2, 35):
+        return None, f"no tcmalloc found, and glibc {version} has no malloc.hugetlb tunable (2.35+)"
+    thp_now = thp_mode() if thp is None else thp
+    if thp_now != "madvise":
+        return None, (f"no tcmalloc found, and transparent huge pages are '{thp_now}' "
+                      "(only 'madvise' needs the tunable)")
+    return "hugepages", "no tcmalloc found: glibc with transparent huge pages"
 
 
-def reexec_with_huge_pages() -> None:
-    """Replace this process by the same command with the tunable set, when `why_not` allows."""
-    if why_not() is not None:
-        return
-    env = dict(os.environ)
-    env["GLIBC_TUNABLES"] = ":".join(filter(None, [env.get("GLIBC_TUNABLES"), TUNABLE]))
+def reexec_environment(remedy: str, environ=os.environ, *, tcmalloc=None) -> dict:
+    """The environment to re-execute with for `remedy` ('tcmalloc' or 'hugepages')."""
+    env = dict(environ)
+    if remedy == "tcmalloc":
+        env["LD_PRELOAD"] = find_tcmalloc(environ) if tcmalloc is None else tcmalloc
+        for k, v in TCMALLOC_ENV.items():
+            env.setdefault(k, v)
+    else:
+        env["GLIBC_TUNABLES"] = ":".join(filter(None, [env.get("GLIBC_TUNABLES"), TUNABLE]))
     env[MARK] = "1"
+    return env
+
+
+def reexec() -> None:
+    """Replace this process by the same command with the chosen allocator, when `choose` says so."""
+    remedy, _ = choose()
+    if remedy is None:
+        return
+    env = reexec_environment(remedy)
     sys.stdout.flush()
     sys.stderr.flush()
     os.execve(sys.executable, sys.orig_argv, env)
