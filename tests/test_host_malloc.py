@@ -91,6 +91,16 @@ def test_only_cpu_tools_are_reexecuted_and_tcmalloc_comes_first():
         choose({"UNCLIP_JAX_MALLOC": "jemalloc"}, TOOL, **GOOD)
 
 
+def test_tcmalloc_asked_for_but_missing_is_reported(monkeypatch, capsys):
+    why = "UNCLIP_JAX_MALLOC=tcmalloc but no tcmalloc was found (...)"
+    monkeypatch.setattr(host_malloc, "choose", lambda: (None, why))
+    host_malloc.reexec()  # returns: nothing to re-execute with
+    assert capsys.readouterr().err == f"unclip_jax: {why}\n"
+    monkeypatch.setattr(host_malloc, "choose", lambda: (None, "JAX is already imported"))
+    host_malloc.reexec()
+    assert capsys.readouterr().err == ""
+
+
 def test_reexec_environment_and_allocator_names():
     env = host_malloc.reexec_environment("tcmalloc", {"PATH": "/bin"}, tcmalloc=TC)
     assert env["LD_PRELOAD"] == TC and env[host_malloc.MARK] == "1" and env["PATH"] == "/bin"
