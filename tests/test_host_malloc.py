@@ -82,6 +82,8 @@ def test_only_cpu_tools_are_reexecuted_and_tcmalloc_comes_first():
     assert choose({}, TOOL, **{**GOOD, "glibc": ""}) == (None, "no tcmalloc found, and not glibc")
     assert "'never'" in choose({}, TOOL, **{**GOOD, "thp": "never"})[1]
     assert "'always'" in choose({}, TOOL, **{**GOOD, "thp": "always"})[1]
+    assert choose({"UNCLIP_JAX_MALLOC": "hugepages"}, TOOL, **{**GOOD, "glibc": "2.31"})[1] \
+        == "glibc 2.31 has no malloc.hugetlb tunable (2.35+)"
     assert choose({}, TOOL, **{**GOOD, "thp": "always", "tcmalloc": TC})[0] == "tcmalloc"
     assert "not the CPU" in choose({"JAX_PLATFORMS": "cuda"}, TOOL, **{**GOOD, "tcmalloc": TC})[1]
     assert "accelerator" in choose({}, TOOL, **{**GOOD, "accelerator": True})[1]

@@ -132,16 +132,18 @@ def choose(environ=os.environ, argv=None, *, tcmalloc=None, glibc=None, thp=None
         if mode == "tcmalloc":
             return None, ("UNCLIP_JAX_MALLOC=tcmalloc but no tcmalloc was found (apt-get install "
                           "libtcmalloc-minimal4, or set UNCLIP_JAX_TCMALLOC to its path)")
+    # Huge pages: asked for by name, or auto on a host without tcmalloc.
+    no_tc = "no tcmalloc found, and " if mode == "auto" else ""
     version = glibc_version() if glibc is None else glibc
     if not version:
-        return None, "no tcmalloc found, and not glibc"
+        return None, f"{no_tc}not glibc"
     if tuple(int(v) for v in version.split(".")[:2]) < (2, 35):
-        return None, f"no tcmalloc found, and glibc {version} has no malloc.hugetlb tunable (2.35+)"
+        return None, f"{no_tc}glibc {version} has no malloc.hugetlb tunable (2.35+)"
     thp_now = thp_mode() if thp is None else thp
     if thp_now != "madvise":
-        return None, (f"no tcmalloc found, and transparent huge pages are '{thp_now}' "
+        return None, (f"{no_tc}transparent huge pages are '{thp_now}' "
                       "(only 'madvise' needs the tunable)")
-    return "hugepages", "no tcmalloc found: glibc with transparent huge pages"
+    return "hugepages", f"{no_tc}glibc with transparent huge pages"
 
 
 def reexec_environment(remedy: str, environ=os.environ, *, tcmalloc=None) -> dict:
