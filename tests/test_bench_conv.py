@@ -15,6 +15,7 @@ def _tiny():
     c.model.update(image_size=16, base_channels=32, channel_mult=(1, 2), norm_groups=8)
     c.data.resolution = 16
     c.train.batch_size = 2
+    c.mesh.num_devices = 1
     return c
 
 

@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import app, flags, logging
 
-from unclip_jax import hardware, host_malloc
+from unclip_jax import hardware, host_malloc, parallel
 
 
 def cpu_peak_flops(n: int = 1024, reps: int = 8) -> float:
@@ -82,6 +82,7 @@ def benchmark(config, *, steps: int = 10, warmup: int = 2) -> dict:
     from unclip_jax.train.state import count_params
     from unclip_jax.train.trainer import build_step, validate_config
 
+    parallel.split_cpu_devices(config.mesh)
     n_dev = int(config.mesh.get("num_devices", 0) or 0) or jax.device_count()
     validate_config(config, None, n_dev, jax.process_count())
     b = build_step(config)
@@ -143,6 +144,7 @@ def benchmark(config, *, steps: int = 10, warmup: int = 2) -> dict:
 
 def scaling(config, *, steps: int, warmup: int) -> list[dict]:
     """Same per-device batch on 1, 2, 4, ... devices; efficiency = throughput / (n x 1-device)."""
+    parallel.split_cpu_devices(config.mesh)
     per_dev = int(config.train.batch_size) // (int(config.mesh.get("num_devices", 0) or 0)
                                                or jax.device_count())
     per_dev = max(per_dev, 1)

@@ -8,7 +8,8 @@ the stage named by `stage`):
   model.remat      rematerialise blocks in the backward pass
   train.*          batch size (global), steps, accumulation, logging / checkpoint cadence
   optim.*          AdamW + schedule + clipping + EMA
-  mesh.*           data / fsdp / tensor sizes (-1 fills), dcn_* for multi-slice, logical rules
+  mesh.*           data / fsdp / tensor sizes (-1 fills), dcn_* for multi-slice, logical rules,
+                   cpu_devices (CPU: one device per core, see parallel.split_cpu_devices)
 """
 from __future__ import annotations
 
@@ -47,6 +48,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.mesh = ml_collections.ConfigDict(dict(
         data=-1, fsdp=1, tensor=1, dcn_data=1, dcn_fsdp=1, dcn_tensor=1,
         num_devices=0,          # 0: all devices; n: the first n (reference runs, scaling)
+        cpu_devices=0,          # CPU hosts: XLA devices to split the cores into (-1: one per
+                                # core, data parallel; 0: JAX's default, one device)
         rules=(),               # () -> unclip_jax.parallel.DEFAULT_RULES
     ))
     return c

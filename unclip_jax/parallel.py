@@ -19,10 +19,12 @@ Logical names (use these, not new ones, unless a model truly needs another):
 """
 from __future__ import annotations
 
+import os
 from typing import Sequence
 
 import jax
 import numpy as np
+from absl import logging
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
 MESH_AXES = ("data", "fsdp", "tensor")
@@ -60,6 +62,35 @@ def _fill_sizes(sizes: Sequence[int], total: int, what: str) -> list[int]:
         raise ValueError(f"mesh: {what} {sizes} multiply to {int(np.prod(sizes))}, "
                          f"but there are {total} devices")
     return sizes
+
+
+def split_cpu_devices(mesh_config) -> int | None:
+    """Honour `mesh.cpu_devices`: split this host's CPU into that many XLA devices (-1: one per
+    core) so the step runs data-parallel over the cores. 0 (the default) leaves JAX alone.
+
+    Must run before JAX starts its backends; a device count the user set (XLA_FLAGS'
+    --xla_force_host_platform_device_count, jax_num_cpu_devices) wins. If the backends are
+    already up (tests with fake devices, a later stage of the same process), the devices that
+    exist are used, with a warning if their number differs. Returns the count asked for, or None.
+    No effect on GPU/TPU devices.
+    """
+    n = int(mesh_config.get("cpu_devices", 0) or 0)
+    if n == 0:
+        return None
+    if n < -1:
+        raise ValueError(f"mesh.cpu_devices must be >= -1 (-1: one per core), got {n}")
+    want = len(os.sched_getaffinity(0)) if n == -1 else n
+    if ("xla_force_host_platform_device_count" in os.environ.get("XLA_FLAGS", "")
+            or jax.config.jax_num_cpu_devices != -1):
+        return want
+    try:
+        jax.config.update("jax_num_cpu_devices", want)
+    except RuntimeError:
+        have = len(jax.devices("cpu"))
+        if have != want:
+            logging.warning("mesh.cpu_devices=%d: JAX already runs with %d CPU device(s); "
+                            "using those", n, have)
+    return want
 
 
 def mesh_shape(mesh_config, num_devices: int) -> tuple[list[int], list[int]]:

@@ -162,6 +162,7 @@ def train(config, workdir: str, *, stop_at: int | None = None) -> dict:
     """Train `config.stage` to `config.train.num_steps` (or stop early at `stop_at`, as if
     interrupted there). Returns a summary: final step, last metrics, params count, state."""
     stage = get_stage(config.stage)
+    parallel.split_cpu_devices(config.mesh)
     n_dev = int(config.mesh.get("num_devices", 0) or 0) or jax.device_count()
     validate_config(config, stage, n_dev, jax.process_count())
     os.makedirs(workdir, exist_ok=True)
