@@ -51,7 +51,7 @@ def test_directions_agree_with_pytorch():
         fns = bench_conv.ours(row)
         convert, ref = bench_conv.theirs(row)
         targs = convert(x, w, g)
-        out = {"fwd": fns["fwd"](x, w), "dx": fns["dx"](x, w, g), "dw": fns["dw"](x, w, g)}
+        out = {d: fns[d](x, w, g) for d in bench_conv.DIRECTIONS}
         assert out["dx"].shape == x.shape and out["dw"].shape == w.shape
         for d in bench_conv.DIRECTIONS:
             np.testing.assert_allclose(np.asarray(out[d]), ref[d](*targs), rtol=1e-4, atol=2e-4)

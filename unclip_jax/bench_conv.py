@@ -90,9 +90,10 @@ def _conv(row):
 
 
 def ours(row) -> dict:
-    """Jitted fwd / dx / dw of one row (dx is None where the step does not need it)."""
+    """Jitted fwd / dx / dw of one row, each called as f(x, w, g) like torch's in `theirs` (dx
+    is None where the step does not need it)."""
     conv = _conv(row)
-    fns = {"fwd": jax.jit(conv),
+    fns = {"fwd": jax.jit(lambda x, w, g: conv(x, w)),
            "dx": jax.jit(lambda x, w, g: jax.vjp(lambda x: conv(x, w), x)[1](g)[0]),
            "dw": jax.jit(lambda x, w, g: jax.vjp(lambda w: conv(x, w), w)[1](g)[0])}
     if not row["input_grad"]:
@@ -184,8 +185,8 @@ def benchmark(config, *, repeats: int = 11, torch_ref: bool = True) -> dict:
                          "use `bench` for its step time")
     inputs = [_inputs(row) for row in rows]
     for row, (x, w, g) in zip(rows, inputs):
-        ms = _time_interleaved({d: (f, (x, w) if d == "fwd" else (x, w, g))
-                                for d, f in ours(row).items() if f is not None}, repeats)
+        ms = _time_interleaved({d: (f, (x, w, g)) for d, f in ours(row).items() if f is not None},
+                               repeats)
         row["ours_ms"] = {d: ms.get(d) for d in DIRECTIONS}
     refs = [theirs(row) if torch_ref else None for row in rows]
     for row, (x, w, g), ref in zip(rows, inputs, refs):
