@@ -20,8 +20,18 @@ def _tiny():
 
 
 def _kernels(params):
+    """The model's 4-D conv kernel shapes, each as the convs the step runs with it: an up block's
+    conv_in (`Conv(upsample=True)`) runs as four 2x2 convs over the low-res input."""
     flat = flax.traverse_util.flatten_dict(flax.core.unfreeze(params))
-    return [tuple(v.shape) for k, v in flat.items() if k[-1] == "kernel" and len(v.shape) == 4]
+    out = []
+    for k, v in flat.items():
+        if k[-1] != "kernel" or len(v.shape) != 4:
+            continue
+        if any(p.startswith("up_") and p.endswith("_resample") for p in k) and "conv_in" in k:
+            out += [(2, 2) + tuple(v.shape[2:])] * 4
+        else:
+            out.append(tuple(v.shape))
+    return out
 
 
 def test_forward_convs_are_the_models_convolutions():
@@ -34,6 +44,7 @@ def test_forward_convs_are_the_models_convolutions():
     for r in rows:
         got[r["rhs_shape"]] += r["count"]
     assert got == collections.Counter(kernels)
+    assert any(r["rhs_shape"][:2] == (2, 2) for r in rows)
     assert all(r["lhs_shape"][0] == 2 and r["flops"] > 0 for r in rows)
     # Only the first convolution reads data (the noisy image): the step needs no input gradient
     # there, and needs one everywhere else.
@@ -44,8 +55,9 @@ def test_forward_convs_are_the_models_convolutions():
 def test_directions_agree_with_pytorch():
     rows = bench_conv.forward_convs(_tiny())
     picked = [r for r in rows if r["rhs_shape"][0] == 3 and r["input_grad"]][:1] + \
-             [r for r in rows if r["rhs_shape"][0] == 1][:1]
-    assert len(picked) == 2
+             [r for r in rows if r["rhs_shape"][0] == 1][:1] + \
+             [r for r in rows if r["rhs_shape"][0] == 2][:2]   # uneven padding: (1, 0), (0, 1)
+    assert len(picked) == 4
     for row in picked:
         x, w, g = bench_conv._inputs(row)
         fns = bench_conv.ours(row)

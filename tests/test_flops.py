@@ -44,3 +44,21 @@ def test_scan_body_counted_per_iteration():
         return jax.lax.scan(body, x, None, length=5)[0]
 
     assert matmul_flops(f, jnp.ones((2, 8))) == 5 * 2 * 2 * 8 * 8
+
+
+def test_upsampling_conv_counts_the_architectures_conv():
+    """Conv(upsample=True) runs four 2x2 convs on the low-res input (16 taps per low-res pixel
+    instead of 36); model FLOPs count the 3x3 conv of the upsampled input it computes, which is
+    XLA's count for the plain path."""
+    from unclip_jax.models.layers import Conv, upsample_nearest2
+    x = jnp.ones((2, 4, 6, 8))
+    fast, plain = Conv(16, 3, upsample=True), Conv(16, 3)
+    p = fast.init(jax.random.PRNGKey(0), x)
+    f_fast = lambda p, x: fast.apply(p, x)  # noqa: E731
+    f_plain = lambda p, x: plain.apply(p, upsample_nearest2(x))  # noqa: E731
+    # 8 and 12 wide, k3, pad 1/1: 2 + 6*3 + 2 = 22 and 2 + 10*3 + 2 = 34 real taps.
+    hand = 2 * 2 * 16 * 8 * 22 * 34
+    assert matmul_flops(f_fast, p, x) == hand == matmul_flops(f_plain, p, x)
+    assert _xla_flops(f_plain, p, x) == hand + 2 * 8 * 12 * 16     # XLA adds the bias adds
+    # What XLA runs for the fast path: four 2x2 convs, 2x2 taps less the padded border.
+    assert _xla_flops(f_fast, p, x) < 0.55 * hand

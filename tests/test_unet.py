@@ -242,6 +242,58 @@ def test_upsample_gradient_sums_each_block():
                                atol=1e-6)
 
 
+@pytest.mark.parametrize("shape,dtype,tol", [((2, 4, 6, 8, 16), jnp.float32, 1e-5),
+                                             ((1, 3, 5, 16, 4), jnp.float32, 1e-5),
+                                             ((2, 4, 4, 8, 8), jnp.bfloat16, 3e-2)])
+def test_upsample_conv_equals_conv_of_upsampled_input(shape, dtype, tol):
+    """upsample_conv (four 2x2 convs on the low-res input) gives the SAME 3x3 conv of the
+    nearest-upsampled input, and the same gradients for input and kernel."""
+    from jax import lax
+    from unclip_jax.models.layers import upsample_conv, upsample_nearest2
+    n, h, w, c, o = shape
+    x = jax.random.normal(jax.random.key(0), (n, h, w, c)).astype(dtype)
+    k = (jax.random.normal(jax.random.key(1), (3, 3, c, o)) / 3).astype(dtype)
+    g = jax.random.normal(jax.random.key(2), (n, 2 * h, 2 * w, o)).astype(dtype)
+    pad = ((1, 1), (1, 1))
+    dn = ("NHWC", "HWIO", "NHWC")
+    ref = lambda x, k: lax.conv_general_dilated(upsample_nearest2(x), k, (1, 1), pad,  # noqa
+                                                dimension_numbers=dn)
+    ours = lambda x, k: upsample_conv(x, k, (1, 1), pad,  # noqa: E731
+                                      dimension_numbers=lax.conv_dimension_numbers(
+                                          x.shape, k.shape, dn))
+    y_ref, vjp_ref = jax.vjp(ref, x, k)
+    y, vjp = jax.vjp(ours, x, k)
+    assert y.shape == (n, 2 * h, 2 * w, o) and y.dtype == dtype
+    f32 = lambda a: np.asarray(a.astype(jnp.float32))  # noqa: E731
+    scale = float(np.abs(f32(y_ref)).max())
+    np.testing.assert_allclose(f32(y), f32(y_ref), atol=tol * scale)
+    for a, b in zip(vjp(g), vjp_ref(g)):
+        np.testing.assert_allclose(f32(a), f32(b), atol=tol * float(np.abs(f32(b)).max()))
+    # Each output phase depends on its own taps: a kernel with one non-zero tap moves the result.
+    k1 = jnp.zeros((3, 3, c, o), dtype).at[0, 2].set(1)
+    np.testing.assert_allclose(f32(ours(x, k1)), f32(ref(x, k1)), atol=tol)
+    with pytest.raises(ValueError, match="stride-1"):
+        upsample_conv(x, k, (2, 2), pad, dimension_numbers=lax.conv_dimension_numbers(
+            x.shape, k.shape, dn))
+
+
+def test_up_resblock_has_the_plain_parameters_and_output():
+    """The BigGAN up block's conv_in (Conv(upsample=True)) keeps nn.Conv's parameter tree, and
+    the block equals the same block written with an explicit upsample before the conv."""
+    from unclip_jax.models.layers import Conv, upsample_nearest2
+    x = jax.random.normal(jax.random.key(0), (2, 4, 4, 8))
+    fast = Conv(16, 3, upsample=True)
+    plain = Conv(16, 3)
+    p = init_jit(fast, x)
+    assert jax.tree.map(jnp.shape, p) == jax.tree.map(
+        jnp.shape, init_jit(plain, upsample_nearest2(x)))
+    p = rerandomise_zeros(p)
+    np.testing.assert_allclose(fast.apply({"params": p}, x),
+                               plain.apply({"params": p}, upsample_nearest2(x)), atol=1e-5)
+    with pytest.raises(ValueError, match="3x3"):
+        init_jit(Conv(16, 1, upsample=True), x)
+
+
 def test_bad_config_fields_are_named():
     with pytest.raises(ValueError, match="attention_resolutions"):
         model_from_config(tiny_decoder_cfg(attention_resolutions=(5,)))

@@ -104,15 +104,19 @@ def ours(row) -> dict:
 def _torch_layout(row):
     """Our layout's order of (batch, feature, H, W) for input, kernel and output (transposing by
     it gives torch's NCHW / OIHW) and conv2d's arguments; None where the row is not a plain 2-D
-    convolution that torch runs the same way."""
+    convolution that torch runs the same way. Uneven padding (the up-sampling convs' 2x2 phases)
+    is applied to torch's input beforehand (`pad`, F.pad's order), with conv2d's padding 0."""
     p = row["params"]
     dn = p["dimension_numbers"]
     pads = [tuple(x) for x in p["padding"]]
     if (len(dn.lhs_spec) != 4 or p["feature_group_count"] != 1 or p["batch_group_count"] != 1
-            or any(d != 1 for d in p["lhs_dilation"]) or any(lo != hi for lo, hi in pads)):
+            or any(d != 1 for d in p["lhs_dilation"])):
         return None
+    even = all(lo == hi for lo, hi in pads)
     return dict(lhs=tuple(dn.lhs_spec), rhs=tuple(dn.rhs_spec), out=tuple(dn.out_spec),
-                stride=list(p["window_strides"]), padding=[lo for lo, _ in pads],
+                stride=list(p["window_strides"]),
+                padding=[lo for lo, _ in pads] if even else [0, 0],
+                pad=None if even else [v for lo, hi in reversed(pads) for v in (lo, hi)],
                 dilation=list(p["rhs_dilation"]))
 
 
@@ -142,12 +146,21 @@ def theirs(row):
                                                lay["dilation"]), lay["out"])
 
     def dx(x, w, g):
-        return back(cb(g, x, w, *args, [True, False, False])[0], lay["lhs"])
+        d = cb(g, x, w, *args, [True, False, False])[0]
+        if lay["pad"]:   # the gradient of the unpadded input: crop torch's padded one
+            wl, wh, hl, hh = lay["pad"]
+            d = d[:, :, hl:d.shape[2] - hh, wl:d.shape[3] - wh]
+        return back(d, lay["lhs"])
 
     def dw(x, w, g):
         return back(cb(g, x, w, *args, [False, True, False])[1], lay["rhs"])
 
-    convert = lambda x, w, g: (t(x, lay["lhs"]), t(w, lay["rhs"]), t(g, lay["out"]))
+    def convert(x, w, g):
+        tx = t(x, lay["lhs"])
+        if lay["pad"]:
+            tx = torch.nn.functional.pad(tx, lay["pad"])
+        return tx, t(w, lay["rhs"]), t(g, lay["out"])
+
     fns = {"fwd": fwd, "dx": dx if row["input_grad"] else None, "dw": dw}
     return convert, fns
 

@@ -49,6 +49,19 @@ def _conv_flops(eqn) -> float:
     return 2.0 * batch * out_feat * in_feat * taps
 
 
+# `models.layers.upsample_conv` computes a 3x3 conv of a 2x nearest-upsampled input as four 2x2
+# convs of the low-res input (2.25x fewer multiplies, same function). Model FLOPs count the
+# architecture's conv there, so MFU stays comparable with a plain implementation (PyTorch's).
+UPSAMPLE_CONV = "_upsample_conv_phases"
+
+
+def _upsample_conv_flops(eqn) -> float:
+    lhs, rhs = (v.aval for v in eqn.invars[:2])     # [N, h, w, C] low-res, [3, 3, C, O]
+    n, h, w, c = lhs.shape
+    taps = _valid_taps(2 * h, 3, 1, (1, 1), 1, 1) * _valid_taps(2 * w, 3, 1, (1, 1), 1, 1)
+    return 2.0 * n * rhs.shape[-1] * c * taps
+
+
 def _sub_jaxprs(eqn):
     for v in eqn.params.values():
         if isinstance(v, jcore.ClosedJaxpr):
@@ -71,6 +84,8 @@ def jaxpr_matmul_flops(jaxpr) -> float:
             total += _dot_general_flops(eqn)
         elif name == "conv_general_dilated":
             total += _conv_flops(eqn)
+        elif name in ("jit", "pjit") and eqn.params.get("name") == UPSAMPLE_CONV:
+            total += _upsample_conv_flops(eqn)
         else:
             mult = eqn.params.get("length", 1) if name == "scan" else 1
             if name == "cond":  # count the most expensive branch

@@ -11,7 +11,9 @@ else. `--config=experiments/bench/unet_cpu.py:attn` adds attention at 16 and 8 f
 The host's cores run the step data-parallel, one XLA device per core (mesh.cpu_devices=-1,
 batch 16 per device on 2 cores), as PyTorch's step runs on both cores: on the 2-core dev host
 that was 0.91-0.94 s against 0.93-1.00 s for one device using both cores (2026-11-30, README).
-`--config.mesh.cpu_devices=0 --config.mesh.num_devices=1` times the one-device step.
+`--config.mesh.cpu_devices=0 --config.mesh.num_devices=1` times the one-device step. Since the
+up blocks convolve from the low-res input (`layers.upsample_conv`): 0.895-0.933 s against
+PyTorch's 0.872-0.910 s in the same rounds (README, "Benchmarks").
 """
 from unclip_jax.configs import base_config
 from unclip_jax.data import default_data_config

@@ -34,10 +34,13 @@ class ResBlock(nn.Module):
     def __call__(self, x, emb, train: bool = False):
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         h = nn.silu(GroupNorm(self.norm_groups, name="norm_in", **kw)(x))
-        if self.resample is not None:
-            fn = upsample_nearest2 if self.resample == "up" else avg_pool2
-            h, x = fn(h), fn(x)
-        h = Conv(self.out_channels, 3, name="conv_in", **kw)(h)
+        if self.resample not in (None, "up", "down"):
+            raise ValueError(f"ResBlock.resample must be None, 'up' or 'down', got {self.resample!r}")
+        if self.resample == "down":
+            h, x = avg_pool2(h), avg_pool2(x)
+        elif self.resample == "up":
+            x = upsample_nearest2(x)     # h is upsampled inside conv_in (same result, fewer FLOPs)
+        h = Conv(self.out_channels, 3, upsample=self.resample == "up", name="conv_in", **kw)(h)
         ss = Dense(2 * self.out_channels, axes=("embed", "mlp"), name="emb_proj", **kw)(
             nn.silu(emb))
         scale, shift = jnp.split(ss, 2, axis=-1)
