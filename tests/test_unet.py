@@ -292,6 +292,9 @@ def test_up_resblock_has_the_plain_parameters_and_output():
                                plain.apply({"params": p}, upsample_nearest2(x)), atol=1e-5)
     with pytest.raises(ValueError, match="3x3"):
         init_jit(Conv(16, 1, upsample=True), x)
+    from unclip_jax.models.unet import ResBlock
+    with pytest.raises(ValueError, match="resample must be None, 'up' or 'down', got 'sideways'"):
+        init_jit(ResBlock(8, "sideways", norm_groups=4), x, jnp.zeros((2, 16)))
 
 
 def test_bad_config_fields_are_named():

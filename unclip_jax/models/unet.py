@@ -35,7 +35,8 @@ class ResBlock(nn.Module):
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         h = nn.silu(GroupNorm(self.norm_groups, name="norm_in", **kw)(x))
         if self.resample not in (None, "up", "down"):
-            raise ValueError(f"ResBlock.resample must be None, 'up' or 'down', got {self.resample!r}")
+            raise ValueError("ResBlock.resample must be None, 'up' or 'down', "
+                             f"got {self.resample!r}")
         if self.resample == "down":
             h, x = avg_pool2(h), avg_pool2(x)
         elif self.resample == "up":
