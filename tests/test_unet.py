@@ -278,8 +278,9 @@ def test_upsample_conv_equals_conv_of_upsampled_input(shape, dtype, tol):
 
 
 def test_up_resblock_has_the_plain_parameters_and_output():
-    """The BigGAN up block's conv_in (Conv(upsample=True)) keeps nn.Conv's parameter tree, and
-    the block equals the same block written with an explicit upsample before the conv."""
+    """The BigGAN up block's conv_in (Conv(upsample=True)) keeps nn.Conv's parameter tree and
+    equals the plain Conv applied after an explicit upsample (the whole up block against
+    PyTorch's interpolate-then-conv: tests/test_bench_torch.py); bad settings are named."""
     from unclip_jax.models.layers import Conv, upsample_nearest2
     x = jax.random.normal(jax.random.key(0), (2, 4, 4, 8))
     fast = Conv(16, 3, upsample=True)
