@@ -13,7 +13,9 @@ batch 16 per device on 2 cores), as PyTorch's step runs on both cores: on the 2-
 that was 0.91-0.94 s against 0.93-1.00 s for one device using both cores (2026-11-30, README).
 `--config.mesh.cpu_devices=0 --config.mesh.num_devices=1` times the one-device step. Since the
 up blocks convolve from the low-res input (`layers.upsample_conv`): 0.895-0.933 s against
-PyTorch's 0.872-0.910 s in the same rounds (README, "Benchmarks").
+PyTorch's 0.872-0.910 s in the same rounds (README, "Benchmarks"). That was a Zen 5 (AVX-512)
+host; on a Zen 3 (AVX2) 2-core host ours took 3.16-3.57 s against PyTorch's 3.67-3.97 s
+(7 interleaved rounds, 2026-11-30): the order depends on the host, so compare on yours.
 """
 from unclip_jax.configs import base_config
 from unclip_jax.data import default_data_config
