@@ -5,7 +5,7 @@ setup(
     name="unclip_jax",
     version="0.1.0",
     description="unCLIP (Hierarchical Text-Conditional Image Generation with CLIP Latents) in JAX/Flax",
-    packages=find_packages(include=["unclip_jax", "unclip_jax.*"]),
+    packages=find_packages(include=["unclip_jax", "unclip_jax.*", "experiments", "experiments.*"]),
     python_requires=">=3.10",
     install_requires=[
         # jax 0.10.x is what this code is tested on (0.10.2); the CPU wheel is enough for tests,
@@ -36,7 +36,7 @@ setup(
             # CPU host compiles for TPU topologies (ahead-of-time plans); matches jax 0.10.2.
             "libtpu==0.0.42.*",
             # transformers' PyTorch CLIP is the reference in the CLIP parity test, and
-            # unclip_jax.bench_torch the PyTorch U-Net of the CPU speed check; 2.13.0 is the
+            # benchmarks.torch_unet the PyTorch U-Net of the CPU speed check; 2.13.0 is the
             # CPU build this project's machines carry.
             "torch==2.13.0",
         ],

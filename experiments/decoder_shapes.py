@@ -1,7 +1,7 @@
 """unCLIP decoder at 32x32 on the built-in shapes dataset, sized for a 2-core CPU.
 
 Run:   python -m unclip_jax.main --config=experiments/decoder_shapes.py --workdir=runs/dec
-Quick: --config=experiments/decoder_shapes.py:runlocal  (tiny model, 200 steps, smoke test)
+Quick: --config=experiments/decoder_shapes.py:smoke  (tiny model, 200 steps, smoke test)
 Conditioning: no CLIP yet, so z_i is the "pixels" STAND-IN (a fixed random projection of the 8x8
 image, see unclip_jax/stages/decoder.py) and the caption is byte-tokenised; with an embedding
 cache (data.name="embed_cache") the cached CLIP columns are used instead (sources "auto").
@@ -31,7 +31,7 @@ def get_config(arg=None):
                        vlb_weight=0.001, drop_image_emb=0.1, drop_text=0.5, min_snr_gamma=0.0)
     c.train.update(batch_size=16, num_steps=2000, log_every=50, ckpt_every=500)
     c.optim.update(lr=3e-4, warmup_steps=100, schedule="constant", ema_decay=0.999)
-    if arg == "runlocal":
+    if arg == "smoke":
         c.model.update(base_channels=16, channel_mult=(1, 2), text_depth=1, text_width=32,
                        head_channels=16, clip_dim=32, image_emb_scale=32 ** 0.5)
         c.train.update(batch_size=8, num_steps=200, log_every=20, ckpt_every=100)

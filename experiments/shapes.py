@@ -1,7 +1,7 @@
 """The main job: the whole unCLIP stack on the built-in `shapes` dataset, sized for a 2-core CPU.
 
 Run:   python -m unclip_jax.main --config=experiments/shapes.py --workdir=runs/shapes
-Tiny:  --config=experiments/shapes.py:tiny   (a few steps per stage on 256 images: a smoke test)
+Smoke: --config=experiments/shapes.py:smoke   (a few steps per stage on 256 images: a smoke test)
 
 Trains, in order (one sub-workdir each, resumable; finished stages are skipped on re-runs):
   clip             ViT 32x32 (patch 4) + causal text transformer, 64-d embeddings, BPE tokenizer
@@ -21,21 +21,11 @@ sampled with 50 (not 250) strided steps; AR prior with 32 (not 1024) buckets, sa
 temperature 0.4 with guidance 2; v-predicting decoder with fixed variance (not eps + learned
 sigma); x0-predicting upsampler (reasons and measurements at the fields below).
 """
-import importlib.util
-import os
-
 import ml_collections
 
+from experiments import (ar_prior_shapes, clip_shapes, decoder_shapes, prior_shapes,
+                         upsampler_shapes)
 from unclip_jax.data import default_data_config
-
-_HERE = os.path.dirname(os.path.abspath(__file__))
-
-
-def _stage(name):
-    spec = importlib.util.spec_from_file_location(name, os.path.join(_HERE, f"{name}.py"))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod.get_config()
 
 
 COLOURS = ("red", "green", "blue", "yellow", "purple", "orange")
@@ -43,9 +33,9 @@ SHAPES = ("circle", "square", "triangle")
 
 
 def get_config(arg=None):
-    if arg not in (None, "", "tiny"):
-        raise ValueError(f"experiments/shapes.py: unknown variant {arg!r} (use :tiny)")
-    tiny = arg == "tiny"
+    if arg not in (None, "", "smoke"):
+        raise ValueError(f"experiments/shapes.py: unknown variant {arg!r} (use :smoke)")
+    smoke = arg == "smoke"
     c = ml_collections.ConfigDict()
     c.pipeline = "unclip"       # marks a whole-stack config for unclip_jax.main
     c.seed = 0
@@ -53,11 +43,11 @@ def get_config(arg=None):
                "samples", "report")
     c.data = default_data_config("shapes")
     c.data.num_threads = 2
-    c.data.shapes.num_train = 256 if tiny else 20_000
-    c.data.shapes.num_test = 64 if tiny else 2_000
+    c.data.shapes.num_train = 256 if smoke else 20_000
+    c.data.shapes.num_test = 64 if smoke else 2_000
 
     s = ml_collections.ConfigDict()
-    s.clip = _stage("clip_shapes")
+    s.clip = clip_shapes.get_config()
     s.clip.model.update(image_size=32, patch=4, vision_width=64, vision_depth=2,
                         vision_heads=2, text_ctx=24, text_width=64, text_depth=2, text_heads=2,
                         vocab_size=256, embed_dim=64)
@@ -67,12 +57,12 @@ def get_config(arg=None):
     s.clip.train.update(batch_size=64, num_steps=1600, log_every=50, ckpt_every=400)
     s.clip.optim.update(warmup_steps=100)
 
-    s.diffusion_prior = _stage("prior_shapes")
+    s.diffusion_prior = prior_shapes.get_config()
     s.diffusion_prior.model.update(embed_dim=64, text_ctx=24, text_dim=64, vocab_size=0,
                                    width=128, depth=3, heads=4)
     s.diffusion_prior.train.update(batch_size=32, num_steps=1200, log_every=50, ckpt_every=400)
 
-    s.ar_prior = _stage("ar_prior_shapes")
+    s.ar_prior = ar_prior_shapes.get_config()
     s.ar_prior.model.update(embed_dim=64, text_ctx=24, text_dim=64, vocab_size=0,
                             enc_width=128, enc_depth=2, enc_heads=4, dec_width=128, dec_depth=3,
                             dec_heads=4)
@@ -83,7 +73,7 @@ def get_config(arg=None):
     s.ar_prior.optim.lr = 1e-3
     s.ar_prior.train.update(batch_size=32, num_steps=1200, log_every=50, ckpt_every=400)
 
-    s.decoder = _stage("decoder_shapes")
+    s.decoder = decoder_shapes.get_config()
     s.decoder.model.update(clip_dim=64, text_vocab=256, text_ctx=24, text_depth=1,
                            image_emb_source="cache", tokens_source="cache",
                            image_emb_scale=8.0)  # sqrt(64): unit z_i -> per-dim std ~1
@@ -99,7 +89,7 @@ def get_config(arg=None):
     s.decoder.diffusion.parameterization = "v"
     s.decoder.model.learn_sigma = False
 
-    s.upsampler = _stage("upsampler_shapes")
+    s.upsampler = upsampler_shapes.get_config()
     s.upsampler.model.update(base_channels=16, channel_mult=(1, 2))
     s.upsampler.diffusion.crop_fraction = 0.25   # the paper's: 16x16 crops of the 64x64 target
     # 1800 steps (52 s): the report's upsampler-only row (renders at 32x32 -> upsampler -> pixel
@@ -132,7 +122,7 @@ def get_config(arg=None):
         # themselves: which stage loses colour or shape.
         true_embedding=True))
 
-    if tiny:
+    if smoke:
         for name, st in s.items():
             st.train.update(num_steps=4, log_every=2, ckpt_every=4, batch_size=16)
         s.clip.model.update(vision_width=32, vision_depth=1, text_width=32, text_depth=1,

@@ -1,7 +1,7 @@
 """unCLIP-style upsampler 32 -> 64 on the built-in shapes dataset, sized for a 2-core CPU.
 
 Run:   python -m unclip_jax.main --config=experiments/upsampler_shapes.py --workdir=runs/up
-Quick: --config=experiments/upsampler_shapes.py:runlocal  (tiny model, 200 steps, smoke test)
+Quick: --config=experiments/upsampler_shapes.py:smoke  (tiny model, 200 steps, smoke test)
 As the paper's first upsampler: convolution only, timestep-only conditioning, the low-res image
 blurred (kernel 3, sigma 0.6) at train time; trained on random 32x32 crops of 64x64 images
 (crop_fraction 0.5 here, 0.25 in the paper) and applied at full size. Set diffusion.degrade="bsr"
@@ -27,7 +27,7 @@ def get_config(arg=None):
                        degrade="blur", crop_fraction=0.5)
     c.train.update(batch_size=16, num_steps=1000, log_every=50, ckpt_every=500)
     c.optim.update(lr=3e-4, warmup_steps=100, schedule="constant", ema_decay=0.999)
-    if arg == "runlocal":
+    if arg == "smoke":
         c.model.update(base_channels=16, channel_mult=(1, 2))
         c.train.update(batch_size=8, num_steps=200, log_every=20, ckpt_every=100)
     return c

@@ -10,7 +10,7 @@ The config has `data` (the source dataset, see unclip_jax.data.config) and `embe
   embed.shard_size  rows per written shard (default 8192)
 Each process encodes its own slice (--process_index / --process_count, default: jax's) and
 writes its own shards under DIR/<split>/ (layout in unclip_jax.data.cache). Read the result
-with data.name="embed_cache", data.cache_dir=DIR; fit PCA with `python -m unclip_jax.pca`.
+with data.name="embed_cache", data.cache_dir=DIR; fit PCA with `python -m unclip_jax.models.pca`.
 """
 from __future__ import annotations
 

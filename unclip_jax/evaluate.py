@@ -56,9 +56,15 @@ import os
 import sys
 import time
 
-import unclip_jax  # noqa: F401  (XLA CPU flags before the backend starts)
+from unclip_jax.tools import host_malloc
+
+if __name__ == "__main__":
+    host_malloc.prepare_cpu_host()  # before JAX is imported: XLA:CPU flags and the allocator
+
 
 import numpy as np
+
+from unclip_jax.images import from_uint8, plot_sweep, to_uint8
 
 PLOT_FILE = "fid_vs_guidance.png"
 STAGE_KEYS = ("clip", "diffusion_prior", "ar_prior", "decoder", "upsampler")
@@ -72,7 +78,7 @@ class EvalError(ValueError):
 def sample_settings(config):
     """SampleSettings from config.sampling (its fields plus batch_size); unknown fields are an
     error rather than silently ignored (a misspelt guidance would change every number)."""
-    from unclip_jax.pipeline import SampleSettings
+    from unclip_jax.inference import SampleSettings
     fields = {f.name for f in dataclasses.fields(SampleSettings)}
     given = {k: v for k, v in config.sampling.items() if k != "batch_size"}
     unknown = sorted(set(given) - fields)
@@ -156,7 +162,7 @@ def _mesh():
     import jax
 
     from unclip_jax import parallel
-    from unclip_jax.pipeline import default_mesh
+    from unclip_jax.inference import default_mesh
     if jax.local_device_count() <= 1:
         return None
     if jax.process_count() == 1:
@@ -165,7 +171,7 @@ def _mesh():
 
 
 def load_pipeline(config, workdir: str):
-    from unclip_jax.pipeline import Pipeline
+    from unclip_jax.inference import Pipeline
     dirs = _stage_dirs(config, workdir)
     ema = bool(config.get("ema", True))
     if dirs is None:
@@ -269,14 +275,6 @@ def eval_set_key(config, dcfg) -> str:
 
 
 # ---------------------------------------------------------------------------------- helpers
-def to_uint8(images) -> np.ndarray:
-    return ((np.clip(np.asarray(images, np.float32), -1, 1) + 1) * 127.5).round().astype(np.uint8)
-
-
-def from_uint8(images) -> np.ndarray:
-    return np.asarray(images, np.float32) / 127.5 - 1.0
-
-
 def _pad_rows(xs: list, size: int) -> list:
     """Repeat the last row up to `size`, so every call compiles for one batch shape."""
     return list(xs) + [xs[-1]] * (size - len(xs))
@@ -353,54 +351,6 @@ def _merge_shapes(parts: list[dict]) -> dict:
 
 
 # ------------------------------------------------------------------------------------- plot
-def plot_sweep(points: list[tuple[float, float]], path: str, ylabel: str, title: str,
-               note: str = ""):
-    """A small line plot (PIL only): axes with ticks, points joined by lines, labels."""
-    from PIL import Image, ImageDraw, ImageFont
-    w, h, left, right, top, bottom = 640, 440, 80, 30, 50, 70
-    img = Image.new("RGB", (w, h), "white")
-    d = ImageDraw.Draw(img)
-    font = ImageFont.load_default()
-    xs = [p[0] for p in points]
-    ys = [p[1] for p in points if math.isfinite(p[1])]
-    x0, x1 = min(xs), max(xs)
-    if x1 == x0:
-        x0, x1 = x0 - 0.5, x1 + 0.5
-    xpad = (x1 - x0) * 0.06  # keep the first / last point off the axes
-    x0, x1 = x0 - xpad, x1 + xpad
-    y0, y1 = (min(ys), max(ys)) if ys else (0.0, 1.0)
-    pad = (y1 - y0) * 0.1 or max(abs(y0) * 0.1, 1e-3)
-    y0, y1 = y0 - pad, y1 + pad
-
-    def px(x, y):
-        return (left + (x - x0) / (x1 - x0) * (w - left - right),
-                h - bottom - (y - y0) / (y1 - y0) * (h - top - bottom))
-
-    d.line([(left, top), (left, h - bottom), (w - right, h - bottom)], fill="black", width=2)
-    for i in range(5):
-        yv = y0 + (y1 - y0) * i / 4
-        _, yy = px(x0, yv)
-        d.line([(left - 5, yy), (left, yy)], fill="black")
-        d.text((5, yy - 6), f"{yv:.4g}", fill="black", font=font)
-    for xv in xs:
-        xx, _ = px(xv, y0)
-        d.line([(xx, h - bottom), (xx, h - bottom + 5)], fill="black")
-        d.text((xx - 10, h - bottom + 8), f"{xv:g}", fill="black", font=font)
-    finite = [px(x, y) for x, y in points if math.isfinite(y)]
-    if len(finite) > 1:
-        d.line(finite, fill=(31, 119, 180), width=2)
-    for (xx, yy), (_, yv) in zip(finite, [p for p in points if math.isfinite(p[1])]):
-        d.ellipse([xx - 4, yy - 4, xx + 4, yy + 4], fill=(214, 39, 40), outline="black")
-        d.text((xx + 6, yy - 16), f"{yv:.4g}", fill="black", font=font)
-    d.text((left + (w - left - right) // 2 - 80, h - 30), "decoder guidance scale", fill="black",
-           font=font)
-    d.text((5, top - 20), ylabel, fill="black", font=font)
-    d.text((left, 10), title, fill="black", font=font)
-    if note:
-        d.text((left, 24), note, fill=(160, 0, 0), font=font)
-    img.save(path)
-
-
 # ----------------------------------------------------------------------------------- evaluate
 def _flat(prefix: str, d: dict) -> dict:
     out = {}
@@ -662,7 +612,7 @@ def evaluate(config, workdir: str, out: str | None = None, log=print) -> dict:
         arrays["images"] = images
     np.savez(os.path.join(out, "samples.npz"), **arrays)
     if grid_all is not None:
-        from unclip_jax.pipeline_train import save_grid
+        from unclip_jax.images import save_grid
         cols = math.ceil(math.sqrt(len(grid_all)))
         save_grid(from_uint8(grid_all), os.path.join(out, "samples.png"), cols,
                   labels=captions[:len(grid_all)])

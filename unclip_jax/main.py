@@ -7,7 +7,11 @@ TPU pods and SLURM are detected; otherwise pass --coordinator_address/--num_proc
 """
 from __future__ import annotations
 
-import unclip_jax  # noqa: F401  (XLA CPU flags before the backend starts)
+from unclip_jax.tools import host_malloc
+
+if __name__ == "__main__":
+    host_malloc.prepare_cpu_host()  # before JAX is imported: XLA:CPU flags and the allocator
+
 
 from absl import app, flags, logging
 from ml_collections import config_flags
@@ -27,7 +31,7 @@ flags.mark_flags_as_required(["config", "workdir"])
 def run(config, workdir: str):
     """A whole-stack config (`pipeline` field) runs every stage; otherwise one stage trains."""
     if "pipeline" in config:
-        from unclip_jax.pipeline_train import run_pipeline
+        from unclip_jax.recipes.shapes import run_pipeline
         return run_pipeline(config, workdir)
     from unclip_jax.train.trainer import train
     return train(config, workdir)

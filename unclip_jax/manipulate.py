@@ -14,7 +14,7 @@ import dataclasses
 
 import numpy as np
 
-from unclip_jax.pipeline import Pipeline, SampleSettings, slerp
+from unclip_jax.inference import Pipeline, SampleSettings, slerp
 
 
 def _ddim(settings: SampleSettings, eta: float = 0.0) -> SampleSettings:

@@ -18,9 +18,15 @@ import json
 import os
 import sys
 
-import unclip_jax  # noqa: F401
+from unclip_jax.tools import host_malloc
+
+if __name__ == "__main__":
+    host_malloc.prepare_cpu_host()  # before JAX is imported: XLA:CPU flags and the allocator
+
 
 import numpy as np
+
+from unclip_jax.images import read_image, write_image
 
 
 def _settings_args(p: argparse.ArgumentParser):
@@ -41,7 +47,7 @@ def _settings_args(p: argparse.ArgumentParser):
 
 
 def _settings(a):
-    from unclip_jax.pipeline import SampleSettings
+    from unclip_jax.inference import SampleSettings
     return SampleSettings(
         prior=a.prior, prior_steps=a.prior_steps, prior_method=a.prior_method,
         prior_guidance=a.prior_guidance, num_candidates=a.best_of,
@@ -85,24 +91,6 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
-def read_image(path: str) -> np.ndarray:
-    """An image file as [H, W, 3] float32 in [-1, 1]; a clear error if it can't be read."""
-    from PIL import Image, UnidentifiedImageError
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"image {path} does not exist")
-    try:
-        with Image.open(path) as im:
-            arr = np.asarray(im.convert("RGB"), np.float32)
-    except (UnidentifiedImageError, OSError) as e:
-        raise ValueError(f"image {path} cannot be read ({e})") from e
-    return arr / 127.5 - 1.0
-
-
-def write_image(image: np.ndarray, path: str):
-    from PIL import Image
-    Image.fromarray(((np.clip(image, -1, 1) + 1) * 127.5).round().astype(np.uint8)).save(path)
-
-
 def _prompts(a) -> list[str]:
     prompts = list(a.prompt)
     if a.prompts_file:
@@ -123,8 +111,8 @@ def run(argv: list[str]) -> dict:
         argv = ["generate"] + argv
     a = parser().parse_args(argv)
     from unclip_jax import manipulate
-    from unclip_jax.pipeline import Pipeline
-    from unclip_jax.pipeline_train import save_grid
+    from unclip_jax.inference import Pipeline
+    from unclip_jax.images import save_grid
 
     settings = _settings(a)
     # Inputs are checked before the (slow) model loading.

@@ -1,6 +1,6 @@
 """CPU speed check of the ADM U-Net train step against a PyTorch reference (2-core host).
 
-Run:   python -m unclip_jax.bench --config=experiments/bench/unet_cpu.py --steps=5
+Run:   python -m unclip_jax.tools.bench --config=experiments/bench/unet_cpu.py --steps=5
 Target: a plain conv U-Net with channels 64,128,128, 2 res blocks, 32x32, batch 32, float32,
 fwd+bwd+Adam trains at ~1.15 s/step in PyTorch on this 2-core CPU; ours should be no slower.
 

@@ -18,7 +18,7 @@ Run:
   (config.stages.* override stage directories; unset ones come from --workdir, and the output
   goes to <workdir>/eval/coco_zero_shot unless --out is given.) AR prior: set
   --config.stages.ar_prior=... and --config.sampling.prior=ar.
-  Variants: `:folder` reads a local folder instead of tfds; `:runlocal` shrinks everything
+  Variants: `:folder` reads a local folder instead of tfds; `:smoke` shrinks everything
   (200 captions, 4 steps) for a smoke run.
 
 Data (no TensorFlow here, so tfds is read through `tfds.data_source`, which needs the dataset
@@ -58,7 +58,7 @@ def get_config(arg=None):
     ))
 
     # --- data (validation images + all their captions)
-    if arg in (None, "", "runlocal", "tfds"):
+    if arg in (None, "", "smoke", "tfds"):
         c.data = default_data_config("tfds")
         c.data.tfds_name = "coco_captions"
         c.data.image_key = "image"
@@ -69,14 +69,14 @@ def get_config(arg=None):
         c.protocol.split = "val2014"
         c.protocol.order = "first"
     else:
-        raise ValueError(f"coco_zero_shot: unknown variant {arg!r}; use tfds, folder, runlocal")
+        raise ValueError(f"coco_zero_shot: unknown variant {arg!r}; use tfds, folder, smoke")
     c.data.resolution = 256
 
     # --- generation (paper: prior 64 steps analytic, best of 2; decoder 250 steps guidance 1.25;
     #     64->256 upsampler 27 steps DDIM)
     c.stages = ml_collections.ConfigDict(dict(clip="", diffusion_prior="", ar_prior="",
                                               decoder="", upsampler=""))
-    c.sampling = ml_collections.ConfigDict(dict(   # batch_size + unclip_jax.pipeline.SampleSettings
+    c.sampling = ml_collections.ConfigDict(dict(   # batch_size + unclip_jax.inference.SampleSettings
         batch_size=64, prior="diffusion",
         prior_steps="64", prior_guidance=1.0, num_candidates=2,
         decoder_steps="250", decoder_guidance=1.25,
@@ -96,7 +96,7 @@ def get_config(arg=None):
     c.save_images = False
     c.grid_images = 64
 
-    if arg == "runlocal":
+    if arg == "smoke":
         c.protocol.num_samples = 200
         c.sampling.update(batch_size=8, prior_steps="4", decoder_steps="4",
                           upsampler_steps="ddim4")

@@ -4,7 +4,7 @@ Run (after `python -m unclip_jax.main --config=experiments/shapes.py --workdir=r
   python -m unclip_jax.evaluate --workdir=runs/shapes --config=experiments/eval/shapes.py
   Results: runs/shapes/eval/shapes/eval.json (+ tensorboard/, samples.npz, samples.png).
 Variants: `:sweep` adds a decoder guidance sweep (fid_vs_guidance.png, CLIP-space FD unless
-Inception weights are given); `:tiny` is the test's smoke size (24 captions, 2-3 steps).
+Inception weights are given); `:smoke` is the test's smoke size (24 captions, 2-3 steps).
 Inception FID / KID only with --config.inception_weights=/path/pt_inception-2015-12-05.npz
 (nothing is downloaded); without it the image metrics are in the run's own CLIP space.
 
@@ -17,26 +17,19 @@ Metrics: CLIP-space Frechet distance and CLIP score, precision / recall of CLIP 
 embeddings (k=3), prior cosines (diffusion and AR prior against the z_t baseline), shapes
 caption accuracy (colour, shape, two-object binding).
 """
-import importlib.util
-import os
-
 import ml_collections
 
-_HERE = os.path.dirname(os.path.abspath(__file__))
+from experiments import shapes as main_job
 
 
 def _main_job_settings() -> dict:
-    """The main job's sampling defaults, read from experiments/shapes.py so the two agree."""
-    spec = importlib.util.spec_from_file_location(
-        "shapes_main_job", os.path.join(os.path.dirname(_HERE), "shapes.py"))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return dict(mod.get_config().sample.settings)
+    """The main job's sampling defaults, taken from experiments/shapes.py so the two agree."""
+    return dict(main_job.get_config().sample.settings)
 
 
 def get_config(arg=None):
-    if arg not in (None, "", "sweep", "tiny"):
-        raise ValueError(f"eval/shapes: unknown variant {arg!r}; use sweep or tiny")
+    if arg not in (None, "", "sweep", "smoke"):
+        raise ValueError(f"eval/shapes: unknown variant {arg!r}; use sweep or smoke")
     c = ml_collections.ConfigDict()
     c.name = "shapes"
     c.seed = 0
@@ -61,7 +54,7 @@ def get_config(arg=None):
     c.grid_images = 64
     if arg == "sweep":
         c.guidance_sweep = (1.0, 1.5, 2.0, 3.0, 4.0, 6.0)
-    if arg == "tiny":
+    if arg == "smoke":
         c.protocol.num_samples = 24
         c.sampling.update(batch_size=24, prior_steps="2", num_candidates=1, decoder_steps="3",
                           upsampler_steps="ddim2")

@@ -11,7 +11,7 @@ Reach (paper): MS-COCO zero-shot FID 10.63 with the 3.5B decoder; dot token samp
 How the table is read: the text encoder (2048 wide, 24 deep, bidirectional over the 256 caption
 token encodings and z_t) is projected to 1664 and prefixes the latent decoder's causal sequence;
 "ctx 384" is the latent budget (1 dot token + 319 PC tokens = 320 fit), the 257 prefix positions
-come on top. Count (jax.eval_shape, tests/test_prior_paper_config.py): 2,019,595,136
+come on top. Count (jax.eval_shape, tests/stages/test_prior_paper_config.py): 2,019,595,136
 parameters (~2.02B: encoder ~1.21B + decoder ~0.80B + embeddings and projections), twice the
 table's "1B": the table evidently counts the latent decoder only (24 * 12 * 1664^2 = 0.80B).
 """
@@ -35,7 +35,7 @@ def get_config(arg=None):
     c.optim.update(lr=1.6e-4, b1=0.9, b2=0.91, eps=1e-10, weight_decay=4.0e-2,
                    ema_decay=0.999, warmup_steps=10_000, schedule="cosine", grad_clip=1.0)
     c.mesh.update(data=-1, fsdp=8, tensor=1)
-    # Ahead-of-time plan (python -m unclip_jax.aot --config=THIS): 64 v5p chips, mesh 8 x 8,
+    # Ahead-of-time plan (python -m unclip_jax.tools.aot --config=THIS): 64 v5p chips, mesh 8 x 8,
     # 64 examples per chip, bf16 compute, blocks rematerialised.
     c.aot = ml_collections.ConfigDict(dict(topology="v5p:4x4x4"))
     return c

@@ -9,7 +9,7 @@ ctx 256 / width 2048 / depth 24 / heads 32, batch 2048, 800K iterations, AdamW l
 beta2 0.999, eps 1e-8, EMA 0.9999 (no weight decay listed). Sampling: 250 strided steps, guidance
 1.25 for the paper's MS-COCO FID. Guidance dropout: z_i 10%, caption 50%.
 
-Parameter count (jax.eval_shape, tests/test_unet_paper.py): ~3.57B = U-Net ~2.25B (incl. the
+Parameter count (jax.eval_shape, tests/models/test_unet_paper.py): ~3.57B = U-Net ~2.25B (incl. the
 per-attention-layer context K/V projections and the z_i projections) + text transformer
 ~1.21B + token embedding ~0.10B. Reading: GLIDE's text encoder uses GPT-2's BPE vocabulary of
 50257 tokens; we pad it to 50304 (a multiple of 128) so the table shards over `tensor`. CLIP's
@@ -46,7 +46,7 @@ def get_config(arg=None):
     c.optim.update(lr=1.2e-4, b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.0, ema_decay=0.9999,
                    warmup_steps=10_000, schedule="constant", grad_clip=1.0)
     c.mesh.update(data=1, fsdp=-1, tensor=1)
-    # Ahead-of-time plan (python -m unclip_jax.aot --config=THIS): 128 v5p chips, all fsdp,
+    # Ahead-of-time plan (python -m unclip_jax.tools.aot --config=THIS): 128 v5p chips, all fsdp,
     # 16 examples per chip, bf16 compute, res blocks and text blocks rematerialised.
     c.aot = ml_collections.ConfigDict(dict(topology="v5p:4x4x8"))
     return c

@@ -9,7 +9,7 @@ Reach (paper): MS-COCO zero-shot FID 10.39 with the 3.5B decoder, 64 sampling st
 
 How the table is read: one decoder-only causal transformer over [caption token encodings (CLIP's
 1024-wide, projected; 256 positions), z_t, timestep, noised z_i, query] - the table's "text
-encoder" row is that transformer. Count (jax.eval_shape, tests/test_prior_paper_config.py):
+encoder" row is that transformer. Count (jax.eval_shape, tests/stages/test_prior_paper_config.py):
 1,226,451,968 parameters (~1.23B), 12 * 2048^2 * 24 = 1.208B of it in the blocks. That is GLIDE's
 own figure for this shape (1.2B), ~23% above the table's rounded "1B".
 """
@@ -33,7 +33,7 @@ def get_config(arg=None):
     c.optim.update(lr=1.1e-4, b1=0.9, b2=0.96, eps=1e-6, weight_decay=6.0e-2,
                    ema_decay=0.9999, warmup_steps=10_000, schedule="cosine", grad_clip=1.0)
     c.mesh.update(data=-1, fsdp=8, tensor=1)
-    # Ahead-of-time plan (python -m unclip_jax.aot --config=THIS): 64 v5p chips, mesh 8 x 8,
+    # Ahead-of-time plan (python -m unclip_jax.tools.aot --config=THIS): 64 v5p chips, mesh 8 x 8,
     # 64 examples per chip, bf16 compute, blocks rematerialised.
     c.aot = ml_collections.ConfigDict(dict(topology="v5p:4x4x4"))
     return c

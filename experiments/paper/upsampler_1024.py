@@ -10,7 +10,7 @@ batch 512, 1M iterations, AdamW lr 1.0e-4, beta2 0.999, eps 1e-8, EMA 0.9999. Co
 corrupted with the BSR-style degradation (unclip_jax/data/degrade.py). Timestep-only
 conditioning, fixed variance.
 
-Parameter count (jax.eval_shape, tests/test_unet_paper.py): ~282M against the paper's 300M (-6%):
+Parameter count (jax.eval_shape, tests/models/test_unet_paper.py): ~282M against the paper's 300M (-6%):
 the ADM layout as is.
 """
 import ml_collections
@@ -35,7 +35,7 @@ def get_config(arg=None):
     c.optim.update(lr=1.0e-4, b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.0, ema_decay=0.9999,
                    warmup_steps=10_000, schedule="constant", grad_clip=1.0)
     c.mesh.update(data=1, fsdp=-1, tensor=1)
-    # Ahead-of-time plan (python -m unclip_jax.aot --config=THIS): 64 v5p chips, all fsdp,
+    # Ahead-of-time plan (python -m unclip_jax.tools.aot --config=THIS): 64 v5p chips, all fsdp,
     # 8 crops per chip, bf16 compute, res blocks rematerialised.
     c.aot = ml_collections.ConfigDict(dict(topology="v5p:4x4x4"))
     return c

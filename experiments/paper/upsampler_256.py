@@ -9,7 +9,7 @@ target size (64x64 crops of 256x256 images) and applied at full size, batch 1024
 AdamW lr 1.2e-4, beta2 0.999, eps 1e-8, EMA 0.9999. Conditioning image corrupted with a gaussian
 blur (kernel 3, sigma 0.6). Timestep-only conditioning (no z_i, no caption), fixed variance.
 
-Parameter count (jax.eval_shape, tests/test_unet_paper.py): ~730M against the paper's 700M
+Parameter count (jax.eval_shape, tests/models/test_unet_paper.py): ~730M against the paper's 700M
 (+4%): the ADM layout (BigGAN res-block resampling, 1x1 skips, AdaGN projections) as is.
 """
 import ml_collections
@@ -34,7 +34,7 @@ def get_config(arg=None):
     c.optim.update(lr=1.2e-4, b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.0, ema_decay=0.9999,
                    warmup_steps=10_000, schedule="constant", grad_clip=1.0)
     c.mesh.update(data=1, fsdp=-1, tensor=1)
-    # Ahead-of-time plan (python -m unclip_jax.aot --config=THIS): 64 v5p chips, all fsdp,
+    # Ahead-of-time plan (python -m unclip_jax.tools.aot --config=THIS): 64 v5p chips, all fsdp,
     # 16 crops per chip, bf16 compute, res blocks rematerialised.
     c.aot = ml_collections.ConfigDict(dict(topology="v5p:4x4x4"))
     return c

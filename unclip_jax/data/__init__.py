@@ -8,7 +8,7 @@ from __future__ import annotations
 from typing import Sequence
 
 from unclip_jax.data.config import NAMES, default_data_config
-from unclip_jax.data.pipeline import BatchIterator
+from unclip_jax.data.loader import BatchIterator
 from unclip_jax.data.preprocess import normalize, random_crop, resize_center_crop
 
 __all__ = ["NAMES", "BatchIterator", "default_data_config", "make_iterator", "normalize",

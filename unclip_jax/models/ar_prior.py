@@ -1,6 +1,6 @@
 """The autoregressive prior: PCA + per-dimension quantisation of z_i, predicted token by token.
 
-Codec (host side, numpy; `unclip_jax.pca`): z_i -> its first k PCA coordinates (ordered by
+Codec (host side, numpy; `unclip_jax.models.pca`): z_i -> its first k PCA coordinates (ordered by
 eigenvalue; paper k = 319 of 1024) -> `num_buckets` equal-mass buckets per coordinate. The token
 sequence is [dot, pc_0, ..., pc_{k-1}] where `dot` is the quantised z_i . z_t. Decoding maps
 tokens to bucket centres and inverts the PCA.
@@ -27,7 +27,7 @@ import numpy as np
 from unclip_jax.models.layers import Dense
 from unclip_jax.models.prior import CaptionPrefix
 from unclip_jax.models.transformer import Transformer
-from unclip_jax.pca import PCA, Quantizer, fit_pca, fit_quantizer
+from unclip_jax.models.pca import PCA, Quantizer, fit_pca, fit_quantizer
 
 Dtype = Any
 

@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from unclip_jax.models.clip import CLIP
-from unclip_jax.tokenizer import Tokenizer
+from unclip_jax.data.tokenizer import Tokenizer
 
 
 def model_from_hf_config(cfg: dict, dtype=jnp.float32) -> CLIP:

@@ -108,7 +108,7 @@ def upsample_conv(lhs, rhs, window_strides=(1, 1), padding=((1, 1), (1, 1)), *, 
                                  preferred_element_type=preferred_element_type)
 
 
-# A named jit (inlined by XLA) so that `unclip_jax.flops` can count the architecture's conv here.
+# A named jit (inlined by XLA) so that `unclip_jax.tools.flops` can count the architecture's conv here.
 @functools.partial(jax.jit, static_argnames=("precision", "preferred_element_type"))
 def _upsample_conv_phases(lhs, rhs, precision=None, preferred_element_type=None):
     dn = lax.conv_dimension_numbers(lhs.shape, rhs.shape, ("NHWC", "HWIO", "NHWC"))
@@ -138,7 +138,7 @@ def _per_channel(x, v):
 
 # GroupNorm's two big passes with hand-written backward passes. Autodiff of the same code left
 # XLA:CPU a slow backward (GroupNorm took ~0.8 s of a 2.85 s U-Net train step, see
-# `unclip_jax.bench`); written out, each backward is one elementwise pass plus the [B, C] sums.
+# `unclip_jax.tools.bench`); written out, each backward is one elementwise pass plus the [B, C] sums.
 @jax.custom_vjp
 def _spatial_moments(x):
     """Per-(batch, channel) sums of x and x^2 over the spatial axes, float32 [B, C] each."""

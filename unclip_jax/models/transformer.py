@@ -120,7 +120,7 @@ class Transformer(nn.Module):
 
     Parameters are `block_{i}/...` per block, or with `scan=True` one `blocks/block/...` tree whose
     leaves have a leading [depth] axis (logical name "layers", replicated); both compute the same
-    function (tests/test_transformer.py)."""
+    function (tests/models/test_transformer.py)."""
     width: int
     depth: int
     heads: int

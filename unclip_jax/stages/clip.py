@@ -16,7 +16,7 @@ import numpy as np
 
 from unclip_jax.models.clip import CLIP, clip_from_config, clip_loss
 from unclip_jax.stages.base import Stage
-from unclip_jax.tokenizer import Tokenizer
+from unclip_jax.data.tokenizer import Tokenizer
 
 
 def get_tokenizer(config, captions_fn=None) -> Tokenizer:

@@ -128,7 +128,7 @@ def prior_data(config, keys, *, split, process_index, process_count, local_batch
         raise ValueError(f"config.data.name {d.name!r}: the prior stages read 'embed_cache' "
                          "or 'synthetic'")
     from unclip_jax.data import make_iterator
-    from unclip_jax.tokenizer import Tokenizer
+    from unclip_jax.data.tokenizer import Tokenizer
 
     eos = Tokenizer.load(str(config.tokenizer.dir)).eos_id
     fields = tuple(k for k in keys if k != "token_mask")

@@ -1,0 +1,1 @@
+"""Benchmark configs (python -m unclip_jax.bench --config=experiments/bench/<file>.py)."""

@@ -1,0 +1,1 @@
+"""Evaluation configs (python -m unclip_jax.evaluate --config=experiments/eval/<file>.py)."""

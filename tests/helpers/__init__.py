@@ -1,0 +1,1 @@
+"""Helpers shared by the tests: configs, tree comparisons, the multi-process worker."""

@@ -1,0 +1,72 @@
+"""One process of a local multi-process run (tests/train/test_multiprocess.py starts several)."""
+import json
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # tests/
+
+from unclip_jax.tools import host_malloc
+
+host_malloc.set_cpu_flags()  # the flags the command-line tools run with
+import jax  # noqa: E402
+
+jax.config.update("jax_num_cpu_devices", int(os.environ.get("MP_LOCAL_DEVICES", "2")))
+
+from unclip_jax import distributed  # noqa: E402
+from unclip_jax.train.trainer import train  # noqa: E402
+from helpers.trainer import host_tree, toy_config  # noqa: E402
+
+
+def _shapes_parts(pid):
+    """This process's per-batch shapes_accuracy results: rendered scenes under right and wrong
+    captions, a blank image ("none") and a two-object caption, so every kind of count is used."""
+    import numpy as np
+    from unclip_jax.data import shapes
+    from unclip_jax.eval.shapes_accuracy import shapes_accuracy
+    rng = np.random.default_rng(10 + pid)
+    nxt = {"circle": "square", "square": "triangle", "triangle": "circle"}
+    parts = []
+    for b in range(2 - pid):   # process 0: two batches, process 1: one
+        scenes = [shapes.single_object_scene(rng, shapes.COLOUR_NAMES[(b + k) % 6],
+                                             shapes.SHAPES[(pid + k) % 3]) for k in range(4)]
+        images = [shapes.render(s, 64) for s in scenes]
+        images += [np.full((64, 64, 3), 255, np.uint8), images[0]]
+        o = [s["objects"][0] for s in scenes]
+        prompts = [f"a {x['colour']} {x['shape'] if k % 2 else nxt[x['shape']]}"
+                   for k, x in enumerate(o)] + ["a red circle", "a red triangle and a blue circle"]
+        parts.append(shapes_accuracy(np.stack(images), prompts))
+    return parts
+
+
+def merge_shapes_main(pid):
+    """Merge the shapes counts over processes: once with each process's batches, once with
+    process 1 holding none (it must still take part in the gather)."""
+    from unclip_jax.evaluate import _merge_shapes
+    parts = _shapes_parts(pid)
+    merged = _merge_shapes(parts)
+    merged_empty = _merge_shapes(parts if pid == 0 else [])
+    print("RESULT " + json.dumps({"process": jax.process_index(), "parts": parts,
+                                  "merged": merged, "merged_empty": merged_empty}), flush=True)
+
+
+def main():
+    port, n, pid, workdir = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
+    if n > 1:
+        distributed.initialize(f"127.0.0.1:{port}", n, pid)
+    if os.environ.get("MP_TASK") == "merge_shapes":
+        return merge_shapes_main(pid)
+    over = {"mesh.data": -1}
+    if int(os.environ.get("MP_SIGTERM_PROCESS", "-1")) == pid:  # a preemption notice on one host
+        over["data.sigterm_at_step"] = int(os.environ["MP_SIGTERM_STEP"])
+    out = train(toy_config(**over), workdir)
+    params = host_tree(out["state"].params)
+    print("RESULT " + json.dumps({
+        "process": jax.process_index(), "processes": jax.process_count(),
+        "devices": jax.device_count(), "loss": out["metrics"]["loss"],
+        "status": out["status"], "step": out["step"],
+        "kernel_sum": float(params["up_0"]["kernel"].sum()),
+    }), flush=True)
+
+
+if __name__ == "__main__":
+    main()

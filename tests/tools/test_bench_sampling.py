@@ -1,0 +1,29 @@
+"""The sampling benchmark's figures are computed from its own timings and are consistent."""
+import math
+
+import pytest
+
+from unclip_jax.tools import bench_sampling
+
+from helpers.trainer import load_config
+
+
+@pytest.mark.parametrize("name,arg,guided", [("decoder_shapes.py", "smoke", True),
+                                             ("upsampler_shapes.py", "smoke", False),
+                                             ("prior_shapes.py", None, True)])
+def test_sampling_overhead_and_throughput(name, arg, guided):
+    cfg = load_config(name, arg)
+    r = bench_sampling.benchmark_sampling(cfg, steps=3, batch=2, repeats=1)
+    assert r["stage"] == cfg.stage and r["guided"] is guided
+    assert r["model_batch"] == (4 if guided else 2)
+    assert r["loop_s"] > 0 and r["model_call_s"] > 0
+    assert math.isfinite(r["overhead"]) and r["overhead"] > 0
+    assert r["overhead"] == pytest.approx(r["loop_s"] / (3 * r["model_call_s"]))
+    assert r["images_per_s"] == pytest.approx(2 / r["loop_s"])
+    assert r["s_per_image"] == pytest.approx(r["loop_s"] / 2)
+
+
+def test_unsupported_stage_is_named():
+    cfg = load_config("toy.py")
+    with pytest.raises(ValueError, match="toy"):
+        bench_sampling.stage_sampler(cfg, steps=2, batch=1)

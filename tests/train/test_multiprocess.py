@@ -1,0 +1,92 @@
+"""Two local processes (jax.distributed on 127.0.0.1) train the toy stage and agree with each
+other and with one process holding all the devices."""
+import json
+import os
+import subprocess
+import sys
+
+import portpicker
+import pytest
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def _run(n, local_devices, workdir, **extra_env):
+    port = portpicker.pick_unused_port()
+    env = dict(os.environ, MP_LOCAL_DEVICES=str(local_devices), JAX_PLATFORMS="cpu",
+               UNCLIP_NO_PROGRESS="1", **extra_env)
+    env.pop("XLA_FLAGS", None)
+    procs = [subprocess.Popen([sys.executable, os.path.join(HERE, os.pardir, "helpers", "mp_worker.py"), str(port),
+                               str(n), str(i), workdir], env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for i in range(n)]
+    results = []
+    for p in procs:
+        out, err = p.communicate(timeout=300)
+        assert p.returncode == 0, err[-3000:]
+        line = [x for x in out.splitlines() if x.startswith("RESULT ")][-1]
+        results.append(json.loads(line[len("RESULT "):]))
+    return results
+
+
+def test_two_processes_agree_with_one(tmp_path):
+    two = _run(2, 2, str(tmp_path / "two"))
+    assert {r["process"] for r in two} == {0, 1}
+    assert all(r["processes"] == 2 and r["devices"] == 4 for r in two)
+    assert two[0]["loss"] == two[1]["loss"]
+    assert two[0]["kernel_sum"] == two[1]["kernel_sum"]
+    # Each process fed its own half of every global batch: same result as one process with 4.
+    one = _run(1, 4, str(tmp_path / "one"))[0]
+    assert one["loss"] == pytest.approx(two[0]["loss"], rel=1e-5)
+    assert one["kernel_sum"] == pytest.approx(two[0]["kernel_sum"], rel=1e-4, abs=1e-4)
+    # Only process 0 wrote metrics; the checkpoint is complete.
+    assert os.path.exists(tmp_path / "two" / "metrics.jsonl")
+    assert os.path.isdir(tmp_path / "two" / "checkpoints" / "12")
+
+
+def test_sigterm_on_one_host_stops_every_host_at_the_same_step(tmp_path):
+    wd = str(tmp_path / "pre")
+    two = _run(2, 2, wd, MP_SIGTERM_PROCESS="1", MP_SIGTERM_STEP="5")
+    assert [r["status"] for r in two] == ["preempted", "preempted"]
+    assert two[0]["step"] == two[1]["step"] == 6  # the step in flight finishes, then both save
+    assert os.path.isdir(os.path.join(wd, "checkpoints", "6"))
+    resumed = _run(2, 2, wd)
+    assert [r["status"] for r in resumed] == ["done", "done"] and resumed[0]["step"] == 12
+
+
+def test_local_launcher_runs_main_on_two_processes(tmp_path):
+    root = os.path.dirname(HERE)
+    wd = tmp_path / "launched"
+    r = subprocess.run(
+        [sys.executable, os.path.join(root, "launch", "local.py"), "--num_processes=2",
+         "--devices_per_process=2", "--", sys.executable, "-m", "unclip_jax.main",
+         f"--config={root}/experiments/toy.py", f"--workdir={wd}", "--config.train.num_steps=4",
+         "--config.train.log_every=2"],
+        capture_output=True, text=True, timeout=300, cwd=root,
+        env=dict(os.environ, UNCLIP_NO_PROGRESS="1"))
+    assert r.returncode == 0, r.stdout[-3000:]
+    # Only process 0 reports, and it saw 4 global devices.
+    assert "[0] done at step 4 (resumed from 0)" in r.stdout
+    assert "[1] done" not in r.stdout
+    assert os.path.isdir(wd / "checkpoints" / "4")
+
+
+def test_shapes_counts_are_summed_over_processes(tmp_path):
+    """The evaluator's shapes counts and confusion table, merged over two processes (one with two
+    batches, one with one; then one with none), equal a one-process merge of all the batches."""
+    from unclip_jax.evaluate import _merge_shapes
+    two = _run(2, 1, str(tmp_path / "m"), MP_TASK="merge_shapes")
+    assert sorted(r["process"] for r in two) == [0, 1]
+    by = {r["process"]: r for r in two}
+    parts0, parts1 = by[0]["parts"], by[1]["parts"]
+    assert len(parts0) == 2 and len(parts1) == 1
+    want = _merge_shapes(parts0 + parts1)
+    want_empty = _merge_shapes(parts0)
+    assert want["single_count"] == 15 and want["two_count"] == 3
+    # The captions make every cell kind occur: right shapes, wrong ones, and "none".
+    conf = want["shape_confusion"]
+    assert sum(conf[s][s] for s in conf) == want["shape_count"] > 0
+    assert sum(row["none"] for row in conf.values()) == 3
+    assert want["shape_count"] < want["single_count"] - 3
+    for r in two:   # every process gets the global result
+        assert r["merged"] == want
+        assert r["merged_empty"] == want_empty

@@ -1,0 +1,1 @@
+"""Whole-stack jobs: every unCLIP stage trained in order on one dataset, then sampled and reported."""

@@ -1,0 +1,403 @@
+"""The main job: train every unCLIP stage in order on one dataset, then sample and report.
+
+    python -m unclip_jax.main --config=experiments/shapes.py --workdir=runs/shapes
+
+Order: clip -> embed (CLIP embedding cache) -> diffusion_prior -> ar_prior -> decoder ->
+upsampler -> samples (a PNG grid for fixed prompts) -> report (JSON + markdown).
+Each stage trains in its own sub-workdir with the generic trainer, so re-running the command
+resumes an interrupted stage and skips finished ones; the cache, samples and report are written
+once (delete them to redo). The config's `stages.<name>` are ordinary stage configs; this module
+only wires paths between them (tokenizer, cache, codec) so they can't disagree.
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+
+import jax
+import ml_collections
+import numpy as np
+from absl import logging
+
+from unclip_jax.images import save_grid
+from unclip_jax.inference import STAGE_DIRS, Pipeline, SampleSettings
+
+TRAINED = ("clip", "diffusion_prior", "ar_prior", "decoder", "upsampler")
+
+
+def _say(msg: str):
+    if jax.process_index() == 0:
+        print(msg, flush=True)
+
+
+def stage_configs(config, workdir: str) -> dict[str, ml_collections.ConfigDict]:
+    """Each stage's training config with the paths between stages filled in (absolute)."""
+    w = os.path.abspath(workdir)
+    tok_dir = os.path.join(w, "clip", "tokenizer")
+    cache_dir = os.path.join(w, "embed")
+    out = {}
+    for name in TRAINED:
+        if name not in config.stages:
+            continue
+        c = config.stages[name].copy_and_resolve_references()
+        with c.unlocked():
+            c.seed = int(config.seed)
+            if name == "clip":
+                c.data = _shapes_data(config, int(c.model.image_size))
+                c.tokenizer.dir = tok_dir
+            elif name in ("diffusion_prior", "ar_prior"):
+                c.data = _cache_data(cache_dir, config, None)
+                c.tokenizer.dir = tok_dir
+                if name == "ar_prior":
+                    c.model.codec_path = os.path.join(w, "ar_prior", "codec.npz")
+            elif name == "decoder":
+                c.data = _cache_data(cache_dir, config, int(c.model.image_size))
+            elif name == "upsampler":
+                c.data = _shapes_data(config, int(c.model.image_size))
+        out[name] = c
+    return out
+
+
+def _shapes_data(config, resolution: int):
+    d = config.data.copy_and_resolve_references()
+    with d.unlocked():
+        d.resolution = resolution
+    return d
+
+
+def _cache_data(cache_dir: str, config, image_resolution: int | None):
+    from unclip_jax.data import default_data_config
+    d = default_data_config("embed_cache")
+    d.cache_dir = cache_dir
+    d.num_threads = int(config.data.get("num_threads", 2))
+    if image_resolution:
+        # The decoder trains on the cached embeddings joined with the images at its own size.
+        d.join_images = True
+        d.resolution = image_resolution
+        d.source = _shapes_data(config, image_resolution)
+    return d
+
+
+def _finished(workdir: str, num_steps: int) -> bool:
+    d = os.path.join(workdir, "checkpoints")
+    if not os.path.isdir(d):
+        return False
+    steps = [int(n) for n in os.listdir(d) if n.isdigit()]
+    return bool(steps) and max(steps) >= num_steps
+
+
+def _train_stage(name: str, cfg, workdir: str, timings: dict):
+    from unclip_jax.train.trainer import train
+    sub = os.path.join(workdir, name)
+    if _finished(sub, int(cfg.train.num_steps)):
+        _say(f"[{name}] finished earlier ({cfg.train.num_steps} steps): skipped")
+        return
+    _say(f"[{name}] training {cfg.train.num_steps} steps in {sub}")
+    t = time.perf_counter()
+    out = train(cfg, sub)
+    timings[name] = timings.get(name, 0.0) + time.perf_counter() - t
+    if out["status"] != "done":
+        raise SystemExit(f"[{name}] stopped ({out['status']}) at step {out['step']}; re-run the "
+                         "same command to resume")
+
+
+def _embed(config, cfgs, workdir: str, timings: dict):
+    from unclip_jax import embed as embed_lib
+    out = os.path.join(workdir, "embed")
+    marker = os.path.join(out, "complete.json")
+    if os.path.exists(marker):
+        _say("[embed] cache complete: skipped")
+        return
+    _say(f"[embed] writing CLIP embeddings of the dataset to {out}")
+    t = time.perf_counter()
+    e = ml_collections.ConfigDict(dict(
+        data=cfgs["clip"].data,
+        embed=dict(encoder="unclip_jax.inference:clip_encoder",
+                   clip_workdir=os.path.join(workdir, "clip"),
+                   splits=tuple(config.embed.get("splits", ("train", "test"))),
+                   batch_size=int(config.embed.get("batch_size", 256)),
+                   shard_size=int(config.embed.get("shard_size", 8192)))))
+    manifests = embed_lib.embed(e, out, process_index=jax.process_index(),
+                                process_count=jax.process_count(), log=lambda s: None)
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+        multihost_utils.sync_global_devices("embed_done")
+    if jax.process_index() == 0:
+        with open(marker, "w") as f:
+            json.dump({s: m["num_examples"] for s, m in manifests.items()}, f)
+    timings["embed"] = time.perf_counter() - t
+
+
+def _settings(config) -> SampleSettings:
+    fields = {f.name for f in SampleSettings.__dataclass_fields__.values()}
+    return SampleSettings(**{k: v for k, v in config.sample.settings.items() if k in fields})
+
+
+def _samples(config, workdir: str, pipe: Pipeline, timings: dict):
+    out = os.path.join(workdir, "samples")
+    path = os.path.join(out, "grid.png")
+    if os.path.exists(path):
+        _say(f"[samples] {path} exists: skipped")
+        return
+    os.makedirs(out, exist_ok=True)
+    s = config.sample
+    prompts = [p for p in s.prompts for _ in range(int(s.per_prompt))]
+    t = time.perf_counter()
+    res = pipe.text_to_image(prompts, seed=int(s.seed), settings=_settings(config))
+    timings["samples"] = time.perf_counter() - t
+    save_grid(res["images"], path, int(s.per_prompt), labels=list(s.prompts))
+    with open(os.path.join(out, "settings.json"), "w") as f:
+        json.dump({"prompts": list(s.prompts), "per_prompt": int(s.per_prompt),
+                   "seed": int(s.seed), **dataclass_dict(_settings(config))}, f, indent=2)
+    _say(f"[samples] wrote {path} (one row per prompt: {', '.join(s.prompts)})")
+
+
+def dataclass_dict(d) -> dict:
+    import dataclasses
+    return dataclasses.asdict(d)
+
+
+def evaluate_prompts(pipe: Pipeline, prompts, per_prompt: int, seed: int,
+                     settings: SampleSettings, batch: int = 64) -> dict:
+    """Generate per_prompt images for each single-object prompt and check colour and shape
+    from the pixels (unclip_jax.eval.shapes_accuracy)."""
+    from unclip_jax.eval.shapes_accuracy import shapes_accuracy
+    all_prompts = [p for p in prompts for _ in range(per_prompt)]
+    images = []
+    for i in range(0, len(all_prompts), batch):
+        chunk = all_prompts[i:i + batch]
+        images.append(pipe.text_to_image(chunk, seed=seed + i, settings=settings)["images"])
+    images = np.concatenate(images)
+    return shapes_accuracy(images, all_prompts), images
+
+
+def evaluate_true_embeddings(pipe: Pipeline, prompts, per_prompt: int, seed: int,
+                             settings: SampleSettings, *, render_size: int = 64,
+                             batch: int = 64) -> dict:
+    """The report's no-prior rows: for each single-object prompt, render per_prompt scenes of that
+    colour and shape (background, size and position drawn as in the data), decode their TRUE CLIP
+    image embeddings with the prompt as caption, upsample, and check the pixels. This splits the
+    errors between the priors and the decoder + upsamplers. Two more rows split the rest: the
+    renders at the decoder's size put through the upsamplers alone (their share), and the renders
+    themselves at the output size (the check's ceiling). Scenes are rendered at `render_size`
+    (the dataset's) and resized like the training data.
+    Returns {"decoded", "upsampled_render" (None without upsamplers), "rendered"}: accuracies,
+    and "images": the decoded and upsampled images ([0] when no prompt has one object)."""
+    from unclip_jax.data import preprocess, shapes, shapes_eval
+    from unclip_jax.eval.shapes_accuracy import shapes_accuracy
+    all_prompts, renders = [], []
+    for i, p in enumerate(prompts):
+        try:
+            colour, shape = shapes_eval.parse_single(p)
+        except ValueError:   # not a one-object shapes caption: nothing to render for it
+            continue
+        rng = np.random.default_rng([seed, i])
+        for _ in range(per_prompt):
+            renders.append(shapes.render(shapes.single_object_scene(rng, colour, shape),
+                                         render_size))
+            all_prompts.append(p)
+    if not all_prompts:
+        return {"decoded": None, "upsampled_render": None, "rendered": None,
+                "images": np.zeros((0,), np.float32)}
+    clip_size = int(pipe.clip.config.model.image_size)
+    dec_size = int(pipe.decoder.config.model.image_size)
+    last = pipe.upsamplers[-1] if pipe.upsamplers else pipe.decoder
+    out_size = int(last.config.model.image_size)
+
+    def at(size):
+        return np.stack([preprocess.normalize(preprocess.resize_center_crop(r, size))
+                         for r in renders])
+
+    clip_in, reference = at(clip_size), at(out_size)
+    low = at(dec_size) if pipe.upsamplers else None   # the upsampler-only row's input
+    images, upsampled = [], []
+    for i in range(0, len(all_prompts), batch):
+        z = pipe.encode_images(clip_in[i:i + batch])
+        dec = pipe.decode(z, prompts=all_prompts[i:i + batch], seed=seed + i, settings=settings)
+        images.append(pipe.upsample(dec, seed=seed + i, settings=settings))
+        if pipe.upsamplers:
+            upsampled.append(pipe.upsample(low[i:i + batch], seed=seed + i, settings=settings))
+    images = np.concatenate(images)
+    return {"decoded": shapes_accuracy(images, all_prompts),
+            "upsampled_render": (shapes_accuracy(np.concatenate(upsampled), all_prompts)
+                                 if upsampled else None),
+            "rendered": shapes_accuracy(reference, all_prompts), "images": images}
+
+
+def _report(config, workdir: str, pipe: Pipeline, timings: dict):
+    path = os.path.join(workdir, "report.json")
+    if os.path.exists(path):
+        _say(f"[report] {path} exists: skipped")
+        return
+    r = config.report
+    settings = _settings(config)
+    t = time.perf_counter()
+    acc, images = evaluate_prompts(pipe, list(r.prompts), int(r.per_prompt), int(r.seed), settings)
+    timings["report_sampling"] = time.perf_counter() - t
+    save_grid(images, os.path.join(workdir, "samples", "report_grid.png"), int(r.per_prompt))
+    acc_ar = None
+    if pipe.ar_prior is not None and bool(r.get("ar_prior", True)):
+        import dataclasses
+        t = time.perf_counter()
+        acc_ar, images = evaluate_prompts(pipe, list(r.prompts), int(r.per_prompt), int(r.seed),
+                                          dataclasses.replace(settings, prior="ar"))
+        timings["report_sampling_ar"] = time.perf_counter() - t
+        save_grid(images, os.path.join(workdir, "samples", "report_grid_ar.png"),
+                  int(r.per_prompt))
+    true = {}
+    if bool(r.get("true_embedding", True)):
+        t = time.perf_counter()
+        true = evaluate_true_embeddings(
+            pipe, list(r.prompts), int(r.per_prompt), int(r.seed), settings,
+            render_size=int(config.data.get("shapes", {}).get("image_size", 64)))
+        timings["report_true_embedding"] = time.perf_counter() - t
+        if len(true["images"]):
+            save_grid(true["images"], os.path.join(workdir, "samples", "report_grid_true_z.png"),
+                      int(r.per_prompt))
+    acc_true = true.get("decoded")
+    priors = _prior_cosines(pipe, os.path.join(workdir, "embed"), settings,
+                            int(r.get("prior_examples", 512)), int(r.seed))
+    stages = {}
+    for name in STAGE_DIRS:
+        mfile = os.path.join(workdir, name, "metrics.jsonl")
+        if os.path.exists(mfile):
+            with open(mfile) as f:
+                rows = [json.loads(line) for line in f if line.strip()]
+            if rows:
+                stages[name] = {"step": rows[-1]["step"], "loss": rows[-1].get("loss"),
+                                "first_loss": rows[0].get("loss")}
+    report = {"accuracy": acc, "accuracy_ar_prior": acc_ar,
+              "accuracy_true_embedding": acc_true,
+              "accuracy_upsampled_render": true.get("upsampled_render"),
+              "accuracy_rendered": true.get("rendered"),
+              "prior_cosines": priors,
+              "stages": stages, "timings_s": timings,
+              "settings": dataclass_dict(settings), "eval_prompts": list(r.prompts),
+              "per_prompt": int(r.per_prompt), "devices": jax.device_count(),
+              "device_kind": jax.devices()[0].device_kind}
+    if jax.process_index() == 0:
+        with open(path, "w") as f:
+            json.dump(report, f, indent=2)
+        with open(os.path.join(workdir, "report.md"), "w") as f:
+            f.write(_markdown(report))
+    _say(f"[report] single-object prompts: colour {acc['colour_acc']:.1%}, shape "
+         f"{acc['shape_acc']:.1%}, both {acc['both_acc']:.1%} over {acc['single_count']} "
+         f"samples (diffusion prior)" + (
+             f"; AR prior: colour {acc_ar['colour_acc']:.1%}, shape {acc_ar['shape_acc']:.1%},"
+             f" both {acc_ar['both_acc']:.1%}" if acc_ar else "") + (
+             f"; decoder from the true z_i: colour {acc_true['colour_acc']:.1%}, shape "
+             f"{acc_true['shape_acc']:.1%}" if acc_true else "") + f"; {path}")
+
+
+def _prior_cosines(pipe: Pipeline, cache_dir: str, settings: SampleSettings, n: int,
+                   seed: int) -> dict:
+    """cos(sampled z_i, true z_i) against the cos(z_t, true z_i) baseline on the cache's test
+    split, for each trained prior (the paper's reason for a prior: beat using z_t directly)."""
+    from unclip_jax.data import cache
+    from unclip_jax.eval import prior_metrics as pm
+    from unclip_jax.stages import ar_prior as ars
+    from unclip_jax.stages import diffusion_prior as dps
+    from unclip_jax.data.tokenizer import Tokenizer
+
+    if not os.path.isdir(os.path.join(cache_dir, "test")) or (
+            pipe.prior is None and pipe.ar_prior is None):
+        return {}
+    fields = {}
+    for key in ("image_embedding", "text_embedding", "tokens", "token_embeddings"):
+        try:
+            fields[key] = np.asarray(cache.load_field(cache_dir, "test", key))[:n]
+        except (KeyError, FileNotFoundError, ValueError):
+            pass
+    prior_cfg = (pipe.prior or pipe.ar_prior).config
+    eos = Tokenizer.load(str(prior_cfg.tokenizer.dir)).eos_id
+    fields["token_mask"] = dps.token_mask_from_tokens(fields["tokens"], eos)
+    bs = 128
+    batches = [{k: v[i:i + bs] for k, v in fields.items()}
+               for i in range(0, len(fields["image_embedding"]), bs)]
+    out = {}
+    if pipe.prior is not None:
+        cfg = pipe.prior.config
+        out["diffusion"] = pm.evaluate_prior(pm.diffusion_prior_sampler(
+            pipe.prior.model, pipe.prior.params, schedule=dps.schedule_from_config(cfg),
+            scaling=dps.scaling_from_config(cfg), steps=settings.prior_steps,
+            guidance_scale=settings.prior_guidance, num_candidates=settings.num_candidates),
+            batches, seed)
+    if pipe.ar_prior is not None:
+        cfg = pipe.ar_prior.config
+        out["ar"] = pm.evaluate_prior(pm.ar_prior_sampler(
+            pipe.ar_prior.model, pipe.ar_prior.params, ars.get_codec(cfg),
+            text_scale=ars.text_scale(cfg), temperature=settings.ar_temperature,
+            top_k=settings.ar_top_k, guidance_scale=settings.ar_guidance), batches, seed)
+    return out
+
+
+def _markdown(r: dict) -> str:
+    a = r["accuracy"]
+    lines = ["# unclip-jax run report", "",
+             f"Pixel check of {a['single_count']} samples for {len(r['eval_prompts'])} single-object "
+             "prompts (colour of the object's pixels, shape from its fill ratio):", "",
+             "| prior | colour | shape | both |", "|---|---|---|---|"]
+    for key, name in (("accuracy", "diffusion"), ("accuracy_ar_prior", "AR"),
+                      ("accuracy_true_embedding", "none: true z_i of rendered scenes, decoded"),
+                      ("accuracy_upsampled_render",
+                       "none: rendered scenes at the decoder's size, upsampled"),
+                      ("accuracy_rendered", "none: the rendered scenes themselves")):
+        if r.get(key):
+            b = r[key]
+            lines.append(f"| {name} | {b['colour_acc']:.1%} | {b['shape_acc']:.1%} | "
+                         f"{b['both_acc']:.1%} |")
+    confusions = [(name, r[key]["shape_confusion"]) for key, name in (
+        ("accuracy", "diffusion prior"), ("accuracy_true_embedding", "true z_i, decoded"))
+        if r.get(key) and r[key].get("shape_confusion")]
+    if confusions:
+        from unclip_jax.data.shapes import SHAPES
+        read = SHAPES + ("none",)
+        lines += ["", "Shape asked for (rows) and shape read from the pixels (columns; none: no "
+                  "object found), single-object samples:", "",
+                  "| samples | asked | " + " | ".join(read) + " |",
+                  "|---|---|" + "---|" * len(read)]
+        for name, conf in confusions:
+            for asked in SHAPES:
+                lines.append(f"| {name} | {asked} | "
+                             + " | ".join(str(conf[asked][x]) for x in read) + " |")
+    if r.get("prior_cosines"):
+        from unclip_jax.eval.prior_metrics import prior_table
+        lines += ["", "Priors on the cache's test split (cosine to the true CLIP image embedding):",
+                  "", prior_table(r["prior_cosines"])]
+    lines += ["", "| stage | steps | first loss | last loss | train time (s) |", "|---|---|---|---|---|"]
+    for name, s in r["stages"].items():
+        t = r["timings_s"].get(name)
+        lines.append(f"| {name} | {s['step']} | {s['first_loss']:.4g} | {s['loss']:.4g} | "
+                     f"{'' if t is None else f'{t:.0f}'} |")
+    lines += ["", f"Sampling settings: `{json.dumps(r['settings'])}`", "",
+              "Samples: `samples/grid.png` (fixed prompts), `samples/report_grid.png` (evaluation; "
+              "`report_grid_ar.png` with the AR prior, `report_grid_true_z.png` decoded from the "
+              "true z_i of rendered scenes: the decoder's share of the errors).",
+              ""]
+    return "\n".join(lines)
+
+
+def run_pipeline(config, workdir: str) -> dict:
+    os.makedirs(workdir, exist_ok=True)
+    tfile = os.path.join(workdir, "timings.json")
+    timings = json.load(open(tfile)) if os.path.exists(tfile) else {}
+    cfgs = stage_configs(config, workdir)
+    t0 = time.perf_counter()
+    pipe = None
+    for name in config.order:
+        if name in cfgs:
+            _train_stage(name, cfgs[name], workdir, timings)
+        elif name == "embed":
+            _embed(config, cfgs, workdir, timings)
+        elif name in ("samples", "report"):
+            pipe = pipe or Pipeline.from_workdir(workdir)
+            (_samples if name == "samples" else _report)(config, workdir, pipe, timings)
+        else:
+            raise ValueError(f"config.order: unknown step {name!r}")
+        if jax.process_index() == 0:
+            with open(tfile, "w") as f:
+                json.dump(timings, f, indent=2)
+    total = time.perf_counter() - t0
+    logging.info("pipeline finished in %.0f s", total)
+    return {"workdir": workdir, "timings": timings, "seconds": total}
