@@ -5,8 +5,8 @@ Quick: --config=experiments/decoder_shapes.py:smoke  (tiny model, 200 steps, smo
 Conditioning: no CLIP yet, so z_i is the "pixels" STAND-IN (a fixed random projection of the 8x8
 image, see unclip_jax/stages/decoder.py) and the caption is byte-tokenised; with an embedding
 cache (data.name="embed_cache") the cached CLIP columns are used instead (sources "auto").
-Reach (measured, 2-core CPU, ~3 steps/s): hybrid loss (eps MSE + 0.001*T*VLB) ~0.88 at step 50,
-~0.12 at 200, ~0.03 at 400 (vlb term ~1e-3 bits/dim); it keeps falling slowly to 2000 steps.
+Reach: hybrid loss (eps MSE + 0.001*T*VLB) ~0.88 at step 50, ~0.12 at 200, ~0.03 at 400 (vlb
+term ~1e-3 bits/dim); it keeps falling slowly to 2000 steps.
 """
 from unclip_jax.configs import base_config
 from unclip_jax.data import default_data_config
@@ -25,8 +25,8 @@ def get_config(arg=None):
     c.data.resolution = 32
     c.data.shapes.image_size = 32
     c.data.num_threads = 2
-    # min_snr_gamma > 0: min-SNR loss weighting (Hang et al. 2023); 5 gave no shape gain for the
-    # shapes default at 1800 steps (README), so it stays off (the paper's plain MSE).
+    # min_snr_gamma > 0: min-SNR loss weighting (Hang et al. 2023); 5 gave no shape gain in the
+    # shapes main job, so it stays off (the paper's plain MSE).
     c.diffusion = dict(schedule="cosine", num_timesteps=1000, parameterization="eps",
                        vlb_weight=0.001, drop_image_emb=0.1, drop_text=0.5, min_snr_gamma=0.0)
     c.train.update(batch_size=16, num_steps=2000, log_every=50, ckpt_every=500)

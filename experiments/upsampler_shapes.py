@@ -6,8 +6,7 @@ As the paper's first upsampler: convolution only, timestep-only conditioning, th
 blurred (kernel 3, sigma 0.6) at train time; trained on random 32x32 crops of 64x64 images
 (crop_fraction 0.5 here, 0.25 in the paper) and applied at full size. Set diffusion.degrade="bsr"
 for the second stage's degradation.
-Reach (measured, 2-core CPU, ~2.8 steps/s): eps MSE ~0.84 at step 50, ~0.13 at 150, ~0.06 at
-300; below ~0.05 by 1000 steps.
+Reach: eps MSE ~0.84 at step 50, ~0.13 at 150, ~0.06 at 300; below ~0.05 by 1000 steps.
 """
 from unclip_jax.configs import base_config
 from unclip_jax.data import default_data_config

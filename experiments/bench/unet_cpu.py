@@ -2,20 +2,18 @@
 
 Run:   python -m unclip_jax.tools.bench --config=experiments/bench/unet_cpu.py --steps=5
 Target: a plain conv U-Net with channels 64,128,128, 2 res blocks, 32x32, batch 32, float32,
-fwd+bwd+Adam trains at ~1.15 s/step in PyTorch on this 2-core CPU; ours should be no slower.
+fwd+bwd+Adam; ours should be no slower than PyTorch's step (`python -m benchmarks.torch_unet`,
+the same architecture and work) timed on the same host.
 
 The model is the decoder stage's U-Net with both conditioning branches off (clip_dim=0,
 text_depth=0), fixed variance (3 output channels) and NO attention: the PyTorch reference is a
 plain convolutional U-Net, so attention (ADM's CIFAR default is 16,8) would time something
 else. `--config=experiments/bench/unet_cpu.py:attn` adds attention at 16 and 8 for comparison.
 The host's cores run the step data-parallel, one XLA device per core (mesh.cpu_devices=-1,
-batch 16 per device on 2 cores), as PyTorch's step runs on both cores: on the 2-core dev host
-that was 0.91-0.94 s against 0.93-1.00 s for one device using both cores (2026-11-30, README).
-`--config.mesh.cpu_devices=0 --config.mesh.num_devices=1` times the one-device step. Since the
-up blocks convolve from the low-res input (`layers.upsample_conv`): 0.895-0.933 s against
-PyTorch's 0.872-0.910 s in the same rounds (README, "Benchmarks"). That was a Zen 5 (AVX-512)
-host; on a Zen 3 (AVX2) 2-core host ours took 3.16-3.57 s against PyTorch's 3.67-3.97 s
-(7 interleaved rounds, 2026-11-30): the order depends on the host, so compare on yours.
+batch 16 per device on 2 cores), as PyTorch's step runs on both cores: no slower than one device
+using both cores on the hosts measured. `--config.mesh.cpu_devices=0 --config.mesh.num_devices=1`
+times the one-device step. Which framework is faster depends on the host, so compare on yours,
+interleaved; dated figures are in docs/cpu-performance-2026-11.md.
 """
 from unclip_jax.configs import base_config
 from unclip_jax.data import default_data_config

@@ -34,7 +34,7 @@ def get_config(arg=None):
         text_vocab=50304, text_ctx=256, text_width=2048, text_depth=24, text_heads=32,
         image_emb_source="cache", tokens_source="cache", image_emb_scale=1.0, text_pad_id=0,
         # The 24 caption-encoder blocks as one nn.scan, and each level's same-shaped U-Net
-        # blocks too: a smaller program to compile (AOT figures: README).
+        # blocks too: a program small enough to compile on a 24 GB host (unrolled, it is not).
         text_scan=True, scan_blocks=True)
     c.data = default_data_config("embed_cache")
     c.data.resolution = 64

@@ -25,9 +25,8 @@ COLOUR_NAMES = tuple(COLOURS)
 
 # Half the side of an object's bounding box, as a fraction of the image side. Sized so that the
 # main job's 32x32 decoder draws shapes it can tell apart: at 0.11 / 0.2 (objects 7-13 px wide
-# at 32 px) a decoder trained 3600 steps drew the right shape for 33% of true z_i (chance), at
-# 0.16 / 0.25 (10-16 px) for 50% (README, "Where shape was lost"). Two large objects no longer
-# fit apart by MIN_GAP, so a two-object scene has at most one large object.
+# at 32 px) its shapes stayed at chance. Two large objects no longer fit apart by MIN_GAP, so a
+# two-object scene has at most one large object.
 HALF_EXTENT = {"small": 0.16, "large": 0.25}
 ANCHORS = {"left": (0.22, 0.5), "right": (0.78, 0.5), "top": (0.5, 0.22),
            "bottom": (0.5, 0.78), "centre": (0.5, 0.5)}

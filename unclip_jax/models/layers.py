@@ -137,8 +137,8 @@ def _per_channel(x, v):
 
 
 # GroupNorm's two big passes with hand-written backward passes. Autodiff of the same code left
-# XLA:CPU a slow backward (GroupNorm took ~0.8 s of a 2.85 s U-Net train step, see
-# `unclip_jax.tools.bench`); written out, each backward is one elementwise pass plus the [B, C] sums.
+# XLA:CPU a slow backward (GroupNorm was a large share of the CPU U-Net train step);
+# written out, each backward is one elementwise pass plus the [B, C] sums.
 @jax.custom_vjp
 def _spatial_moments(x):
     """Per-(batch, channel) sums of x and x^2 over the spatial axes, float32 [B, C] each."""
@@ -279,8 +279,8 @@ def _upsample_fwd(x):
 def _upsample_bwd(_, dy):
     # The gradient sums each 2x2 block. Written as four strided slices rather than a reduce so
     # that XLA:CPU does not fuse the sum with the convolution producing dy (the BigGAN up block's
-    # conv): the fused pair took 120 ms per step where the convolution's FLOPs need ~50 ms at
-    # this CPU's matmul peak (profiled with jax.profiler).
+    # conv): the fused pair ran at well under half the speed the convolution's FLOPs allow at
+    # the CPU's matmul peak (profiled with jax.profiler).
     return (dy[:, 0::2, 0::2] + dy[:, 1::2, 0::2] + dy[:, 0::2, 1::2] + dy[:, 1::2, 1::2],)
 
 

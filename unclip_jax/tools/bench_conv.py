@@ -13,9 +13,9 @@ convolutions. Totals weight each row by its count.
 
 `bench` gives the whole step; this says which part of it differs from PyTorch. Ours and
 torch's are timed in separate phases (torch's OpenMP workers spin after each call and slow XLA's
-threads down if the two alternate). What it showed for the U-Net on the 2-core dev host is in the
-README ("Benchmarks"): XLA:CPU's kernel gradients are the slowest part, computed as a convolution
-whose window is the whole image after transposing both operands.
+threads down if the two alternate). What it showed for the CPU bench U-Net (dated figures in
+docs/cpu-performance-2026-11.md): XLA:CPU's kernel gradients are the slowest part, computed as a
+convolution whose window is the whole image after transposing both operands.
 """
 from __future__ import annotations
 

@@ -4,19 +4,18 @@ XLA:CPU asks malloc for large blocks from its worker threads on every step: the 
 temporaries, one block per call (0.9 GB for the CPU bench U-Net's train step), and Eigen's packed
 operands for each convolution (~76 MB for a 32x32, 64-channel convolution at batch 32). glibc
 serves a block over 32 MiB asked for by a worker thread with a fresh mmap and unmaps it at free.
-So every step the kernel zeroes and faults in ~3.7 GB of new pages: on the 2-core dev host
-0.06-0.28 s of kernel time per ~1 s U-Net step (perf: clear_page), where PyTorch spends 0.04 s.
+So every step the kernel zeroes and faults in ~3.7 GB of new pages (perf: clear_page), a large
+share of a CPU U-Net step's time, where PyTorch's step spends little time in the kernel.
 
 Two remedies, the first one found is used:
 - gperftools' tcmalloc (`apt-get install libtcmalloc-minimal4` on Debian/Ubuntu), preloaded: it
   keeps freed blocks mapped and hands them out again, so a step's blocks are neither zeroed nor
-  faulted again. Measured (README "Benchmarks"): the bench U-Net step 0.99-1.06 -> 0.94-1.03 s
-  (PyTorch 0.86-0.93 s), the shapes decoder step 0.140 -> 0.117 s, the main job 17:49 -> 16:10.
+  faulted again. The fastest of the allocators tried, for the U-Net step and the main job.
 - glibc's `glibc.malloc.hugetlb=1` tunable (glibc 2.35+, kernel THP mode `madvise`): the fresh
   blocks come in 2 MiB pages, so the faults (237k per step in 4 KiB pages) go; the zeroing stays.
-  Measured: the same U-Net step 1.23 -> 1.06 s.
+  Faster than plain glibc, slower than tcmalloc.
 jemalloc and mimalloc (Debian's builds, default settings) were slower than either: they return
-large freed blocks to the kernel at once (U-Net step 1.18-1.25 s).
+large freed blocks to the kernel at once. Dated figures: docs/cpu-performance-2026-11.md.
 
 Both act only from process start (the dynamic loader reads LD_PRELOAD, glibc its tunables). So a
 command started as `python -m unclip_jax.<tool>` on a CPU host re-executes itself once, with the
