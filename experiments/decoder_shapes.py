@@ -11,6 +11,7 @@ term ~1e-3 bits/dim); it keeps falling slowly to 2000 steps.
 from unclip_jax.configs import base_config
 from unclip_jax.data import default_data_config
 from unclip_jax.models import decoder_model_config
+from unclip_jax.stages.decoder import diffusion_config
 
 
 def get_config(arg=None):
@@ -27,8 +28,9 @@ def get_config(arg=None):
     c.data.num_threads = 2
     # min_snr_gamma > 0: min-SNR loss weighting (Hang et al. 2023); 5 gave no shape gain in the
     # shapes main job, so it stays off (the paper's plain MSE).
-    c.diffusion = dict(schedule="cosine", num_timesteps=1000, parameterization="eps",
-                       vlb_weight=0.001, drop_image_emb=0.1, drop_text=0.5, min_snr_gamma=0.0)
+    c.diffusion = diffusion_config(
+        schedule="cosine", num_timesteps=1000, parameterization="eps", vlb_weight=0.001,
+        drop_image_emb=0.1, drop_text=0.5, min_snr_gamma=0.0)
     c.train.update(batch_size=16, num_steps=2000, log_every=50, ckpt_every=500)
     c.optim.update(lr=3e-4, warmup_steps=100, schedule="constant", ema_decay=0.999)
     if arg == "smoke":

@@ -11,18 +11,22 @@ Reach: synthetic: x0-MSE from ~1.0 to below ~0.1 in 2000 steps; shapes cache: sa
 """
 from unclip_jax.configs import base_config
 from unclip_jax.data import default_data_config
+from unclip_jax.data.tokenizer import tokenizer_config
+from unclip_jax.diffusion import diffusion_config
+from unclip_jax.models import diffusion_prior_model_config
 
 
 def get_config(arg=None):
     c = base_config()
     c.stage = "diffusion_prior"
-    c.model.update(embed_dim=64, width=256, depth=4, heads=4, text_ctx=32, vocab_size=0,
-                   text_dim=128, mlp_ratio=4.0, dropout=0.0, drop_prob=0.1,
-                   scale_mode="fixed", scale=8.0)   # sqrt(64): unit vectors -> per-dim std ~1
-    c.diffusion = dict(schedule="cosine", num_timesteps=1000, sampling_steps="64",
-                       num_candidates=2)
+    c.model = diffusion_prior_model_config(
+        embed_dim=64, width=256, depth=4, heads=4, text_ctx=32, vocab_size=0, text_dim=128,
+        mlp_ratio=4.0, dropout=0.0, drop_prob=0.1, scale_mode="fixed",
+        scale=8.0)   # sqrt(64): unit vectors -> per-dim std ~1
+    c.diffusion = diffusion_config(
+        schedule="cosine", num_timesteps=1000, sampling_steps="64", num_candidates=2)
     c.data = default_data_config("embed_cache")
-    c.tokenizer = dict(dir="")
+    c.tokenizer = tokenizer_config(dir="")
     if arg == "synthetic":
         c.data = dict(name="synthetic", num_examples=256, seed=0)
         c.model.update(vocab_size=64, text_dim=0)

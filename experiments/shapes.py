@@ -27,6 +27,7 @@ import ml_collections
 from experiments import (ar_prior_shapes, clip_shapes, decoder_shapes, prior_shapes,
                          upsampler_shapes)
 from unclip_jax.data import default_data_config
+from unclip_jax.embed import embed_config
 
 
 COLOURS = ("red", "green", "blue", "yellow", "purple", "orange")
@@ -97,7 +98,7 @@ def get_config(arg=None):
     s.upsampler.diffusion.parameterization = "x0"
     c.stages = s
 
-    c.embed = ml_collections.ConfigDict(dict(batch_size=256, splits=("train", "test")))
+    c.embed = embed_config(batch_size=256)
     c.sample = ml_collections.ConfigDict(dict(
         prompts=("a red circle", "a blue square", "a green triangle", "a yellow circle",
                  "a purple square", "an orange triangle", "a large blue circle on the left",
@@ -114,7 +115,9 @@ def get_config(arg=None):
         # Also decode the TRUE CLIP z_i of rendered scenes for each prompt (no prior), put the
         # renders at the decoder's size through the upsampler alone, and check the renders
         # themselves: which stage loses colour or shape.
-        true_embedding=True))
+        true_embedding=True,
+        ar_prior=True,          # also sample the report prompts through the AR prior
+        prior_examples=512))    # test examples of the priors' cosine to the true z_i
 
     if smoke:
         for name, st in s.items():

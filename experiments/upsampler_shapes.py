@@ -11,6 +11,7 @@ Reach: eps MSE ~0.84 at step 50, ~0.13 at 150, ~0.06 at 300; below ~0.05 by 1000
 from unclip_jax.configs import base_config
 from unclip_jax.data import default_data_config
 from unclip_jax.models import upsampler_model_config
+from unclip_jax.stages.upsampler import diffusion_config
 
 
 def get_config(arg=None):
@@ -22,8 +23,9 @@ def get_config(arg=None):
     c.data = default_data_config("shapes")
     c.data.resolution = 64
     c.data.num_threads = 2
-    c.diffusion = dict(schedule="cosine", num_timesteps=1000, parameterization="eps",
-                       degrade="blur", crop_fraction=0.5)
+    c.diffusion = diffusion_config(
+        schedule="cosine", num_timesteps=1000, parameterization="eps", degrade="blur",
+        crop_fraction=0.5)
     c.train.update(batch_size=16, num_steps=1000, log_every=50, ckpt_every=500)
     c.optim.update(lr=3e-4, warmup_steps=100, schedule="constant", ema_decay=0.999)
     if arg == "smoke":

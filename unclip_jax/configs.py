@@ -10,6 +10,11 @@ the stage named by `stage`):
   optim.*          AdamW + schedule + clipping + EMA
   mesh.*           data / fsdp / tensor sizes (-1 fills), dcn_* for multi-slice, logical rules,
                    cpu_devices (CPU: one device per core, see parallel.split_cpu_devices)
+  aot.topology     TPU topology unclip_jax.tools.aot compiles for ("" : give --topology)
+Each stage's own sections start from their builders: models.*_model_config (config.model),
+data.default_data_config (config.data), stages.decoder / stages.upsampler `diffusion_config` or
+diffusion.diffusion_config (config.diffusion), data.tokenizer.tokenizer_config (config.tokenizer),
+embed.embed_config (config.embed); the code reads every field without a default of its own.
 """
 from __future__ import annotations
 
@@ -52,4 +57,5 @@ def base_config() -> ml_collections.ConfigDict:
                                 # core, data parallel; 0: JAX's default, one device)
         rules=(),               # () -> unclip_jax.parallel.DEFAULT_RULES
     ))
+    c.aot = ml_collections.ConfigDict(dict(topology=""))
     return c

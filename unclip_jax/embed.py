@@ -5,9 +5,10 @@ The config has `data` (the source dataset, see unclip_jax.data.config) and `embe
                     encode_images(images [B,H,W,3] float32 in [-1,1]) -> [B,D] and
                     encode_texts(list[str]) -> {"text_embedding" [B,D], "tokens" [B,L] int32,
                     optional "token_embeddings" [B,L,W]}
-  embed.splits      splits to encode (default ("train", "test"))
-  embed.batch_size  examples per encoder call (default 64)
-  embed.shard_size  rows per written shard (default 8192)
+  embed.splits      splits to encode
+  embed.batch_size  examples per encoder call
+  embed.shard_size  rows per written shard
+(defaults in `embed_config()`).
 Each process encodes its own slice (--process_index / --process_count, default: jax's) and
 writes its own shards under DIR/<split>/ (layout in unclip_jax.data.cache). Read the result
 with data.name="embed_cache", data.cache_dir=DIR; fit PCA with `python -m unclip_jax.models.pca`.
@@ -15,8 +16,101 @@ with data.name="embed_cache", data.cache_dir=DIR; fit PCA with `python -m unclip
 from __future__ import annotations
 
 import importlib
+import json
+import os
+from typing import Callable, Protocol
 
-from unclip_jax.data import cache
+import ml_collections
+import numpy as np
+
+from unclip_jax.data import make_iterator
+
+
+def embed_config(**kw) -> ml_collections.ConfigDict:
+    """`config.embed`: what `python -m unclip_jax.embed` encodes, and how."""
+    c = ml_collections.ConfigDict(dict(encoder="", splits=("train", "test"), batch_size=64,
+                                       shard_size=8192))
+    c.update(kw)
+    return c
+
+
+class Encoder(Protocol):
+    def encode_images(self, images: np.ndarray) -> np.ndarray: ...
+    def encode_texts(self, captions: list[str]) -> dict[str, np.ndarray]: ...
+
+
+def _shard_name(process_index: int, shard: int) -> str:
+    return f"p{process_index:04d}.s{shard:05d}"
+
+
+def write_cache(encoder: Encoder, data_config, *, split: str, out_dir: str, process_index: int = 0,
+                process_count: int = 1, batch_size: int = 64, shard_size: int = 8192,
+                log: Callable[[str], None] | None = None) -> dict:
+    """Encode this process's examples of `split` and write them as shards; returns the manifest.
+
+    Rows keep the source order (no shuffling, one pass); skipped source examples (corrupt,
+    no caption) are absent and counted in the manifest's "source_stats".
+    """
+    split_dir = os.path.join(out_dir, split)
+    os.makedirs(split_dir, exist_ok=True)
+    it = make_iterator(data_config, split=split, process_index=process_index,
+                       process_count=process_count, local_batch_size=batch_size, seed=0,
+                       fields=("image", "caption", "index"), shuffle=False, num_epochs=1,
+                       drop_remainder=False)
+    buffers: dict[str, list] = {}
+    shards, fields = [], {}
+
+    def flush():
+        if not buffers.get("index"):
+            return
+        name = _shard_name(process_index, len(shards))
+        count = 0
+        for key, chunks in buffers.items():
+            if key == "caption":
+                with open(os.path.join(split_dir, f"caption.{name}.json"), "w") as f:
+                    json.dump([c for chunk in chunks for c in chunk], f)
+                continue
+            arr = np.concatenate(chunks)
+            fields[key] = {"shape": list(arr.shape[1:]), "dtype": str(arr.dtype)}
+            np.save(os.path.join(split_dir, f"{key}.{name}.npy"), arr)
+            count = len(arr)
+        shards.append({"name": name, "count": count})
+        buffers.clear()
+
+    rows = 0
+    for batch in it:
+        out = {"image_embedding": np.asarray(encoder.encode_images(batch["image"]), np.float32)}
+        texts = encoder.encode_texts([str(c) for c in batch["caption"]])
+        missing = {"text_embedding", "tokens"} - set(texts)
+        if missing:
+            raise ValueError(f"encode_texts must return {sorted(missing)} (got {sorted(texts)})")
+        out["text_embedding"] = np.asarray(texts["text_embedding"], np.float32)
+        out["tokens"] = np.asarray(texts["tokens"], np.int32)
+        if texts.get("token_embeddings") is not None:
+            out["token_embeddings"] = np.asarray(texts["token_embeddings"], np.float32)
+        out["index"] = batch["index"]
+        n = len(batch["index"])
+        for key, arr in out.items():
+            if len(arr) != n:
+                raise ValueError(f"encoder returned {len(arr)} rows of {key} for a batch of {n}")
+            buffers.setdefault(key, []).append(arr)
+        buffers.setdefault("caption", []).append(list(map(str, batch["caption"])))
+        rows += n
+        if sum(len(a) for a in buffers["index"]) >= shard_size:
+            flush()
+        if log:
+            log(f"{split}: {rows} examples encoded")
+    flush()
+    cfg = data_config.to_dict() if hasattr(data_config, "to_dict") else dict(data_config)
+    manifest = {"split": split, "process_index": process_index, "process_count": process_count,
+                "num_examples": rows, "shards": shards, "fields": fields, "source": cfg,
+                "source_stats": it.stats()}
+    tmp = os.path.join(split_dir, f".manifest.p{process_index:04d}.json.tmp")
+    with open(tmp, "w") as f:
+        json.dump(manifest, f, indent=1)
+    # The manifest appears last and atomically: its presence means the shards are complete.
+    os.replace(tmp, os.path.join(split_dir, f"manifest.p{process_index:04d}.json"))
+    return manifest
 
 
 def build_encoder(config):
@@ -37,11 +131,11 @@ def embed(config, out_dir: str, *, process_index: int = 0, process_count: int = 
     """Encode every configured split; returns this process's manifest per split."""
     encoder = build_encoder(config)
     e = config.embed
-    return {split: cache.write_cache(
+    return {split: write_cache(
                 encoder, config.data, split=split, out_dir=out_dir, process_index=process_index,
-                process_count=process_count, batch_size=int(e.get("batch_size", 64)),
-                shard_size=int(e.get("shard_size", 8192)), log=log)
-            for split in tuple(e.get("splits", ("train", "test")))}
+                process_count=process_count, batch_size=int(e.batch_size),
+                shard_size=int(e.shard_size), log=log)
+            for split in tuple(e.splits)}
 
 
 def main(argv):

@@ -65,9 +65,9 @@ if __name__ == "__main__":
 import numpy as np
 
 from unclip_jax.images import from_uint8, plot_sweep, to_uint8
+from unclip_jax.stages import UNCLIP_STAGES as STAGE_KEYS
 
 PLOT_FILE = "fid_vs_guidance.png"
-STAGE_KEYS = ("clip", "diffusion_prior", "ar_prior", "decoder", "upsampler")
 
 
 class EvalError(ValueError):
@@ -394,9 +394,11 @@ def evaluate(config, workdir: str, out: str | None = None, log=print) -> dict:
     inception = None
     if _wants_inception(config):
         from unclip_jax.eval.inception import InceptionFeatures
+        from unclip_jax.eval.inception_weights import load_inception_params
         t = time.perf_counter()
         # FileNotFoundError naming the path (and that nothing is downloaded) when absent.
-        inception = InceptionFeatures.from_file(str(config.inception_weights), mesh=_mesh())
+        inception = InceptionFeatures(load_inception_params(str(config.inception_weights)),
+                                      mesh=_mesh())
         timings["load_inception"] = time.perf_counter() - t
     t = time.perf_counter()
     pipe = load_pipeline(config, workdir)

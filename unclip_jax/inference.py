@@ -25,9 +25,8 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from unclip_jax import diffusion, parallel
+from unclip_jax.stages import UNCLIP_STAGES
 from unclip_jax.train.checkpoint import Trained, load_trained
-
-STAGE_DIRS = ("clip", "diffusion_prior", "ar_prior", "decoder", "upsampler")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -129,7 +128,7 @@ class Pipeline:
         """Load every stage found under `workdir` (see module docstring)."""
         if not os.path.isdir(workdir):
             raise FileNotFoundError(f"workdir {workdir} does not exist")
-        found = {d: os.path.join(workdir, d) for d in STAGE_DIRS
+        found = {d: os.path.join(workdir, d) for d in UNCLIP_STAGES
                  if os.path.isdir(os.path.join(workdir, d, "checkpoints"))}
         for need in ("clip", "decoder"):
             if need not in found:
@@ -218,7 +217,7 @@ class Pipeline:
         from unclip_jax.stages.diffusion_prior import scaling_from_config, schedule_from_config
         cfg = self.prior.config
         batch = {"text_embedding": text["embedding"], "token_mask": text["mask"]}
-        if int(cfg.model.get("vocab_size", 0)) > 0:
+        if int(cfg.model.vocab_size) > 0:
             batch["tokens"] = text["tokens"]
         else:
             batch["token_embeddings"] = text["token_encodings"]
@@ -232,7 +231,7 @@ class Pipeline:
         from unclip_jax.stages.ar_prior import get_codec, text_scale
         cfg = self.ar_prior.config
         batch = {"text_embedding": text["embedding"], "token_mask": text["mask"]}
-        if int(cfg.model.get("vocab_size", 0)) > 0:
+        if int(cfg.model.vocab_size) > 0:
             batch["tokens"] = text["tokens"]
         else:
             batch["token_embeddings"] = text["token_encodings"]
@@ -249,9 +248,9 @@ class Pipeline:
 
     def _decoder_tokens(self, tokens):
         m = self.decoder.config.model
-        if not int(m.get("text_depth", 0)):
+        if not int(m.text_depth):
             return None, None
-        ctx, pad = int(m.text_ctx), int(m.get("text_pad_id", 0))
+        ctx, pad = int(m.text_ctx), int(m.text_pad_id)
         tokens = tokens[:, :ctx]
         if tokens.shape[1] < ctx:
             tokens = jnp.pad(tokens, ((0, 0), (0, ctx - tokens.shape[1])), constant_values=pad)
@@ -267,7 +266,7 @@ class Pipeline:
     def _decoder_cond(self, z_i, tokens, use_text: bool):
         m = self.decoder.config.model
         b = z_i.shape[0]
-        cond = {"image_emb": z_i * float(m.get("image_emb_scale", 1.0)),
+        cond = {"image_emb": z_i * float(m.image_emb_scale),
                 "drop_image": jnp.zeros((b,), bool),
                 "drop_text": jnp.full((b,), not use_text)}
         if tokens is not None:
@@ -276,15 +275,15 @@ class Pipeline:
         return cond, uncond
 
     def _decoder_schedule(self, steps: str):
-        from unclip_jax.stages.decoder import diffusion_settings, schedule_for
-        d = diffusion_settings(self.decoder.config)
+        from unclip_jax.stages.decoder import schedule_for
+        d = self.decoder.config.diffusion
         return diffusion.respace(schedule_for(d["schedule"], d["num_timesteps"]), steps), d
 
     def _decode_fn(self, params, z_i, tokens, rng, x_T, s: SampleSettings, use_text: bool = True):
         m = self.decoder.config.model
         sched, d = self._decoder_schedule(s.decoder_steps)
         cond, uncond = self._decoder_cond(z_i, tokens, use_text and tokens is not None)
-        learned = bool(m.get("learn_sigma", False))
+        learned = bool(m.learn_sigma)
         size = int(m.image_size)
         shape = (z_i.shape[0], size, size, 3)
         return diffusion.sample(
@@ -303,12 +302,12 @@ class Pipeline:
             self._decoder_model_fn(params), sched, images, cond,
             uncond=uncond if s.decoder_guidance != 1.0 else None,
             guidance_scale=s.decoder_guidance, parameterization=d["parameterization"],
-            learned_sigma=bool(m.get("learn_sigma", False)))
+            learned_sigma=bool(m.learn_sigma))
 
     def _upsample_fn(self, params_list, images, rng, s: SampleSettings):
-        from unclip_jax.stages.decoder import diffusion_settings, schedule_for
+        from unclip_jax.stages.decoder import schedule_for
         for i, (up, params) in enumerate(zip(self.upsamplers, params_list)):
-            d = diffusion_settings(up.config)
+            d = up.config.diffusion
             sched = diffusion.respace(schedule_for(d["schedule"], d["num_timesteps"]),
                                       s.upsampler_steps)
             size = int(up.config.model.image_size)

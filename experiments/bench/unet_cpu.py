@@ -18,6 +18,7 @@ interleaved; dated figures are in docs/cpu-performance-2026-11.md.
 from unclip_jax.configs import base_config
 from unclip_jax.data import default_data_config
 from unclip_jax.models import decoder_model_config
+from unclip_jax.stages.decoder import diffusion_config
 
 
 def get_config(arg=None):
@@ -30,7 +31,7 @@ def get_config(arg=None):
         clip_dim=0, text_depth=0, text_vocab=0, text_ctx=0)
     c.data = default_data_config("shapes")
     c.data.resolution = 32
-    c.diffusion = dict(schedule="cosine", num_timesteps=1000, parameterization="eps")
+    c.diffusion = diffusion_config(schedule="cosine", num_timesteps=1000, parameterization="eps")
     c.train.update(batch_size=32, num_steps=100)
     c.optim.update(lr=1e-4, schedule="constant", warmup_steps=0)
     c.mesh.update(cpu_devices=-1, num_devices=0, data=-1, fsdp=1, tensor=1)

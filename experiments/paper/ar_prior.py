@@ -19,18 +19,21 @@ import ml_collections
 
 from unclip_jax.configs import base_config
 from unclip_jax.data import default_data_config
+from unclip_jax.data.tokenizer import tokenizer_config
+from unclip_jax.models import ar_prior_model_config
 
 
 def get_config(arg=None):
     c = base_config()
     c.stage = "ar_prior"
-    c.model.update(embed_dim=1024, pca_components=319, num_buckets=1024, text_ctx=256,
-                   vocab_size=0, text_dim=1024, enc_width=2048, enc_depth=24, enc_heads=32,
-                   dec_width=1664, dec_depth=24, dec_heads=26, mlp_ratio=4.0, dropout=0.0,
-                   drop_prob=0.1, codec_path="", dtype="bfloat16", remat=True)
+    c.model = ar_prior_model_config(
+        embed_dim=1024, pca_components=319, num_buckets=1024, text_ctx=256, vocab_size=0,
+        text_dim=1024, enc_width=2048, enc_depth=24, enc_heads=32, dec_width=1664, dec_depth=24,
+        dec_heads=26, mlp_ratio=4.0, dropout=0.0, drop_prob=0.1, codec_path="", dtype="bfloat16",
+        remat=True)
     c.sampling = dict(temperature=1.0, top_k=0, dot_top_half=True)
     c.data = default_data_config("embed_cache")
-    c.tokenizer = dict(dir="")
+    c.tokenizer = tokenizer_config(dir="")
     c.train.update(batch_size=4096, num_steps=1_000_000, log_every=100, ckpt_every=5000)
     c.optim.update(lr=1.6e-4, b1=0.9, b2=0.91, eps=1e-10, weight_decay=4.0e-2,
                    ema_decay=0.999, warmup_steps=10_000, schedule="cosine", grad_clip=1.0)

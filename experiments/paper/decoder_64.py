@@ -21,6 +21,7 @@ import ml_collections
 from unclip_jax.configs import base_config
 from unclip_jax.data import default_data_config
 from unclip_jax.models import decoder_model_config
+from unclip_jax.stages.decoder import diffusion_config
 
 
 def get_config(arg=None):
@@ -39,9 +40,9 @@ def get_config(arg=None):
     c.data = default_data_config("embed_cache")
     c.data.resolution = 64
     c.data.join_images = True
-    c.diffusion = dict(schedule="cosine", num_timesteps=1000, parameterization="eps",
-                       vlb_weight=0.001, drop_image_emb=0.1, drop_text=0.5,
-                       sampling_steps="250", guidance_scale=1.25)
+    c.diffusion = diffusion_config(
+        schedule="cosine", num_timesteps=1000, parameterization="eps", vlb_weight=0.001,
+        drop_image_emb=0.1, drop_text=0.5, sampling_steps="250", guidance_scale=1.25)
     c.train.update(batch_size=2048, num_steps=800_000, log_every=100, ckpt_every=5000)
     c.optim.update(lr=1.2e-4, b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.0, ema_decay=0.9999,
                    warmup_steps=10_000, schedule="constant", grad_clip=1.0)

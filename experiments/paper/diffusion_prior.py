@@ -17,18 +17,23 @@ import ml_collections
 
 from unclip_jax.configs import base_config
 from unclip_jax.data import default_data_config
+from unclip_jax.data.tokenizer import tokenizer_config
+from unclip_jax.diffusion import diffusion_config
+from unclip_jax.models import diffusion_prior_model_config
 
 
 def get_config(arg=None):
     c = base_config()
     c.stage = "diffusion_prior"
-    c.model.update(embed_dim=1024, width=2048, depth=24, heads=32, text_ctx=256, vocab_size=0,
-                   text_dim=1024, mlp_ratio=4.0, dropout=0.0, drop_prob=0.1,
-                   scale_mode="fixed", scale=17.2, dtype="bfloat16", remat=True)
-    c.diffusion = dict(schedule="cosine", num_timesteps=1000, sampling_steps="64",
-                       var_type="analytic", num_candidates=2)
+    c.model = diffusion_prior_model_config(
+        embed_dim=1024, width=2048, depth=24, heads=32, text_ctx=256, vocab_size=0, text_dim=1024,
+        mlp_ratio=4.0, dropout=0.0, drop_prob=0.1, scale_mode="fixed", scale=17.2, dtype="bfloat16",
+        remat=True)
+    c.diffusion = diffusion_config(
+        schedule="cosine", num_timesteps=1000, sampling_steps="64", var_type="analytic",
+        num_candidates=2)
     c.data = default_data_config("embed_cache")
-    c.tokenizer = dict(dir="")
+    c.tokenizer = tokenizer_config(dir="")
     c.train.update(batch_size=4096, num_steps=600_000, log_every=100, ckpt_every=5000)
     c.optim.update(lr=1.1e-4, b1=0.9, b2=0.96, eps=1e-6, weight_decay=6.0e-2,
                    ema_decay=0.9999, warmup_steps=10_000, schedule="cosine", grad_clip=1.0)

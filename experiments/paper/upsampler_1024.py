@@ -18,6 +18,7 @@ import ml_collections
 from unclip_jax.configs import base_config
 from unclip_jax.data import default_data_config
 from unclip_jax.models import upsampler_model_config
+from unclip_jax.stages.upsampler import diffusion_config
 
 
 def get_config(arg=None):
@@ -29,8 +30,9 @@ def get_config(arg=None):
         num_res_blocks=2, attention_resolutions=(), norm_groups=32, dropout=0.0)
     c.data = default_data_config("tfds")
     c.data.resolution = 1024
-    c.diffusion = dict(schedule="linear", num_timesteps=1000, parameterization="eps",
-                       degrade="bsr", crop_fraction=0.25, sampling_steps="ddim15")
+    c.diffusion = diffusion_config(
+        schedule="linear", num_timesteps=1000, parameterization="eps", degrade="bsr",
+        crop_fraction=0.25, sampling_steps="ddim15")
     c.train.update(batch_size=512, num_steps=1_000_000, log_every=100, ckpt_every=5000)
     c.optim.update(lr=1.0e-4, b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.0, ema_decay=0.9999,
                    warmup_steps=10_000, schedule="constant", grad_clip=1.0)

@@ -17,6 +17,7 @@ import ml_collections
 from unclip_jax.configs import base_config
 from unclip_jax.data import default_data_config
 from unclip_jax.models import upsampler_model_config
+from unclip_jax.stages.upsampler import diffusion_config
 
 
 def get_config(arg=None):
@@ -28,8 +29,9 @@ def get_config(arg=None):
         num_res_blocks=3, attention_resolutions=(), norm_groups=32, dropout=0.1)
     c.data = default_data_config("tfds")
     c.data.resolution = 256
-    c.diffusion = dict(schedule="cosine", num_timesteps=1000, parameterization="eps",
-                       degrade="blur", crop_fraction=0.25, sampling_steps="ddim27")
+    c.diffusion = diffusion_config(
+        schedule="cosine", num_timesteps=1000, parameterization="eps", degrade="blur",
+        crop_fraction=0.25, sampling_steps="ddim27")
     c.train.update(batch_size=1024, num_steps=1_000_000, log_every=100, ckpt_every=5000)
     c.optim.update(lr=1.2e-4, b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.0, ema_decay=0.9999,
                    warmup_steps=10_000, schedule="constant", grad_clip=1.0)

@@ -57,7 +57,7 @@ def written(tmp_path_factory):
     src = source_config(root / "tfds")
     out = str(root / "emb")
     for p in range(2):
-        cache.write_cache(StandInEncoder(), src, split="train", out_dir=out, process_index=p,
+        embed.write_cache(StandInEncoder(), src, split="train", out_dir=out, process_index=p,
                           process_count=2, batch_size=5, shard_size=7)
     return src, out
 
@@ -144,6 +144,7 @@ def test_embed_cli(tmp_path):
     cfg_file.write_text(f"""
 import ml_collections
 from unclip_jax.data import default_data_config
+from unclip_jax.embed import embed_config
 
 def get_config():
     c = ml_collections.ConfigDict()
@@ -151,8 +152,7 @@ def get_config():
     c.data.data_dir = {str(tmp_path / 'tfds')!r}
     c.data.shapes.num_train, c.data.shapes.num_test = {NUM_TRAIN}, {NUM_TEST}
     c.data.resolution, c.data.num_threads = 32, 0
-    c.embed = ml_collections.ConfigDict(dict(encoder="test_cache:make_encoder",
-                                             splits=("train", "test"), batch_size=8))
+    c.embed = embed_config(encoder="test_cache:make_encoder", batch_size=8)
     return c
 """)
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(

@@ -291,6 +291,7 @@ def _random_inception_weights(path, seed=0):
 def test_inception_fid_kid_and_reference_cache(run, pipe, tmp_path):
     """With a weights file: FID / KID / precision-recall on Inception features, equal to a
     recomputation from the saved features; the real statistics are cached for re-runs."""
+    from unclip_jax.eval import inception_weights as IW
     from unclip_jax.eval.inception import InceptionFeatures
     weights = str(tmp_path / "inception.npz")
     _random_inception_weights(weights)
@@ -315,7 +316,7 @@ def test_inception_fid_kid_and_reference_cache(run, pipe, tmp_path):
     pr = M.precision_recall(a["real_inception"], a["gen_inception"], k=3)
     assert (m["precision"], m["recall"]) == (pr["precision"], pr["recall"])
     # The features are the Flax Inception's on the saved (uint8) generated images.
-    inc = InceptionFeatures.from_file(weights)
+    inc = InceptionFeatures(IW.load_inception_params(weights))
     np.testing.assert_allclose(inc(a["images"][:2]), a["gen_inception"][:2], rtol=1e-4,
                                atol=1e-4)
     # Real statistics cached beside the output, keyed by the evaluation set.

@@ -208,7 +208,7 @@ def test_pool3_features_match_pytorch_fid_network(torch_reference, tmp_path):
         ref = net(torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255.0).numpy()
     assert ref.shape == (3, 2048) and np.std(ref) > 1e-3  # a live network, not all zeros
 
-    feats = InceptionFeatures.from_file(path)
+    feats = InceptionFeatures(inception_weights.load_inception_params(path))
     got_u8 = feats(images)
     assert got_u8.shape == (3, 2048) and got_u8.dtype == np.float32
     assert _rel_err(got_u8, ref) < 1e-4, _rel_err(got_u8, ref)
@@ -226,7 +226,7 @@ def test_pool3_features_match_pytorch_fid_network(torch_reference, tmp_path):
         assert "Mixed_7c.branch_pool.conv.weight" in f.files and "fc.weight" in f.files
     mesh = jax.make_mesh((8, 1, 1), ("data", "fsdp", "tensor"),
                          axis_types=(jax.sharding.AxisType.Auto,) * 3)
-    sharded = InceptionFeatures.from_file(npz, mesh=mesh)
+    sharded = InceptionFeatures(inception_weights.load_inception_params(npz), mesh=mesh)
     assert _rel_err(sharded(images), ref) < 1e-4
 
 
@@ -236,7 +236,7 @@ def test_downsampling_resize_matches_torch_bilinear(torch_reference):
     images = np.random.default_rng(1).integers(0, 256, (1, 331, 320, 3), dtype=np.uint8)
     with torch.no_grad():
         ref = net(torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255.0).numpy()
-    got = InceptionFeatures.from_file(path)(images)
+    got = InceptionFeatures(inception_weights.load_inception_params(path))(images)
     assert _rel_err(got, ref) < 1e-4, _rel_err(got, ref)
 
 
@@ -280,6 +280,6 @@ def test_loader_names_a_missing_tensor(tmp_path):
 def test_missing_weights_file_says_where_to_get_them(tmp_path):
     path = str(tmp_path / "nope" / inception_weights.WEIGHTS_FILE)
     with pytest.raises(FileNotFoundError) as e:
-        InceptionFeatures.from_file(path)
+        InceptionFeatures(inception_weights.load_inception_params(path))
     msg = str(e.value)
     assert path in msg and "pytorch-fid" in msg and "nothing is downloaded" in msg

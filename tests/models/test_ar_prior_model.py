@@ -7,6 +7,7 @@ import numpy as np
 import optax
 import pytest
 
+from unclip_jax.models import ar_prior_model_config
 from unclip_jax.models.ar_prior import ARCodec, fit_codec, filter_logits, sample_ar_prior
 from unclip_jax.stages.ar_prior import ARPriorStage
 from unclip_jax.stages.diffusion_prior import synthetic_pairs
@@ -52,10 +53,10 @@ def test_filter_logits_top_k():
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     c = ml_collections.ConfigDict()
-    c.model = dict(embed_dim=DIM, pca_components=K, num_buckets=BUCKETS, text_ctx=CTX,
-                   vocab_size=64, enc_width=64, enc_depth=1, enc_heads=4, dec_width=64,
-                   dec_depth=2, dec_heads=4, drop_prob=0.1,
-                   codec_path=str(tmp_path_factory.mktemp("ar") / "codec.npz"))
+    c.model = ar_prior_model_config(
+        embed_dim=DIM, pca_components=K, num_buckets=BUCKETS, text_ctx=CTX, vocab_size=64,
+        enc_width=64, enc_depth=1, enc_heads=4, dec_width=64, dec_depth=2, dec_heads=4,
+        drop_prob=0.1, codec_path=str(tmp_path_factory.mktemp("ar") / "codec.npz"))
     c.data = dict(name="synthetic", num_examples=N, seed=0)
     c.train = dict(batch_size=N)
     stage = ARPriorStage()

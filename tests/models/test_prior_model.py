@@ -9,6 +9,8 @@ import optax
 import pytest
 
 from unclip_jax import diffusion
+from unclip_jax.diffusion import diffusion_config
+from unclip_jax.models import diffusion_prior_model_config
 from unclip_jax.models.prior import EmbeddingScaling, best_of_n, sample_prior
 from unclip_jax.stages.diffusion_prior import DiffusionPriorStage, synthetic_pairs
 
@@ -17,9 +19,10 @@ DIM, CTX, N = 16, 8, 16
 
 def _config():
     c = ml_collections.ConfigDict()
-    c.model = dict(embed_dim=DIM, width=64, depth=2, heads=4, text_ctx=CTX, vocab_size=64,
-                   drop_prob=0.1, scale_mode="fixed", scale=float(np.sqrt(DIM)))
-    c.diffusion = dict(schedule="cosine", num_timesteps=1000)
+    c.model = diffusion_prior_model_config(
+        embed_dim=DIM, width=64, depth=2, heads=4, text_ctx=CTX, vocab_size=64, drop_prob=0.1,
+        scale_mode="fixed", scale=float(np.sqrt(DIM)))
+    c.diffusion = diffusion_config(schedule="cosine", num_timesteps=1000)
     c.data = dict(name="synthetic", num_examples=N, seed=0)
     c.train = dict(batch_size=N)
     return c

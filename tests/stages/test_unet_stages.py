@@ -10,8 +10,10 @@ from unclip_jax.configs import base_config
 from unclip_jax.data import default_data_config
 from unclip_jax.models import decoder_model_config, upsampler_model_config
 from unclip_jax.stages import get_stage
-from unclip_jax.stages.decoder import DecoderBatches, byte_tokenize, pixel_image_embedding
+from unclip_jax.stages.decoder import byte_tokenize, decoder_batch, pixel_image_embedding
+from unclip_jax.stages.decoder import diffusion_config as decoder_diffusion_config
 from unclip_jax.stages.upsampler import conditioning, random_crops
+from unclip_jax.stages.upsampler import diffusion_config as upsampler_diffusion_config
 
 
 def decoder_config(**model):
@@ -24,8 +26,8 @@ def decoder_config(**model):
     c.model = decoder_model_config(**m)
     c.data = default_data_config("shapes")
     c.data.resolution = 16
-    c.diffusion = dict(schedule="cosine", num_timesteps=1000, vlb_weight=0.001,
-                       drop_image_emb=0.1, drop_text=0.5)
+    c.diffusion = decoder_diffusion_config(schedule="cosine", num_timesteps=1000,
+                                           vlb_weight=0.001, drop_image_emb=0.1, drop_text=0.5)
     return c
 
 
@@ -36,27 +38,10 @@ def upsampler_config(**diff):
                                      channel_mult=(1, 2), norm_groups=8)
     c.data = default_data_config("shapes")
     c.data.resolution = 32
-    c.diffusion = dict(schedule="linear", num_timesteps=1000, degrade="bsr", crop_fraction=0.5)
+    c.diffusion = upsampler_diffusion_config(schedule="linear", num_timesteps=1000,
+                                             degrade="bsr", crop_fraction=0.5)
     c.diffusion.update(diff)
     return c
-
-
-class FakeIterator:
-    def __init__(self, batches):
-        self.batches, self.i = batches, 0
-
-    def __next__(self):
-        self.i += 1
-        return self.batches[self.i - 1]
-
-    def get_state(self):
-        return {"i": self.i}
-
-    def set_state(self, s):
-        self.i = s["i"]
-
-    def stats(self):
-        return {"skipped": 0.0}
 
 
 def test_decoder_batches_use_cache_columns_or_documented_stand_ins():
@@ -64,7 +49,7 @@ def test_decoder_batches_use_cache_columns_or_documented_stand_ins():
     img = rng.uniform(-1, 1, (3, 16, 16, 3)).astype(np.float32)
     caps = np.array(["a red square", "é", ""], dtype=object)
     cfg = decoder_config(image_emb_scale=2.0)
-    stand = next(DecoderBatches(FakeIterator([{"image": img, "caption": caps}]), cfg))
+    stand = decoder_batch(cfg, {"image": img, "caption": caps})
     assert set(stand) == {"image", "image_emb", "tokens", "token_mask"}   # no strings
     np.testing.assert_allclose(np.linalg.norm(stand["image_emb"], axis=-1), 2.0, rtol=1e-5)
     np.testing.assert_allclose(stand["image_emb"], 2 * pixel_image_embedding(img, 16))
@@ -76,14 +61,12 @@ def test_decoder_batches_use_cache_columns_or_documented_stand_ins():
 
     cached = {"image": img, "caption": caps, "image_embedding": rng.standard_normal((3, 16)),
               "tokens": np.array([[5, 6, 0], [7, 0, 0], [0, 0, 0]], np.int32)}
-    it = DecoderBatches(FakeIterator([cached]), cfg)
-    out = next(it)
+    out = decoder_batch(cfg, cached)
     np.testing.assert_allclose(out["image_emb"], 2 * cached["image_embedding"], rtol=1e-6)
     assert out["tokens"].shape == (3, 12) and out["token_mask"].sum(1).tolist() == [2, 1, 0]
-    assert it.get_state() == {"i": 1} and it.stats() == {"skipped": 0.0}
     cfg.model.image_emb_source = "cache"
     with pytest.raises(ValueError, match="image_emb_source"):
-        next(DecoderBatches(FakeIterator([{"image": img, "caption": caps}]), cfg))
+        decoder_batch(cfg, {"image": img, "caption": caps})
     assert byte_tokenize(["ab"], 4)[0].tolist() == [[98, 99, 0, 0]]
 
 

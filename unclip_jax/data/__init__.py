@@ -18,7 +18,7 @@ __all__ = ["NAMES", "BatchIterator", "default_data_config", "make_iterator", "no
 def make_iterator(data_config, *, split: str, process_index: int, process_count: int,
                   local_batch_size: int, seed: int, fields: Sequence[str] | None = None,
                   shuffle: bool | None = None, num_epochs: int | None = None,
-                  drop_remainder: bool | None = None) -> BatchIterator:
+                  drop_remainder: bool | None = None, postprocess=None) -> BatchIterator:
     """A resumable iterator of this process's local batches (a stages.base.DataIterator).
 
     Batches are dicts of numpy arrays: "image" float32 [B, R, R, 3] in [-1, 1] (R =
@@ -27,6 +27,7 @@ def make_iterator(data_config, *, split: str, process_index: int, process_count:
     and tokens). `fields` keeps only those keys (leaving out "image" skips image decoding).
     Defaults: shuffled (per seed and epoch) only for split "train"; epochs repeat forever
     (num_epochs=None) and the last partial batch is dropped unless num_epochs is finite.
+    `postprocess(batch) -> batch` runs on each batch (how a stage adds its host-side columns).
     """
     from unclip_jax.data import sources
 
@@ -37,5 +38,5 @@ def make_iterator(data_config, *, split: str, process_index: int, process_count:
         source, resolution=int(data_config.resolution), local_batch_size=local_batch_size,
         seed=seed, fields=fields, shuffle=(split == "train") if shuffle is None else shuffle,
         num_epochs=num_epochs, drop_remainder=drop_remainder,
-        num_threads=int(data_config.get("num_threads", 4)),
-        prefetch=int(data_config.get("prefetch", 64)))
+        num_threads=int(data_config.num_threads), prefetch=int(data_config.prefetch),
+        postprocess=postprocess)

@@ -41,4 +41,5 @@ def default_data_config(name: str = "shapes") -> ml_collections.ConfigDict:
     elif name == "embed_cache":
         c.cache_dir = ""
         c.join_images = False
+        c.source = None     # a data config overriding the manifest's source (join_images)
     return c

@@ -14,9 +14,13 @@ import json
 import os
 import tarfile
 import threading
+from typing import Any
 
+import ml_collections
 import numpy as np
 from absl import logging
+
+from unclip_jax.data import cache
 
 _IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 # Webdataset example ids: shard number in the sorted shard list, and position inside the shard.
@@ -133,7 +137,7 @@ def open_shapes(cfg, split: str, process_index: int, process_count: int) -> Shap
 
     s = cfg.shapes
     b = shapes_tfds.builder(s.num_train, s.num_test, s.seed, s.image_size,
-                            data_dir=cfg.get("data_dir") or None)
+                            data_dir=cfg.data_dir or None)
     if split not in b.info.splits:
         raise KeyError(f"shapes dataset has no split {split!r}; splits: {list(b.info.splits)}")
     ds = b.as_data_source(split, decoders={"image": tfds.decode.SkipDecoding()})
@@ -296,6 +300,62 @@ class FolderSource:
         return self.read(self.global_index(i))
 
 
+class CacheSource:
+    """Rows of an embedding cache, split across processes (row r goes to process r % count)."""
+
+    base_fields = ("caption", "index")
+
+    def __init__(self, cfg, split: str, process_index: int, process_count: int):
+        if not cfg.cache_dir:
+            raise ValueError("data.cache_dir must be set for data.name='embed_cache'")
+        self.path, manifests = cache.load_manifests(cfg.cache_dir, split)
+        self.extra_fields = tuple(f for f in cache.EMBED_FIELDS if f in manifests[0]["fields"])
+        self._arrays: dict[str, list[np.ndarray]] = {f: [] for f in self.extra_fields + ("index",)}
+        self._captions: list[list[str]] = []
+        counts = []
+        for m in manifests:
+            for s in m["shards"]:
+                for f in self._arrays:
+                    self._arrays[f].append(
+                        np.load(os.path.join(self.path, f"{f}.{s['name']}.npy"), mmap_mode="r"))
+                with open(os.path.join(self.path, f"caption.{s['name']}.json")) as fh:
+                    self._captions.append(json.load(fh))
+                counts.append(s["count"])
+        self._starts = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+        total = int(self._starts[-1])
+        if total == 0:
+            raise ValueError(f"embedding cache {self.path!r} holds no examples")
+        self._pi, self._pc = process_index, process_count
+        self._len = len(range(process_index, total, process_count))
+        if self._len == 0:
+            raise ValueError(f"embedding cache {self.path!r} has {total} rows, fewer than the "
+                             f"{process_count} processes reading it")
+        self._join = None
+        if cfg.join_images:
+            src_cfg = cfg.source or ml_collections.ConfigDict(manifests[0]["source"])
+            self._join = open_source(src_cfg, split, 0, 1)
+            self.base_fields = ("image",) + self.base_fields
+
+    def __len__(self) -> int:
+        return self._len
+
+    def read_row(self, row: int) -> dict[str, Any]:
+        shard = int(np.searchsorted(self._starts, row, side="right") - 1)
+        k = row - int(self._starts[shard])
+        out = {f: np.array(self._arrays[f][shard][k]) for f in self.extra_fields}
+        out["index"] = int(self._arrays["index"][shard][k])
+        out["caption"] = self._captions[shard][k]
+        if self._join is not None:
+            joined = self._join.read(out["index"])
+            out["image"] = joined.get("image")
+            if joined.get("missing"):
+                out["missing"] = joined["missing"]
+        return out
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        return self.read_row(self._pi + i * self._pc)
+
+
 def open_source(cfg, split: str, process_index: int, process_count: int):
     """The local source for a data config (see `unclip_jax.data.config`)."""
     if not 0 <= process_index < process_count:
@@ -306,7 +366,7 @@ def open_source(cfg, split: str, process_index: int, process_count: int):
     if name == "tfds":
         if not cfg.tfds_name:
             raise ValueError("data.tfds_name must name a tfds dataset for data.name='tfds'")
-        return open_tfds(cfg.tfds_name, split, cfg.get("data_dir") or None, cfg.image_key,
+        return open_tfds(cfg.tfds_name, split, cfg.data_dir or None, cfg.image_key,
                          cfg.caption_key, process_index, process_count)
     if name == "webdataset":
         if not cfg.path:
@@ -317,7 +377,6 @@ def open_source(cfg, split: str, process_index: int, process_count: int):
             raise ValueError("data.path must be an image folder for data.name='folder'")
         return FolderSource(_split_path(cfg.path, split), process_index, process_count)
     if name == "embed_cache":
-        from unclip_jax.data import cache
-        return cache.CacheSource(cfg, split, process_index, process_count)
+        return CacheSource(cfg, split, process_index, process_count)
     raise ValueError(f"unknown data.name {name!r}; expected shapes, tfds, webdataset, folder "
                      f"or embed_cache")

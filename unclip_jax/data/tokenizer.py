@@ -17,11 +17,22 @@ import os
 import warnings
 from typing import Sequence
 
+import ml_collections
 import numpy as np
 
 META_FILE = "unclip_tokenizer.json"
 TOKENIZER_FILE = "tokenizer.json"
 SPECIALS = ("[PAD]", "[BOS]", "[EOS]", "[UNK]")
+
+
+def tokenizer_config(**kw) -> ml_collections.ConfigDict:
+    """`config.tokenizer` of the clip and prior stages."""
+    c = ml_collections.ConfigDict(dict(
+        dir="",               # the tokenizer's directory (clip: trained and saved there if empty)
+        num_captions=5000,    # training captions the clip stage builds it from
+    ))
+    c.update(kw)
+    return c
 
 
 class Tokenizer:

@@ -33,9 +33,14 @@ var_type="analytic", eps_sq_norm=eps_sq_norm, x0_range=None); analytic_variance(
 variances. Its noisiest steps amplify Monte-Carlo error in eps_sq_norm: use plenty of data
 (batch * dims in the millions) or x0_range (Analytic-DPM's upper bound for bounded data).
 
+Config: `config.diffusion` of a stage starts from `diffusion_config()` (the training schedule);
+the U-Net stages add their fields (stages.decoder / stages.upsampler `diffusion_config`).
+
 Conversions: predict_x0_from_eps, predict_eps_from_x0, v_from, x0_from_v, eps_from_v,
 prediction_to_x0_eps, q_posterior, learned_range_log_variance. All arrays float32.
 """
+import ml_collections
+
 from unclip_jax.diffusion.gaussian import (
     eps_from_v,
     extract,
@@ -74,9 +79,19 @@ from unclip_jax.diffusion.variance import (
     fixed_log_variance,
 )
 
+
+def diffusion_config(**kw) -> ml_collections.ConfigDict:
+    """`config.diffusion`: the training noise schedule; kw adds or overrides fields."""
+    c = ml_collections.ConfigDict(dict(
+        schedule="cosine", num_timesteps=1000,
+        guidance_scale=3.0))    # classifier-free guidance of unclip_jax.tools.bench_sampling
+    c.update(kw)
+    return c
+
+
 __all__ = [
     "Schedule", "analytic_variance", "cosine_betas", "ddim_invert", "diffusion_loss",
-    "discretized_gaussian_log_likelihood", "eps_from_v", "estimate_eps_sq_norm", "extract",
+    "diffusion_config", "discretized_gaussian_log_likelihood", "eps_from_v", "estimate_eps_sq_norm", "extract",
     "fixed_log_variance", "guided_output", "learned_range_log_variance", "linear_betas",
     "make_schedule", "mean_flat", "min_snr_weight", "normal_kl", "predict_eps_from_x0",
     "predict_x0_from_eps",

@@ -1,8 +1,9 @@
 """Evaluation: FID / KID / precision-recall on FID-Inception features, CLIP score and CLIP-space
 Frechet distance, prior metrics, shapes caption accuracy.
 
-  inception          Flax FID Inception-v3 (pool3, 2048-d), `InceptionFeatures.from_file(path)`
-  inception_weights  load / convert pytorch-fid's pt_inception-2015-12-05-6726825d.pth (local)
+  inception          Flax FID Inception-v3 (pool3, 2048-d), `InceptionFeatures(params)`
+  inception_weights  load / convert pytorch-fid's pt_inception-2015-12-05-6726825d.pth (local):
+                     `load_inception_params(path)`
   metrics            FeatureStats (streaming), frechet_distance, kid, precision_recall,
                      clip_score, clip_encoders, clip_score_images
   prior_metrics      prior_cosines, evaluate_prior, diffusion_prior_sampler, ar_prior_sampler

@@ -215,8 +215,8 @@ def param_shapes(model: InceptionV3 | None = None) -> dict:
 class InceptionFeatures:
     """pool3 features of image batches with loaded FID weights; jitted, batch-sharded on `mesh`.
 
-    `InceptionFeatures.from_file(path)` loads pytorch-fid's .pth (needs torch) or the converted
-    .npz (see `unclip_jax.eval.inception_weights`). Call with numpy images (uint8 or [-1, 1]);
+    `inception_weights.load_inception_params(path)` gives the params from pytorch-fid's .pth
+    (needs torch) or the converted .npz. Call with numpy images (uint8 or [-1, 1]);
     returns float32 numpy [B, 2048]. Batches are padded up to a multiple of the mesh's batch
     size so one compiled shape serves all (padding rows are dropped from the result)."""
 
@@ -237,11 +237,6 @@ class InceptionFeatures:
             self.params = jax.device_put(params)
             self._fn = jax.jit(lambda p, x: self.model.apply({"params": p}, x))
             self._multiple = 1
-
-    @classmethod
-    def from_file(cls, path: str, **kwargs) -> "InceptionFeatures":
-        from unclip_jax.eval.inception_weights import load_inception_params
-        return cls(load_inception_params(path), **kwargs)
 
     def __call__(self, images) -> np.ndarray:
         images = np.asarray(images)

@@ -1,7 +1,10 @@
 """Flax models: ADM/GLIDE U-Nets (decoder, upsamplers), the caption encoder, a generic transformer.
 
-`decoder_model_config()` / `upsampler_model_config()` give `config.model` defaults (small, CPU
-sized); experiments override fields. `model_from_config(config.model)` builds the module.
+`config.model` of each stage starts from its builder here, which holds every default the stage
+reads: `decoder_model_config()` / `upsampler_model_config()` (small, CPU sized),
+`clip_model_config()`, `diffusion_prior_model_config()`, `ar_prior_model_config()` (the
+architecture sizes have no default: experiments pass them). `model_from_config(config.model)`
+builds the U-Nets.
 """
 from __future__ import annotations
 
@@ -13,11 +16,19 @@ from unclip_jax.models.transformer import Transformer
 from unclip_jax.models.unet import Decoder, UNet, Upsampler, model_from_config
 
 
-def _common(**kw) -> ml_collections.ConfigDict:
+def _config(defaults: dict, kw: dict) -> ml_collections.ConfigDict:
     c = dict(
         dtype="float32",             # compute dtype; "bfloat16" on accelerators
-        param_dtype="float32",
         remat=False,                 # rematerialise res blocks / transformer blocks
+    )
+    c.update(defaults)
+    c.update(kw)
+    return ml_collections.ConfigDict(c)
+
+
+def _common(**kw) -> ml_collections.ConfigDict:
+    c = dict(
+        param_dtype="float32",
         scan_blocks=False,           # each level's same-shaped U-Net blocks as one nn.scan
         image_size=32,               # resolution the model is trained at (attention uses it)
         out_channels=3,
@@ -30,8 +41,7 @@ def _common(**kw) -> ml_collections.ConfigDict:
         dropout=0.0,
         learn_sigma=False,
     )
-    c.update(kw)
-    return ml_collections.ConfigDict(c)
+    return _config(c, kw)
 
 
 def decoder_model_config(**kw) -> ml_collections.ConfigDict:
@@ -53,6 +63,45 @@ def upsampler_model_config(**kw) -> ml_collections.ConfigDict:
     return c
 
 
+def clip_model_config(**kw) -> ml_collections.ConfigDict:
+    """`config.model` for the clip stage; pass embed_dim, image_size, patch, vision_{width,
+    depth,heads}, text_{ctx,width,depth,heads}, vocab_size."""
+    return _config(dict(mlp_ratio=4.0, act="quick_gelu"), kw)
+
+
+def _prior_defaults() -> dict:
+    return dict(
+        vocab_size=0,       # > 0: caption token ids; 0: token_embeddings (text_dim wide)
+        text_dim=0,
+        mlp_ratio=4.0,
+        dropout=0.0,
+        drop_prob=0.1,      # classifier-free guidance: caption dropped this often
+    )
+
+
+def diffusion_prior_model_config(**kw) -> ml_collections.ConfigDict:
+    """`config.model` for the diffusion_prior stage; pass embed_dim, width, depth, heads,
+    text_ctx."""
+    return _config(dict(
+        _prior_defaults(),
+        scale_mode="fixed",  # "fixed": embeddings times `scale`; "standardize": stats_path
+        scale=17.2,          # the paper's
+        stats_path="",       # npz of embedding statistics (written from the cache if absent)
+        clamp=10.0,          # standardize: clip the standardized values to +-clamp
+    ), kw)
+
+
+def ar_prior_model_config(**kw) -> ml_collections.ConfigDict:
+    """`config.model` for the ar_prior stage; pass embed_dim, pca_components, num_buckets,
+    text_ctx, enc_{width,depth,heads}, dec_{width,depth,heads}."""
+    return _config(dict(
+        _prior_defaults(),
+        codec_path="",       # npz of the PCA codec (fitted and written there if absent)
+        text_scale=0.0,      # z_t is fed times this; 0: sqrt(embed_dim)
+    ), kw)
+
+
 __all__ = ["Decoder", "GroupNorm", "TextEncoder", "Transformer", "UNet", "Upsampler",
-           "decoder_model_config", "model_from_config", "timestep_embedding",
+           "ar_prior_model_config", "clip_model_config", "decoder_model_config",
+           "diffusion_prior_model_config", "model_from_config", "timestep_embedding",
            "upsampler_model_config"]

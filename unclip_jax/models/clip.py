@@ -221,13 +221,13 @@ def clip_loss(image_emb, text_emb, logit_scale, max_scale: float = 100.0):
 def clip_from_config(m, vocab_size: int | None = None, eos_token_id: int = -1) -> CLIP:
     """Build CLIP from config.model fields: embed_dim, image_size, patch, vision_{width,depth,
     heads}, text_{ctx,width,depth,heads}, mlp_ratio, act, vocab_size."""
-    r = float(m.get("mlp_ratio", 4.0))
-    act = str(m.get("act", "quick_gelu"))
+    r = float(m.mlp_ratio)
+    act = str(m.act)
     text = dict(vocab_size=int(vocab_size or m.vocab_size), ctx=int(m.text_ctx),
                 width=int(m.text_width), depth=int(m.text_depth), heads=int(m.text_heads),
                 mlp_dim=int(r * int(m.text_width)), eos_token_id=int(eos_token_id), act=act)
     vision = dict(image_size=int(m.image_size), patch=int(m.patch), width=int(m.vision_width),
                   depth=int(m.vision_depth), heads=int(m.vision_heads),
                   mlp_dim=int(r * int(m.vision_width)), act=act)
-    return CLIP(int(m.embed_dim), text, vision, remat=bool(m.get("remat", False)),
-                dtype=jnp.dtype(str(m.get("dtype", "float32"))))
+    return CLIP(int(m.embed_dim), text, vision, remat=bool(m.remat),
+                dtype=jnp.dtype(str(m.dtype)))

@@ -239,10 +239,10 @@ def _unet_kwargs(m, dtype, param_dtype) -> dict:
         base_channels=int(m.base_channels), channel_mult=tuple(int(c) for c in m.channel_mult),
         num_res_blocks=int(m.num_res_blocks),
         attention_ds=tuple(image_size // int(r) for r in m.attention_resolutions),
-        head_channels=int(m.get("head_channels", 64)), dropout=float(m.get("dropout", 0.0)),
-        out_channels=int(m.get("out_channels", 3)), learn_sigma=bool(m.get("learn_sigma", False)),
-        norm_groups=int(m.get("norm_groups", 32)), remat=bool(m.get("remat", False)),
-        scan_blocks=bool(m.get("scan_blocks", False)),
+        head_channels=int(m.head_channels), dropout=float(m.dropout),
+        out_channels=int(m.out_channels), learn_sigma=bool(m.learn_sigma),
+        norm_groups=int(m.norm_groups), remat=bool(m.remat),
+        scan_blocks=bool(m.scan_blocks),
         dtype=dtype, param_dtype=param_dtype)
 
 
@@ -319,9 +319,9 @@ class Upsampler(nn.Module):
 
 def model_from_config(m) -> nn.Module:
     """Build `Decoder` (m.kind == "decoder") or `Upsampler` (m.kind == "upsampler")."""
-    u = _unet_kwargs(m, dtype_of(m.get("dtype", "float32")),
-                     dtype_of(m.get("param_dtype", "float32")))
-    kind = m.get("kind", "decoder")
+    u = _unet_kwargs(m, dtype_of(m.dtype),
+                     dtype_of(m.param_dtype))
+    kind = m.kind
     if kind == "upsampler":
         if tuple(m.attention_resolutions):
             raise ValueError("config.model.attention_resolutions must be empty for the "
@@ -329,9 +329,9 @@ def model_from_config(m) -> nn.Module:
         return Upsampler(unet=u)
     if kind != "decoder":
         raise ValueError(f"config.model.kind: {kind!r} is not 'decoder' or 'upsampler'")
-    return Decoder(unet=u, clip_dim=int(m.get("clip_dim", 0)),
-                   clip_tokens=int(m.get("clip_tokens", 4)),
-                   text_vocab=int(m.get("text_vocab", 0)), text_ctx=int(m.get("text_ctx", 0)),
-                   text_width=int(m.get("text_width", 0)), text_depth=int(m.get("text_depth", 0)),
-                   text_heads=int(m.get("text_heads", 1)),
-                   text_scan=bool(m.get("text_scan", False)))
+    return Decoder(unet=u, clip_dim=int(m.clip_dim),
+                   clip_tokens=int(m.clip_tokens),
+                   text_vocab=int(m.text_vocab), text_ctx=int(m.text_ctx),
+                   text_width=int(m.text_width), text_depth=int(m.text_depth),
+                   text_heads=int(m.text_heads),
+                   text_scan=bool(m.text_scan))

@@ -21,9 +21,8 @@ import numpy as np
 from absl import logging
 
 from unclip_jax.images import save_grid
-from unclip_jax.inference import STAGE_DIRS, Pipeline, SampleSettings
-
-TRAINED = ("clip", "diffusion_prior", "ar_prior", "decoder", "upsampler")
+from unclip_jax.inference import Pipeline, SampleSettings
+from unclip_jax.stages import UNCLIP_STAGES
 
 
 def _say(msg: str):
@@ -37,7 +36,7 @@ def stage_configs(config, workdir: str) -> dict[str, ml_collections.ConfigDict]:
     tok_dir = os.path.join(w, "clip", "tokenizer")
     cache_dir = os.path.join(w, "embed")
     out = {}
-    for name in TRAINED:
+    for name in UNCLIP_STAGES:
         if name not in config.stages:
             continue
         c = config.stages[name].copy_and_resolve_references()
@@ -70,7 +69,7 @@ def _cache_data(cache_dir: str, config, image_resolution: int | None):
     from unclip_jax.data import default_data_config
     d = default_data_config("embed_cache")
     d.cache_dir = cache_dir
-    d.num_threads = int(config.data.get("num_threads", 2))
+    d.num_threads = int(config.data.num_threads)
     if image_resolution:
         # The decoder trains on the cached embeddings joined with the images at its own size.
         d.join_images = True
@@ -113,11 +112,8 @@ def _embed(config, cfgs, workdir: str, timings: dict):
     t = time.perf_counter()
     e = ml_collections.ConfigDict(dict(
         data=cfgs["clip"].data,
-        embed=dict(encoder="unclip_jax.inference:clip_encoder",
-                   clip_workdir=os.path.join(workdir, "clip"),
-                   splits=tuple(config.embed.get("splits", ("train", "test"))),
-                   batch_size=int(config.embed.get("batch_size", 256)),
-                   shard_size=int(config.embed.get("shard_size", 8192)))))
+        embed=dict(config.embed.to_dict(), encoder="unclip_jax.inference:clip_encoder",
+                   clip_workdir=os.path.join(workdir, "clip"))))
     manifests = embed_lib.embed(e, out, process_index=jax.process_index(),
                                 process_count=jax.process_count(), log=lambda s: None)
     if jax.process_count() > 1:
@@ -237,7 +233,7 @@ def _report(config, workdir: str, pipe: Pipeline, timings: dict):
     timings["report_sampling"] = time.perf_counter() - t
     save_grid(images, os.path.join(workdir, "samples", "report_grid.png"), int(r.per_prompt))
     acc_ar = None
-    if pipe.ar_prior is not None and bool(r.get("ar_prior", True)):
+    if pipe.ar_prior is not None and bool(r.ar_prior):
         import dataclasses
         t = time.perf_counter()
         acc_ar, images = evaluate_prompts(pipe, list(r.prompts), int(r.per_prompt), int(r.seed),
@@ -246,20 +242,20 @@ def _report(config, workdir: str, pipe: Pipeline, timings: dict):
         save_grid(images, os.path.join(workdir, "samples", "report_grid_ar.png"),
                   int(r.per_prompt))
     true = {}
-    if bool(r.get("true_embedding", True)):
+    if bool(r.true_embedding):
         t = time.perf_counter()
         true = evaluate_true_embeddings(
             pipe, list(r.prompts), int(r.per_prompt), int(r.seed), settings,
-            render_size=int(config.data.get("shapes", {}).get("image_size", 64)))
+            render_size=int(config.data.shapes.image_size))
         timings["report_true_embedding"] = time.perf_counter() - t
         if len(true["images"]):
             save_grid(true["images"], os.path.join(workdir, "samples", "report_grid_true_z.png"),
                       int(r.per_prompt))
     acc_true = true.get("decoded")
     priors = _prior_cosines(pipe, os.path.join(workdir, "embed"), settings,
-                            int(r.get("prior_examples", 512)), int(r.seed))
+                            int(r.prior_examples), int(r.seed))
     stages = {}
-    for name in STAGE_DIRS:
+    for name in UNCLIP_STAGES:
         mfile = os.path.join(workdir, name, "metrics.jsonl")
         if os.path.exists(mfile):
             with open(mfile) as f:

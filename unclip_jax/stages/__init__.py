@@ -14,6 +14,9 @@ _REGISTRY = {
     "decoder": "unclip_jax.stages.decoder:DecoderStage",
     "upsampler": "unclip_jax.stages.upsampler:UpsamplerStage",
 }
+# The unCLIP stages, in the order a full run trains them (toy is the trainer's test stand-in);
+# each also names its directory in a run's workdir.
+UNCLIP_STAGES = tuple(name for name in _REGISTRY if name != "toy")
 
 
 def register(name: str, target: str) -> None:
@@ -27,4 +30,4 @@ def get_stage(name: str) -> Stage:
     return getattr(importlib.import_module(module), cls)()
 
 
-__all__ = ["DataIterator", "Stage", "get_stage", "register"]
+__all__ = ["DataIterator", "Stage", "UNCLIP_STAGES", "get_stage", "register"]

@@ -24,17 +24,17 @@ from unclip_jax.stages.diffusion_prior import batch_keys, prior_data, synthetic_
 
 def build_ar_prior(m) -> ARPrior:
     return ARPrior(int(m.num_buckets), int(m.pca_components) + 1, int(m.text_ctx),
-                   int(m.get("vocab_size", 0)), int(m.enc_width), int(m.enc_depth),
+                   int(m.vocab_size), int(m.enc_width), int(m.enc_depth),
                    int(m.enc_heads), int(m.dec_width), int(m.dec_depth), int(m.dec_heads),
-                   float(m.get("mlp_ratio", 4.0)), float(m.get("dropout", 0.0)),
-                   bool(m.get("remat", False)), np.dtype(str(m.get("dtype", "float32"))))
+                   float(m.mlp_ratio), float(m.dropout),
+                   bool(m.remat), np.dtype(str(m.dtype)))
 
 
 def _training_embeddings(config):
     d, m = config.data, config.model
     if d.name == "synthetic":
         a = synthetic_pairs(int(d.num_examples), int(m.embed_dim), int(m.text_ctx),
-                            int(m.get("vocab_size", 0)) or 64, int(d.get("seed", 0)))
+                            int(m.vocab_size) or 64, int(d.seed))
         return a["image_embedding"], a["text_embedding"]
     from unclip_jax.data import cache
     return (np.asarray(cache.load_field(str(d.cache_dir), "train", "image_embedding")),
@@ -48,7 +48,7 @@ def _load_codec(path: str, mtime: float) -> ARCodec:
 
 def get_codec(config) -> ARCodec:
     m = config.model
-    path = str(m.get("codec_path", ""))
+    path = str(m.codec_path)
     if not path:
         raise ValueError("config.model.codec_path must be set (the PCA codec is saved there)")
     if not os.path.exists(path):
@@ -66,31 +66,14 @@ def get_codec(config) -> ARCodec:
 
 
 def text_scale(config) -> float:
-    return float(config.model.get("text_scale", 0.0) or np.sqrt(int(config.model.embed_dim)))
+    return float(config.model.text_scale or np.sqrt(int(config.model.embed_dim)))
 
 
-class _Tokenize:
+def ar_batch(codec: ARCodec, b: dict) -> dict:
     """Adds ar_tokens (from image_embedding and text_embedding) and drops image_embedding."""
-
-    def __init__(self, inner, codec: ARCodec):
-        self.inner, self.codec = inner, codec
-
-    def __iter__(self):
-        return self
-
-    def __next__(self):
-        b = dict(next(self.inner))
-        b["ar_tokens"] = self.codec.encode(b.pop("image_embedding"), b["text_embedding"])
-        return b
-
-    def get_state(self):
-        return self.inner.get_state()
-
-    def set_state(self, s):
-        self.inner.set_state(s)
-
-    def stats(self):
-        return self.inner.stats()
+    b = dict(b)
+    b["ar_tokens"] = codec.encode(b.pop("image_embedding"), b["text_embedding"])
+    return b
 
 
 class ARPriorStage(Stage):
@@ -108,7 +91,7 @@ class ARPriorStage(Stage):
         for w, h in (("enc_width", "enc_heads"), ("dec_width", "dec_heads")):
             if int(m[w]) % int(m[h]):
                 raise ValueError(f"config.model.{w} {m[w]} not divisible by config.model.{h}")
-        if int(m.get("vocab_size", 0)) <= 0 and int(m.get("text_dim", 0)) <= 0:
+        if int(m.vocab_size) <= 0 and int(m.text_dim) <= 0:
             raise ValueError("config.model: set vocab_size (token ids) or text_dim (token "
                              "encodings from the cache)")
 
@@ -121,7 +104,7 @@ class ARPriorStage(Stage):
         b = {"ar_tokens": np.zeros((batch_size, int(m.pca_components) + 1), np.int32),
              "text_embedding": np.zeros((batch_size, d), np.float32),
              "token_mask": np.ones((batch_size, ctx), bool)}
-        if int(m.get("vocab_size", 0)) > 0:
+        if int(m.vocab_size) > 0:
             b["tokens"] = np.zeros((batch_size, ctx), np.int32)
         else:
             b["token_embeddings"] = np.zeros((batch_size, ctx, int(m.text_dim)), np.float32)
@@ -135,22 +118,9 @@ class ARPriorStage(Stage):
 
     def loss(self, model, params, batch, rng, config):
         return ar_loss(model, params, batch, rng, text_scale(config),
-                       float(config.model.get("drop_prob", 0.1)))
+                       float(config.model.drop_prob))
 
     def make_data(self, config, *, split, process_index, process_count, local_batch_size, seed):
-        codec = get_codec(config)
-        inner = prior_data(config, batch_keys(config), split=split, process_index=process_index,
-                           process_count=process_count, local_batch_size=local_batch_size,
-                           seed=seed)
-        return _Tokenize(inner, codec)
-
-    def model_flops_per_example(self, config):
-        m = config.model
-        r = float(m.get("mlp_ratio", 4.0))
-
-        def fl(w, d, n):
-            return d * (2 * n * (4 + 2 * r) * w * w + 4 * n * n * w)
-        n_enc = int(m.text_ctx) + 1
-        n_dec = n_enc + int(m.pca_components) + 1
-        return 3.0 * (fl(int(m.enc_width), int(m.enc_depth), n_enc) +
-                      fl(int(m.dec_width), int(m.dec_depth), n_dec))
+        return prior_data(config, batch_keys(config), split=split, process_index=process_index,
+                          process_count=process_count, local_batch_size=local_batch_size,
+                          seed=seed, postprocess=functools.partial(ar_batch, get_codec(config)))

@@ -58,7 +58,3 @@ class Stage:
     def make_data(self, config, *, split: str, process_index: int, process_count: int,
                   local_batch_size: int, seed: int) -> DataIterator:
         raise NotImplementedError
-
-    def model_flops_per_example(self, config) -> float | None:
-        """Analytic training FLOPs per example (forward + backward), for MFU; None if unknown."""
-        return None

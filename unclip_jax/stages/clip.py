@@ -10,6 +10,7 @@ Captions are tokenised on the host inside make_data; batches hold "image" and "t
 """
 from __future__ import annotations
 
+import functools
 import os
 
 import numpy as np
@@ -51,32 +52,11 @@ def training_captions(config, n: int) -> list[str]:
     return out[:n]
 
 
-class TokenizingIterator:
-    """Wraps a data iterator: replaces "caption" by int32 "tokens" (host side); keeps state."""
-
-    def __init__(self, inner, tokenizer: Tokenizer, keep=("image",), with_mask=False):
-        self.inner, self.tok, self.keep, self.with_mask = inner, tokenizer, tuple(keep), with_mask
-
-    def __iter__(self):
-        return self
-
-    def __next__(self):
-        b = next(self.inner)
-        tokens, mask = self.tok.encode(list(b["caption"]))
-        out = {k: b[k] for k in self.keep if k in b}
-        out.update(tokens=tokens, caption=b["caption"])  # the trainer drops the str captions
-        if self.with_mask:
-            out["token_mask"] = mask
-        return out
-
-    def get_state(self):
-        return self.inner.get_state()
-
-    def set_state(self, state):
-        self.inner.set_state(state)
-
-    def stats(self):
-        return self.inner.stats()
+def tokenize_batch(tokenizer: Tokenizer, b: dict) -> dict:
+    """A data batch -> the CLIP stage's: int32 "tokens" of the captions (host side)."""
+    tokens, _ = tokenizer.encode(list(b["caption"]))
+    return {"image": b["image"], "tokens": tokens,
+            "caption": b["caption"]}   # the trainer drops the str captions
 
 
 class ClipStage(Stage):
@@ -100,7 +80,7 @@ class ClipStage(Stage):
                 raise ValueError(f"config.model.{w} {m[w]} not divisible by config.model.{h}")
 
     def _tokenizer(self, config):
-        n = int(config.tokenizer.get("num_captions", 5000))
+        n = int(config.tokenizer.num_captions)
         return get_tokenizer(config, lambda: training_captions(config, n))
 
     def build_model(self, config) -> CLIP:
@@ -126,18 +106,7 @@ class ClipStage(Stage):
         from unclip_jax.data import make_iterator
 
         tok = self._tokenizer(config)
-        inner = make_iterator(config.data, split=split, process_index=process_index,
-                              process_count=process_count, local_batch_size=local_batch_size,
-                              seed=seed, fields=("image", "caption"))
-        return TokenizingIterator(inner, tok)
-
-    def model_flops_per_example(self, config):
-        m = config.model
-        n_img = (int(m.image_size) // int(m.patch)) ** 2 + 1
-        r = float(m.get("mlp_ratio", 4.0))
-
-        def tower(w, d, n):  # 2 flops/MAC; attention scores and mixing 2 * n^2 * w per layer
-            return d * (2 * n * (4 + 2 * r) * w * w + 4 * n * n * w)
-        fwd = tower(int(m.vision_width), int(m.vision_depth), n_img) + \
-            tower(int(m.text_width), int(m.text_depth), int(m.text_ctx))
-        return 3.0 * fwd
+        return make_iterator(config.data, split=split, process_index=process_index,
+                             process_count=process_count, local_batch_size=local_batch_size,
+                             seed=seed, fields=("image", "caption"),
+                             postprocess=functools.partial(tokenize_batch, tok))

@@ -38,37 +38,44 @@ def schedule_for(kind: str, num_timesteps: int):
     return diffusion.make_schedule(kind, num_timesteps)
 
 
-def diffusion_settings(config) -> dict:
-    """`config.diffusion` fields shared by the U-Net stages, with defaults."""
-    d = config.get("diffusion", {})
-    return dict(schedule=str(d.get("schedule", "cosine")),
-                num_timesteps=int(d.get("num_timesteps", 1000)),
-                parameterization=str(d.get("parameterization", "eps")),
-                vlb_weight=float(d.get("vlb_weight", 0.001)),
-                min_snr_gamma=float(d.get("min_snr_gamma", 0.0)))   # 0: plain MSE
+def unet_diffusion_config(**kw):
+    """`config.diffusion` fields shared by the U-Net stages (decoder, upsampler)."""
+    return diffusion.diffusion_config(**dict(dict(
+        parameterization="eps",     # "eps" | "x0" | "v"
+        vlb_weight=0.001,           # hybrid loss (learned sigma): IDDPM's lambda
+        min_snr_gamma=0.0,          # > 0: min-SNR loss weighting; 0: plain MSE
+    ), **kw))
+
+
+def diffusion_config(**kw):
+    """`config.diffusion` of the decoder stage."""
+    return unet_diffusion_config(**dict(dict(
+        drop_image_emb=0.1,         # classifier-free guidance dropout of z_i
+        drop_text=0.5,              # and of the caption
+    ), **kw))
 
 
 def validate_diffusion(config) -> None:
-    s = diffusion_settings(config)
-    if s["schedule"] not in ("cosine", "linear"):
-        raise ValueError(f"config.diffusion.schedule: {s['schedule']!r} is not cosine/linear")
-    if s["parameterization"] not in ("eps", "x0", "v"):
-        raise ValueError(f"config.diffusion.parameterization: {s['parameterization']!r} is not "
+    d = config.diffusion
+    if d.schedule not in ("cosine", "linear"):
+        raise ValueError(f"config.diffusion.schedule: {d.schedule!r} is not cosine/linear")
+    if d.parameterization not in ("eps", "x0", "v"):
+        raise ValueError(f"config.diffusion.parameterization: {d.parameterization!r} is not "
                          "eps/x0/v")
-    if s["num_timesteps"] < 2:
+    if int(d.num_timesteps) < 2:
         raise ValueError("config.diffusion.num_timesteps must be >= 2")
-    if s["min_snr_gamma"] < 0:
+    if float(d.min_snr_gamma) < 0:
         raise ValueError("config.diffusion.min_snr_gamma must be >= 0 (0 disables it)")
 
 
 def noised(config, rng, x0):
-    """(schedule, settings, t, noise, x_t) for a batch of clean images x0."""
-    s = diffusion_settings(config)
-    schedule = schedule_for(s["schedule"], s["num_timesteps"])
+    """(schedule, t, noise, x_t) for a batch of clean images x0."""
+    d = config.diffusion
+    schedule = schedule_for(str(d.schedule), int(d.num_timesteps))
     k_t, k_n = jax.random.split(rng)
-    t = diffusion.sample_timesteps(k_t, x0.shape[0], s["num_timesteps"])
+    t = diffusion.sample_timesteps(k_t, x0.shape[0], int(d.num_timesteps))
     noise = jax.random.normal(k_n, x0.shape, jnp.float32)
-    return schedule, s, t, noise, diffusion.q_sample(schedule, x0, t, noise)
+    return schedule, t, noise, diffusion.q_sample(schedule, x0, t, noise)
 
 
 @functools.lru_cache(maxsize=4)
@@ -95,57 +102,35 @@ def byte_tokenize(captions, ctx: int) -> tuple[np.ndarray, np.ndarray]:
     return tokens, tokens != 0
 
 
-class DecoderBatches:
-    """Wraps the data pipeline's iterator: adds image_emb / tokens / token_mask, drops strings."""
-
-    def __init__(self, it, config):
-        self.it, m = it, config.model
-        self.clip_dim, self.ctx = int(m.get("clip_dim", 0)), int(m.get("text_ctx", 0))
-        self.text = int(m.get("text_depth", 0)) > 0
-        self.emb_src, self.tok_src = m.get("image_emb_source", "auto"), m.get("tokens_source",
-                                                                               "auto")
-        self.scale, self.pad_id = float(m.get("image_emb_scale", 1.0)), int(m.get("text_pad_id", 0))
-
-    def __iter__(self):
-        return self
-
-    def __next__(self):
-        b = next(self.it)
-        out = {"image": np.asarray(b["image"], np.float32)}
-        if self.clip_dim:
-            if self.emb_src != "pixels" and "image_embedding" in b:
-                z = np.asarray(b["image_embedding"], np.float32)
-            elif self.emb_src == "cache":
-                raise ValueError("config.model.image_emb_source='cache' but the data has no "
-                                 "'image_embedding' column (use data.name='embed_cache')")
-            else:
-                z = pixel_image_embedding(out["image"], self.clip_dim)
-            if z.shape[-1] != self.clip_dim:
-                raise ValueError(f"config.model.clip_dim={self.clip_dim} but the cached image "
-                                 f"embeddings have dim {z.shape[-1]}")
-            out["image_emb"] = z * self.scale
-        if self.text:
-            if self.tok_src != "bytes" and "tokens" in b:
-                tok = np.asarray(b["tokens"], np.int32)[:, :self.ctx]
-                tok = np.pad(tok, ((0, 0), (0, self.ctx - tok.shape[1])),
-                             constant_values=self.pad_id)
-                mask = tok != self.pad_id
-            elif self.tok_src == "cache":
-                raise ValueError("config.model.tokens_source='cache' but the data has no "
-                                 "'tokens' column (use data.name='embed_cache')")
-            else:
-                tok, mask = byte_tokenize(b["caption"], self.ctx)
-            out["tokens"], out["token_mask"] = tok, mask
-        return out
-
-    def get_state(self):
-        return self.it.get_state()
-
-    def set_state(self, state):
-        self.it.set_state(state)
-
-    def stats(self):
-        return self.it.stats()
+def decoder_batch(config, b: dict) -> dict:
+    """A data batch -> the decoder's: adds image_emb / tokens / token_mask, drops strings."""
+    m = config.model
+    clip_dim, ctx, pad_id = int(m.clip_dim), int(m.text_ctx), int(m.text_pad_id)
+    out = {"image": np.asarray(b["image"], np.float32)}
+    if clip_dim:
+        if m.image_emb_source != "pixels" and "image_embedding" in b:
+            z = np.asarray(b["image_embedding"], np.float32)
+        elif m.image_emb_source == "cache":
+            raise ValueError("config.model.image_emb_source='cache' but the data has no "
+                             "'image_embedding' column (use data.name='embed_cache')")
+        else:
+            z = pixel_image_embedding(out["image"], clip_dim)
+        if z.shape[-1] != clip_dim:
+            raise ValueError(f"config.model.clip_dim={clip_dim} but the cached image "
+                             f"embeddings have dim {z.shape[-1]}")
+        out["image_emb"] = z * float(m.image_emb_scale)
+    if int(m.text_depth) > 0:
+        if m.tokens_source != "bytes" and "tokens" in b:
+            tok = np.asarray(b["tokens"], np.int32)[:, :ctx]
+            tok = np.pad(tok, ((0, 0), (0, ctx - tok.shape[1])), constant_values=pad_id)
+            mask = tok != pad_id
+        elif m.tokens_source == "cache":
+            raise ValueError("config.model.tokens_source='cache' but the data has no "
+                             "'tokens' column (use data.name='embed_cache')")
+        else:
+            tok, mask = byte_tokenize(b["caption"], ctx)
+        out["tokens"], out["token_mask"] = tok, mask
+    return out
 
 
 class DecoderStage(Stage):
@@ -153,27 +138,24 @@ class DecoderStage(Stage):
 
     def validate(self, config):
         m = config.model
-        if m.get("kind", "decoder") != "decoder":
+        if m.kind != "decoder":
             raise ValueError(f"config.model.kind must be 'decoder' for the decoder stage, "
                              f"got {m.kind!r}")
         if int(config.data.resolution) != int(m.image_size):
             raise ValueError(f"config.data.resolution={config.data.resolution} must equal "
                              f"config.model.image_size={m.image_size}")
-        if m.get("image_emb_source", "auto") not in SOURCES_EMB:
+        if m.image_emb_source not in SOURCES_EMB:
             raise ValueError(f"config.model.image_emb_source must be one of {SOURCES_EMB}")
-        if m.get("tokens_source", "auto") not in SOURCES_TOK:
+        if m.tokens_source not in SOURCES_TOK:
             raise ValueError(f"config.model.tokens_source must be one of {SOURCES_TOK}")
-        if (int(m.get("text_depth", 0)) and m.get("tokens_source", "auto") != "cache"
-                and int(m.get("text_vocab", 0)) < 257):
+        if int(m.text_depth) and m.tokens_source != "cache" and int(m.text_vocab) < 257:
             raise ValueError("config.model.text_vocab must be >= 257 for the byte stand-in "
                              "tokenizer (tokens_source)")
-        d = config.get("diffusion", {})
         for f in ("drop_image_emb", "drop_text"):
-            if not 0.0 <= float(d.get(f, 0.0)) <= 1.0:
+            if not 0.0 <= float(config.diffusion[f]) <= 1.0:
                 raise ValueError(f"config.diffusion.{f} must be a probability in [0, 1]")
         validate_diffusion(config)
-        if bool(m.get("learn_sigma", False)) and diffusion_settings(config)[
-                "parameterization"] == "v":
+        if bool(m.learn_sigma) and config.diffusion.parameterization == "v":
             raise ValueError("config.model.learn_sigma with config.diffusion.parameterization="
                              "'v' is not supported; use 'eps' (the paper's hybrid loss)")
         model_from_config(m)   # raises on bad architecture fields
@@ -184,9 +166,9 @@ class DecoderStage(Stage):
     def example_batch(self, config, batch_size):
         m, s = config.model, int(config.model.image_size)
         out = {"image": np.zeros((batch_size, s, s, 3), np.float32)}
-        if int(m.get("clip_dim", 0)):
+        if int(m.clip_dim):
             out["image_emb"] = np.zeros((batch_size, int(m.clip_dim)), np.float32)
-        if int(m.get("text_depth", 0)):
+        if int(m.text_depth):
             out["tokens"] = np.zeros((batch_size, int(m.text_ctx)), np.int32)
             out["token_mask"] = np.ones((batch_size, int(m.text_ctx)), bool)
         return out
@@ -201,24 +183,22 @@ class DecoderStage(Stage):
         x0 = batch["image"].astype(jnp.float32)
         b = x0.shape[0]
         k_diff, k_di, k_dt, k_drop = jax.random.split(rng, 4)
-        schedule, s, t, noise, x_t = noised(config, k_diff, x0)
-        d = config.get("diffusion", {})
-        drop_i = jax.random.bernoulli(k_di, float(d.get("drop_image_emb", 0.1)), (b,))
-        drop_t = jax.random.bernoulli(k_dt, float(d.get("drop_text", 0.5)), (b,))
+        schedule, t, noise, x_t = noised(config, k_diff, x0)
+        d = config.diffusion
+        drop_i = jax.random.bernoulli(k_di, float(d.drop_image_emb), (b,))
+        drop_t = jax.random.bernoulli(k_dt, float(d.drop_text), (b,))
         out = model.apply({"params": params}, x_t, t, batch.get("image_emb"),
                           batch.get("tokens"), batch.get("token_mask"), drop_image_emb=drop_i,
                           drop_text=drop_t, train=True, rngs={"dropout": k_drop})
-        learn_sigma = bool(config.model.get("learn_sigma", False))
         per_ex, terms = diffusion.diffusion_loss(
-            schedule, out, x0, x_t, t, noise, parameterization=s["parameterization"],
-            learned_variance=learn_sigma, vlb_weight=s["vlb_weight"],
-            min_snr_gamma=s["min_snr_gamma"])
+            schedule, out, x0, x_t, t, noise, parameterization=str(d.parameterization),
+            learned_variance=bool(config.model.learn_sigma), vlb_weight=float(d.vlb_weight),
+            min_snr_gamma=float(d.min_snr_gamma))
         metrics = {k: jnp.mean(v) for k, v in terms.items()}
         return jnp.mean(per_ex), metrics
 
     def make_data(self, config, *, split, process_index, process_count, local_batch_size, seed):
         from unclip_jax.data import make_iterator
-        it = make_iterator(config.data, split=split, process_index=process_index,
-                           process_count=process_count, local_batch_size=local_batch_size,
-                           seed=seed)
-        return DecoderBatches(it, config)
+        return make_iterator(config.data, split=split, process_index=process_index,
+                             process_count=process_count, local_batch_size=local_batch_size,
+                             seed=seed, postprocess=functools.partial(decoder_batch, config))

@@ -54,11 +54,11 @@ class ArrayIterator:
     (seed, step), so the state is the step."""
 
     def __init__(self, arrays: dict, global_batch: int, process_index: int, local_batch: int,
-                 seed: int, transform=None):
+                 seed: int, postprocess=None):
         self.arrays, self.g, self.lb = arrays, global_batch, local_batch
         self.offset, self.seed, self.step = process_index * local_batch, seed, 0
         self.n = len(next(iter(arrays.values())))
-        self.transform = transform
+        self.postprocess = postprocess
 
     def __iter__(self):
         return self
@@ -70,7 +70,7 @@ class ArrayIterator:
                         for e, w in zip(epoch, within)])
         self.step += 1
         out = {k: v[idx] for k, v in self.arrays.items()}
-        return self.transform(out) if self.transform else out
+        return self.postprocess(out) if self.postprocess else out
 
     def get_state(self):
         return {"step": self.step}
@@ -89,41 +89,25 @@ def token_mask_from_tokens(tokens: np.ndarray, eos_id: int) -> np.ndarray:
     return np.arange(tokens.shape[1])[None] <= first[:, None]
 
 
-class CacheBatches:
-    """Embedding-cache batches with token_mask added; keeps the inner iterator's state."""
-
-    def __init__(self, inner, eos_id: int, keys):
-        self.inner, self.eos_id, self.keys = inner, eos_id, tuple(keys)
-
-    def __iter__(self):
-        return self
-
-    def __next__(self):
-        b = next(self.inner)
-        out = {k: b[k] for k in self.keys if k in b and k != "token_mask"}
-        out["token_mask"] = token_mask_from_tokens(np.asarray(b["tokens"]), self.eos_id)
-        return out
-
-    def get_state(self):
-        return self.inner.get_state()
-
-    def set_state(self, s):
-        self.inner.set_state(s)
-
-    def stats(self):
-        return self.inner.stats()
+def cache_batch(eos_id: int, keys, b: dict) -> dict:
+    """An embedding-cache batch -> the priors': `keys` only, token_mask from the tokens' eos."""
+    out = {k: b[k] for k in keys if k in b and k != "token_mask"}
+    out["token_mask"] = token_mask_from_tokens(np.asarray(b["tokens"]), eos_id)
+    return out
 
 
-def prior_data(config, keys, *, split, process_index, process_count, local_batch_size, seed):
-    """The batch source shared by both prior stages (synthetic or embed_cache)."""
+def prior_data(config, keys, *, split, process_index, process_count, local_batch_size, seed,
+               postprocess=None):
+    """The batch source shared by both prior stages (synthetic or embed_cache); `postprocess`
+    runs last on each batch."""
     d, m = config.data, config.model
     if d.name == "synthetic":
         arrays = synthetic_pairs(int(d.num_examples), int(m.embed_dim), int(m.text_ctx),
-                                 int(m.get("vocab_size", 0)) or 64, int(d.get("seed", 0)),
-                                 int(m.get("text_dim", 0)))
+                                 int(m.vocab_size) or 64, int(d.seed),
+                                 int(m.text_dim))
         arrays = {k: v for k, v in arrays.items() if k in keys}
         return ArrayIterator(arrays, int(config.train.batch_size), process_index,
-                             local_batch_size, seed)
+                             local_batch_size, seed, postprocess)
     if d.name != "embed_cache":
         raise ValueError(f"config.data.name {d.name!r}: the prior stages read 'embed_cache' "
                          "or 'synthetic'")
@@ -134,14 +118,17 @@ def prior_data(config, keys, *, split, process_index, process_count, local_batch
     fields = tuple(k for k in keys if k != "token_mask")
     if "tokens" not in fields:
         fields += ("tokens",)
-    inner = make_iterator(d, split=split, process_index=process_index,
-                          process_count=process_count, local_batch_size=local_batch_size,
-                          seed=seed, fields=fields)
-    return CacheBatches(inner, eos, keys)
+
+    def to_prior(b):
+        b = cache_batch(eos, keys, b)
+        return postprocess(b) if postprocess else b
+    return make_iterator(d, split=split, process_index=process_index,
+                         process_count=process_count, local_batch_size=local_batch_size,
+                         seed=seed, fields=fields, postprocess=to_prior)
 
 
 def batch_keys(config) -> tuple[str, ...]:
-    text = "tokens" if int(config.model.get("vocab_size", 0)) > 0 else "token_embeddings"
+    text = "tokens" if int(config.model.vocab_size) > 0 else "token_embeddings"
     return ("image_embedding", "text_embedding", text, "token_mask")
 
 
@@ -154,10 +141,10 @@ def _scaling(mode: str, scale: float, stats_path: str, clamp: float) -> Embeddin
 
 def scaling_from_config(config) -> EmbeddingScaling:
     m = config.model
-    mode = str(m.get("scale_mode", "fixed"))
+    mode = str(m.scale_mode)
     if mode not in ("fixed", "standardize"):
         raise ValueError(f"config.model.scale_mode {mode!r} must be 'fixed' or 'standardize'")
-    path = str(m.get("stats_path", ""))
+    path = str(m.stats_path)
     if mode == "standardize" and not os.path.exists(path):
         if config.data.name != "embed_cache":
             raise ValueError(f"config.model.stats_path {path!r} does not exist")
@@ -167,20 +154,20 @@ def scaling_from_config(config) -> EmbeddingScaling:
         write_once(path, lambda tmp: save_embedding_stats(
             tmp, cache.load_field(cdir, "train", "image_embedding"),
             cache.load_field(cdir, "train", "text_embedding")))
-    return _scaling(mode, float(m.get("scale", 17.2)), path, float(m.get("clamp", 10.0)))
+    return _scaling(mode, float(m.scale), path, float(m.clamp))
 
 
 def schedule_from_config(config):
-    dc = config.get("diffusion", {})
-    return diffusion.make_schedule(str(dc.get("schedule", "cosine")),
-                                   int(dc.get("num_timesteps", 1000)))
+    dc = config.diffusion
+    return diffusion.make_schedule(str(dc.schedule),
+                                   int(dc.num_timesteps))
 
 
 def build_prior(m) -> DiffusionPrior:
     return DiffusionPrior(int(m.embed_dim), int(m.width), int(m.depth), int(m.heads),
-                          int(m.text_ctx), int(m.get("vocab_size", 0)),
-                          float(m.get("mlp_ratio", 4.0)), float(m.get("dropout", 0.0)),
-                          bool(m.get("remat", False)), np.dtype(str(m.get("dtype", "float32"))))
+                          int(m.text_ctx), int(m.vocab_size),
+                          float(m.mlp_ratio), float(m.dropout),
+                          bool(m.remat), np.dtype(str(m.dtype)))
 
 
 class DiffusionPriorStage(Stage):
@@ -193,10 +180,10 @@ class DiffusionPriorStage(Stage):
                 raise ValueError(f"config.model.{f} is required by the diffusion_prior stage")
         if int(m.width) % int(m.heads):
             raise ValueError(f"config.model.width {m.width} not divisible by heads {m.heads}")
-        if int(m.get("vocab_size", 0)) <= 0 and int(m.get("text_dim", 0)) <= 0:
+        if int(m.vocab_size) <= 0 and int(m.text_dim) <= 0:
             raise ValueError("config.model: set vocab_size (token ids) or text_dim (token "
                              "encodings from the cache)")
-        if not 0.0 <= float(m.get("drop_prob", 0.1)) < 1.0:
+        if not 0.0 <= float(m.drop_prob) < 1.0:
             raise ValueError(f"config.model.drop_prob must be in [0, 1), got {m.drop_prob}")
 
     def build_model(self, config):
@@ -208,7 +195,7 @@ class DiffusionPriorStage(Stage):
         b = {"image_embedding": np.zeros((batch_size, d), np.float32),
              "text_embedding": np.zeros((batch_size, d), np.float32),
              "token_mask": np.ones((batch_size, ctx), bool)}
-        if int(m.get("vocab_size", 0)) > 0:
+        if int(m.vocab_size) > 0:
             b["tokens"] = np.zeros((batch_size, ctx), np.int32)
         else:
             b["token_embeddings"] = np.zeros((batch_size, ctx, int(m.text_dim)), np.float32)
@@ -223,15 +210,9 @@ class DiffusionPriorStage(Stage):
 
     def loss(self, model, params, batch, rng, config):
         return prior_loss(model, params, batch, rng, schedule_from_config(config),
-                          scaling_from_config(config), float(config.model.get("drop_prob", 0.1)))
+                          scaling_from_config(config), float(config.model.drop_prob))
 
     def make_data(self, config, *, split, process_index, process_count, local_batch_size, seed):
         return prior_data(config, batch_keys(config), split=split, process_index=process_index,
                           process_count=process_count, local_batch_size=local_batch_size,
                           seed=seed)
-
-    def model_flops_per_example(self, config):
-        m = config.model
-        w, n = int(m.width), int(m.text_ctx) + 4
-        r = float(m.get("mlp_ratio", 4.0))
-        return 3.0 * int(m.depth) * (2 * n * (4 + 2 * r) * w * w + 4 * n * n * w)

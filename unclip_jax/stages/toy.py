@@ -83,17 +83,17 @@ class ToyStage(Stage):
     name = "toy"
 
     def validate(self, config):
-        if int(config.data.get("dim", 16)) != int(config.model.get("width", 16)):
+        if int(config.data.dim) != int(config.model.width):
             raise ValueError("config.data.dim must equal config.model.width for the toy stage")
 
     def build_model(self, config):
         m = config.model
-        return ToyMLP(width=int(m.get("width", 16)), hidden=int(m.get("hidden", 32)),
-                      depth=int(m.get("depth", 2)), dropout=float(m.get("dropout", 0.1)),
+        return ToyMLP(width=int(m.width), hidden=int(m.hidden),
+                      depth=int(m.depth), dropout=float(m.dropout),
                       dtype=str(m.dtype))
 
     def example_batch(self, config, batch_size):
-        d = int(config.data.get("dim", 16))
+        d = int(config.data.dim)
         return {"x": np.zeros((batch_size, d), np.float32), "y": np.zeros((batch_size, d), np.float32)}
 
     def init(self, model, rng, batch):
@@ -105,12 +105,7 @@ class ToyStage(Stage):
         return loss, {"mse": loss}
 
     def make_data(self, config, *, split, process_index, process_count, local_batch_size, seed):
-        return ToyIterator(seed, int(config.data.get("dim", 16)), int(config.train.batch_size),
+        return ToyIterator(seed, int(config.data.dim), int(config.train.batch_size),
                            process_index, local_batch_size,
-                           tuple(config.data.get("poison_steps", ())),
-                           int(config.data.get("sigterm_at_step", -1)))
-
-    def model_flops_per_example(self, config):
-        m = config.model
-        w, h, depth = int(m.get("width", 16)), int(m.get("hidden", 32)), int(m.get("depth", 2))
-        return 6.0 * depth * 2 * w * h  # fwd 2 flops/MAC, bwd twice that
+                           tuple(config.data.poison_steps),
+                           int(config.data.sigterm_at_step))

@@ -18,14 +18,21 @@ from unclip_jax import diffusion
 from unclip_jax.data.degrade import degrade, resize
 from unclip_jax.models import model_from_config
 from unclip_jax.stages.base import Stage
-from unclip_jax.stages.decoder import noised, validate_diffusion
+from unclip_jax.stages.decoder import noised, unet_diffusion_config, validate_diffusion
 
 DEGRADE = ("none", "blur", "bsr")
 
 
+def diffusion_config(**kw):
+    """`config.diffusion` of the upsampler stage."""
+    return unet_diffusion_config(**dict(dict(
+        degrade="none",             # corruption of the low-res condition: DEGRADE
+        crop_fraction=1.0,          # training crops, as a fraction of the target side
+    ), **kw))
+
+
 def crop_size(config) -> int:
-    return int(round(int(config.model.image_size) * float(
-        config.get("diffusion", {}).get("crop_fraction", 1.0))))
+    return int(round(int(config.model.image_size) * float(config.diffusion.crop_fraction)))
 
 
 def random_crops(rng, size: int, *images):
@@ -42,7 +49,7 @@ def random_crops(rng, size: int, *images):
 def conditioning(config, rng, x_hi):
     """Corrupted low-res image, resized back to x_hi's size (what the model sees)."""
     low = resize(x_hi, int(config.model.low_res_size))
-    low = degrade(rng, low, str(config.get("diffusion", {}).get("degrade", "none")))
+    low = degrade(rng, low, str(config.diffusion.degrade))
     return jax.image.resize(low, x_hi.shape, "linear")
 
 
@@ -50,21 +57,21 @@ class UpsamplerStage(Stage):
     name = "upsampler"
 
     def validate(self, config):
-        m, d = config.model, config.get("diffusion", {})
-        if m.get("kind") != "upsampler":
+        m, d = config.model, config.diffusion
+        if m.kind != "upsampler":
             raise ValueError("config.model.kind must be 'upsampler' for the upsampler stage")
         if int(config.data.resolution) != int(m.image_size):
             raise ValueError(f"config.data.resolution={config.data.resolution} must equal "
                              f"config.model.image_size={m.image_size} (the target size)")
         if not 0 < int(m.low_res_size) < int(m.image_size):
             raise ValueError("config.model.low_res_size must be positive and below image_size")
-        if str(d.get("degrade", "none")) not in DEGRADE:
+        if str(d.degrade) not in DEGRADE:
             raise ValueError(f"config.diffusion.degrade must be one of {DEGRADE}")
         c, levels = crop_size(config), len(m.channel_mult) - 1
         if not 0 < c <= int(m.image_size) or c % (2 ** levels):
             raise ValueError(f"config.diffusion.crop_fraction gives {c}px crops; they must be in "
                              f"(0, image_size] and divisible by 2**{levels} (U-Net levels)")
-        if bool(m.get("learn_sigma", False)):
+        if bool(m.learn_sigma):
             raise ValueError("config.model.learn_sigma: the upsamplers use fixed variance")
         validate_diffusion(config)
         model_from_config(m)
@@ -86,35 +93,17 @@ class UpsamplerStage(Stage):
         k_deg, k_crop, k_diff, k_drop = jax.random.split(rng, 4)
         cond = conditioning(config, k_deg, x_hi)
         x0, cond = random_crops(k_crop, crop_size(config), x_hi, cond)
-        schedule, s, t, noise, x_t = noised(config, k_diff, x0)
+        schedule, t, noise, x_t = noised(config, k_diff, x0)
         out = model.apply({"params": params}, x_t, t, cond, train=True, rngs={"dropout": k_drop})
+        d = config.diffusion
         per_ex, terms = diffusion.diffusion_loss(
-            schedule, out, x0, x_t, t, noise, parameterization=s["parameterization"],
-            learned_variance=False, min_snr_gamma=s["min_snr_gamma"])
+            schedule, out, x0, x_t, t, noise, parameterization=str(d.parameterization),
+            learned_variance=False, min_snr_gamma=float(d.min_snr_gamma))
         return jnp.mean(per_ex), {k: jnp.mean(v) for k, v in terms.items()}
 
     def make_data(self, config, *, split, process_index, process_count, local_batch_size, seed):
         from unclip_jax.data import make_iterator
-        return _ImagesOnly(make_iterator(
-            config.data, split=split, process_index=process_index, process_count=process_count,
-            local_batch_size=local_batch_size, seed=seed, fields=("image",)))
+        return make_iterator(config.data, split=split, process_index=process_index,
+                             process_count=process_count, local_batch_size=local_batch_size,
+                             seed=seed, fields=("image",))
 
-
-class _ImagesOnly:
-    def __init__(self, it):
-        self.it = it
-
-    def __iter__(self):
-        return self
-
-    def __next__(self):
-        return {"image": np.asarray(next(self.it)["image"], np.float32)}
-
-    def get_state(self):
-        return self.it.get_state()
-
-    def set_state(self, state):
-        self.it.set_state(state)
-
-    def stats(self):
-        return self.it.stats()

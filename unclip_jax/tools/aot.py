@@ -44,10 +44,11 @@ def topology_devices(topology: str):
 
 def plan(config, topology: str | None = None, mfu: float = 0.4) -> dict:
     """Compile `config`'s train step for `topology` and return the plan's figures."""
+    from unclip_jax.tools.flops import step_model_flops
     from unclip_jax.train.state import count_params
     from unclip_jax.train.trainer import build_step, validate_config
 
-    topology = topology or config.get("aot", {}).get("topology")
+    topology = topology or config.aot.topology
     if not topology:
         raise ValueError("no topology: pass --topology or set config.aot.topology")
     gen = hardware.tpu_generation(topology)
@@ -73,19 +74,9 @@ def plan(config, topology: str | None = None, mfu: float = 0.4) -> dict:
     if isinstance(cost, (list, tuple)):
         cost = cost[0] if cost else {}
     xla_flops = float(cost.get("flops", 0.0)) * len(devices)
-    per_ex = b.stage.model_flops_per_example(config)
-    if per_ex:
-        model_flops = float(per_ex) * global_batch
-    else:
-        # Counted from the traced loss (3x forward matmuls/convs), not XLA's figure, which also
-        # counts rematerialised forwards and so would overstate useful work.
-        from unclip_jax.tools.flops import train_flops_per_step
-        plain = lambda t: jax.tree.map(  # noqa: E731
-            lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), t)
-        with jax.set_mesh(mesh):
-            model_flops = train_flops_per_step(
-                b.stage, b.model, config, plain(b.abstract_state.params),
-                plain(b.abstract_batch(global_batch)), b.rules)
+    # Counted from the traced loss (3x forward matmuls/convs), as tools.bench does, not XLA's
+    # figure, which also counts rematerialised forwards and so would overstate useful work.
+    model_flops = step_model_flops(b, config)
     peak = hardware.TPU[gen]["peak_flops"] * chips
     n_params = count_params(b.abstract_state.params)
     return {

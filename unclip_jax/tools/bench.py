@@ -83,12 +83,12 @@ def _peak_memory(compiled) -> tuple[int, str]:
 
 
 def benchmark(config, *, steps: int = 10, warmup: int = 2) -> dict:
-    from unclip_jax.tools.flops import train_flops_per_step
+    from unclip_jax.tools.flops import step_model_flops
     from unclip_jax.train.state import count_params
     from unclip_jax.train.trainer import build_step, validate_config
 
     parallel.split_cpu_devices(config.mesh)
-    n_dev = int(config.mesh.get("num_devices", 0) or 0) or jax.device_count()
+    n_dev = int(config.mesh.num_devices) or jax.device_count()
     validate_config(config, None, n_dev, jax.process_count())
     b = build_step(config)
     gb = int(config.train.batch_size)
@@ -110,11 +110,7 @@ def benchmark(config, *, steps: int = 10, warmup: int = 2) -> dict:
             times.append(time.perf_counter() - t)
     step_time = statistics.median(times)
 
-    abstract_params = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype),
-                                   b.abstract_state.params)
-    abstract_batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in batch.items()}
-    model_flops = train_flops_per_step(b.stage, b.model, config, abstract_params, abstract_batch,
-                                       b.rules)
+    model_flops = step_model_flops(b, config)
     cost = compiled.cost_analysis() or {}
     cost = cost[0] if isinstance(cost, (list, tuple)) and cost else cost
     xla_flops = float(cost.get("flops", 0.0)) * n_dev if cost else float("nan")
@@ -150,7 +146,7 @@ def benchmark(config, *, steps: int = 10, warmup: int = 2) -> dict:
 def scaling(config, *, steps: int, warmup: int) -> list[dict]:
     """Same per-device batch on 1, 2, 4, ... devices; efficiency = throughput / (n x 1-device)."""
     parallel.split_cpu_devices(config.mesh)
-    per_dev = int(config.train.batch_size) // (int(config.mesh.get("num_devices", 0) or 0)
+    per_dev = int(config.train.batch_size) // (int(config.mesh.num_devices)
                                                or jax.device_count())
     per_dev = max(per_dev, 1)
     rows, n = [], 1

@@ -59,16 +59,16 @@ def _init_params(stage, model, config, seed: int = 0):
 
 
 def _decoder_spec(stage, model, params, config, batch, rng, guidance):
-    from unclip_jax.stages.decoder import diffusion_settings, schedule_for
-    m, d = config.model, diffusion_settings(config)
+    from unclip_jax.stages.decoder import schedule_for
+    m, d = config.model, config.diffusion
     k_z, k_t = jax.random.split(rng)
     cond = {"drop_image": jnp.zeros((batch,), bool), "drop_text": jnp.zeros((batch,), bool)}
-    if int(m.get("clip_dim", 0)):
+    if int(m.clip_dim):
         z = jax.random.normal(k_z, (batch, int(m.clip_dim)))
         cond["image_emb"] = z / jnp.linalg.norm(z, axis=-1, keepdims=True)
-    if int(m.get("text_depth", 0)):
+    if int(m.text_depth):
         cond["tokens"] = jax.random.randint(k_t, (batch, int(m.text_ctx)), 1,
-                                            max(int(m.get("text_vocab", 2)), 2))
+                                            max(int(m.text_vocab), 2))
         cond["token_mask"] = jnp.ones((batch, int(m.text_ctx)), bool)
     uncond = None
     if guidance != 1.0 and ("image_emb" in cond or "tokens" in cond):
@@ -80,7 +80,7 @@ def _decoder_spec(stage, model, params, config, batch, rng, guidance):
                            c.get("token_mask"), drop_image_emb=c["drop_image"],
                            drop_text=c["drop_text"])
 
-    learned = bool(m.get("learn_sigma", False))
+    learned = bool(m.learn_sigma)
     size = int(m.image_size)
     return SamplerSpec(model_fn, params, schedule_for(d["schedule"], d["num_timesteps"]),
                        (batch, size, size, 3), cond, uncond,
@@ -90,8 +90,8 @@ def _decoder_spec(stage, model, params, config, batch, rng, guidance):
 
 
 def _upsampler_spec(stage, model, params, config, batch, rng, guidance):
-    from unclip_jax.stages.decoder import diffusion_settings, schedule_for
-    m, d = config.model, diffusion_settings(config)
+    from unclip_jax.stages.decoder import schedule_for
+    m, d = config.model, config.diffusion
     size, low = int(m.image_size), int(m.low_res_size)
     low_res = jax.random.uniform(rng, (batch, low, low, 3), minval=-1.0, maxval=1.0)
     # Resized once outside the loop, as the pipeline does; the model sees full-size inputs.
@@ -115,10 +115,10 @@ def _prior_spec(stage, model, params, config, batch, rng, guidance):
     ex["text_embedding"] = z_t / jnp.linalg.norm(z_t, axis=-1, keepdims=True)
     if "tokens" in ex:
         ex["tokens"] = jax.random.randint(keys[1], ex["tokens"].shape, 1,
-                                          max(int(m.get("vocab_size", 2)), 2))
+                                          max(int(m.vocab_size), 2))
     else:
         ex["token_embeddings"] = jax.random.normal(keys[2], ex["token_embeddings"].shape)
-    cond = make_cond(ex, EmbeddingScaling.fixed(float(m.get("scale", 17.2))))
+    cond = make_cond(ex, EmbeddingScaling.fixed(float(m.scale)))
     cond["drop"] = jnp.zeros((batch,), bool)
     uncond = dict(cond, drop=jnp.ones((batch,), bool)) if guidance != 1.0 else None
 
@@ -141,7 +141,7 @@ def stage_sampler(config, *, steps: int, batch: int, guidance: float | None = No
     model = stage.build_model(config)
     params = _init_params(stage, model, config, seed)
     if guidance is None:
-        guidance = float(config.get("diffusion", {}).get("guidance_scale", 3.0))
+        guidance = float(config.diffusion.guidance_scale)
     make = {"decoder": _decoder_spec, "upsampler": _upsampler_spec,
             "diffusion_prior": _prior_spec}[config.stage]
     spec = make(stage, model, params, config, batch, jax.random.PRNGKey(seed + 1), guidance)

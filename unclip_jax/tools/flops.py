@@ -111,3 +111,15 @@ def train_flops_per_step(stage, model, config, abstract_params, abstract_batch, 
             return stage.loss(model, params, batch, jax.random.PRNGKey(0), config)[0]
 
     return 3.0 * matmul_flops(fwd, abstract_params, abstract_batch)
+
+
+def step_model_flops(built, config) -> float:
+    """Model FLOPs of one train step of `built` (trainer.build_step's result) on
+    config.train.batch_size examples, from the traced program; tools.bench and tools.aot both
+    report this, so their tables agree for every stage."""
+    plain = lambda t: jax.tree.map(  # noqa: E731
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), t)
+    with jax.set_mesh(built.mesh):
+        return train_flops_per_step(
+            built.stage, built.model, config, plain(built.abstract_state.params),
+            plain(built.abstract_batch(int(config.train.batch_size))), built.rules)

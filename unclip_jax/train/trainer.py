@@ -163,7 +163,7 @@ def train(config, workdir: str, *, stop_at: int | None = None) -> dict:
     interrupted there). Returns a summary: final step, last metrics, params count, state."""
     stage = get_stage(config.stage)
     parallel.split_cpu_devices(config.mesh)
-    n_dev = int(config.mesh.get("num_devices", 0) or 0) or jax.device_count()
+    n_dev = int(config.mesh.num_devices) or jax.device_count()
     validate_config(config, stage, n_dev, jax.process_count())
     os.makedirs(workdir, exist_ok=True)
     check_same_model(config, workdir)
