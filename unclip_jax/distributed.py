@@ -1,21 +1,23 @@
-"""Multi-host start-up: `jax.distributed.initialize` from flags or from the cluster environment."""
+"""Multi-host start-up: `jax.distributed.initialize` from flags or from the cluster environment.
+
+JAX is imported inside the functions: the entry points' host setup (`host_malloc.prepare_cpu_host`)
+asks `cluster_detected` before JAX may be imported.
+"""
 from __future__ import annotations
 
 import os
 
-import jax
 from absl import logging
 
 _initialized = False
 
 
-def _cluster_detected() -> bool:
-    # Cloud TPU VM slices and SLURM jobs are auto-detected by jax.distributed.initialize().
-    if int(os.environ.get("SLURM_NTASKS", "1")) > 1:
+def cluster_detected(environ=os.environ) -> bool:
+    """Whether this is one process of a multi-process cluster job that
+    `jax.distributed.initialize()` detects by itself (Cloud TPU VM slices, SLURM)."""
+    if int(environ.get("SLURM_NTASKS", "1") or "1") > 1:
         return True
-    if os.environ.get("TPU_WORKER_HOSTNAMES", "") and "," in os.environ["TPU_WORKER_HOSTNAMES"]:
-        return True
-    return False
+    return "," in environ.get("TPU_WORKER_HOSTNAMES", "")
 
 
 def initialize(coordinator_address: str | None = None, num_processes: int | None = None,
@@ -27,6 +29,7 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
     global _initialized
     if _initialized:
         return
+    import jax
     if coordinator_address:
         if num_processes is None or process_id is None:
             raise ValueError("--coordinator_address needs --num_processes and --process_id")
@@ -34,7 +37,7 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
                                    num_processes=int(num_processes), process_id=int(process_id),
                                    local_device_ids=local_device_ids)
         _initialized = True
-    elif _cluster_detected():
+    elif cluster_detected():
         jax.distributed.initialize()
         _initialized = True
     if _initialized:
@@ -51,6 +54,7 @@ def write_once(path: str, write) -> None:
     others wait at a barrier until it exists."""
     import shutil
 
+    import jax
     from jax.experimental import multihost_utils
 
     if jax.process_index() == 0 and not (os.path.exists(path) and (

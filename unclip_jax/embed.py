@@ -1,4 +1,6 @@
-"""Write CLIP embedding caches: `python -m unclip_jax.embed --config=cfg.py --out=DIR`.
+"""Write a CLIP embedding cache of a dataset, for the priors and the decoder.
+
+  python -m unclip_jax.embed --config=cfg.py --out=DIR [--config.x.y=v]
 
 The config has `data` (the source dataset, see unclip_jax.data.config) and `embed`:
   embed.encoder     "module:factory"; factory(config) returns an object with
@@ -15,6 +17,11 @@ with data.name="embed_cache", data.cache_dir=DIR; fit PCA with `python -m unclip
 """
 from __future__ import annotations
 
+from unclip_jax.tools import host_malloc
+
+if __name__ == "__main__":
+    host_malloc.prepare_cpu_host()  # before JAX is imported: it takes effect only then
+
 import importlib
 import json
 import os
@@ -22,8 +29,6 @@ from typing import Callable, Protocol
 
 import ml_collections
 import numpy as np
-
-from unclip_jax.data import make_iterator
 
 
 def embed_config(**kw) -> ml_collections.ConfigDict:
@@ -51,6 +56,8 @@ def write_cache(encoder: Encoder, data_config, *, split: str, out_dir: str, proc
     Rows keep the source order (no shuffling, one pass); skipped source examples (corrupt,
     no caption) are absent and counted in the manifest's "source_stats".
     """
+    from unclip_jax.data import make_iterator  # imports JAX
+
     split_dir = os.path.join(out_dir, split)
     os.makedirs(split_dir, exist_ok=True)
     it = make_iterator(data_config, split=split, process_index=process_index,
@@ -139,9 +146,9 @@ def embed(config, out_dir: str, *, process_index: int = 0, process_count: int = 
 
 
 def main(argv):
-    del argv
-    from absl import flags
-
+    from absl import app, flags
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
     f = flags.FLAGS
     pi, pc = f.process_index, f.process_count
     if pi < 0 or pc < 1:
@@ -155,12 +162,14 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    from absl import app, flags
+    from absl import flags
     from ml_collections import config_flags
 
-    config_flags.DEFINE_config_file("config", None, "config file with data and embed fields")
-    flags.DEFINE_string("out", None, "output directory of the cache")
-    flags.DEFINE_integer("process_index", -1, "this process (default: jax.process_index())")
-    flags.DEFINE_integer("process_count", 0, "number of processes (default: jax's)")
+    config_flags.DEFINE_config_file("config", None, "Config file with `data` and `embed` fields "
+                                    "(see above).", lock_config=True)
+    flags.DEFINE_string("out", None, "Output directory of the cache.")
+    flags.DEFINE_integer("process_index", -1, "This process (default: jax.process_index()).")
+    flags.DEFINE_integer("process_count", 0, "Number of processes (default: jax's).")
     flags.mark_flags_as_required(["config", "out"])
-    app.run(main)
+    from unclip_jax import console
+    console.run_app(main)

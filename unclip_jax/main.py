@@ -1,31 +1,32 @@
-"""Train any stage from an experiment config.
+"""Train one stage, or the whole unCLIP stack, from an experiment config.
 
   python -m unclip_jax.main --config=experiments/<file>.py[:arg] --workdir=DIR [--config.x.y=v]
 
-Re-running the same command on the same workdir resumes from its latest checkpoint. Multi-host:
-TPU pods and SLURM are detected; otherwise pass --coordinator_address/--num_processes/--process_id.
+A config with a `pipeline` field (experiments/shapes.py) trains every stage in order, then
+samples and writes a report; any other config trains its one stage. Re-running the same command
+on the same workdir resumes from its latest checkpoint. The terminal shows one line per stage, a
+progress bar per training stage and the final report; library logging goes to DIR/log.txt, the
+metrics to DIR/metrics.jsonl and DIR/tensorboard. Multi-host: TPU pods and SLURM are detected;
+otherwise pass --coordinator_address/--num_processes/--process_id.
 """
 from __future__ import annotations
 
 from unclip_jax.tools import host_malloc
 
 if __name__ == "__main__":
-    host_malloc.prepare_cpu_host()  # before JAX is imported: XLA:CPU flags and the allocator
+    host_malloc.prepare_cpu_host()  # before JAX is imported: it takes effect only then
 
-
-from absl import app, flags, logging
+# Nothing below imports JAX at module level: it is imported in main, after the host setup.
+from absl import app, flags
 from ml_collections import config_flags
 
-from unclip_jax import distributed
-
 FLAGS = flags.FLAGS
-config_flags.DEFINE_config_file("config", None, "Experiment config file (get_config).",
-                                lock_config=True)
-flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and samples.")
-flags.DEFINE_string("coordinator_address", None, "host:port of process 0 (multi-process runs).")
-flags.DEFINE_integer("num_processes", None, "Number of processes (with --coordinator_address).")
-flags.DEFINE_integer("process_id", None, "This process's index (with --coordinator_address).")
-flags.mark_flags_as_required(["config", "workdir"])
+
+
+def _say(msg: str) -> None:
+    import jax
+    if jax.process_index() == 0:
+        print(msg, flush=True)
 
 
 def run(config, workdir: str):
@@ -34,23 +35,43 @@ def run(config, workdir: str):
         from unclip_jax.recipes.shapes import run_pipeline
         return run_pipeline(config, workdir)
     from unclip_jax.train.trainer import train
+    _say(f"[{config.stage}] training {config.train.num_steps} steps in {workdir}")
     return train(config, workdir)
 
 
 def main(argv):
-    del argv
-    if FLAGS["verbosity"].using_default_value:
-        # Orbax logs every save step at INFO; keep the console to the progress bar and warnings.
-        logging.set_verbosity(logging.WARNING)
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+    from unclip_jax import console, distributed
+    if not FLAGS["verbosity"].present:
+        console.quiet_terminal()
     distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
-    summary = run(FLAGS.config, FLAGS.workdir)
     import jax
-    if jax.process_index() == 0 and "metrics" in summary:
+    from absl import logging
+    log = console.log_to_file(FLAGS.workdir, jax.process_index())
+    logging.info("process %d of %d, %d local / %d global devices (%s)", jax.process_index(),
+                 jax.process_count(), jax.local_device_count(), jax.device_count(),
+                 jax.devices()[0].platform)
+    summary = run(FLAGS.config, FLAGS.workdir)
+    if "metrics" in summary:
         m = summary["metrics"]
-        print(f"{summary['status']} at step {summary['step']} (resumed from "
-              f"{summary['resumed_from']}): loss {m.get('loss', float('nan')):.4g}, "
-              f"{summary['params']:,} params, workdir {FLAGS.workdir}")
+        trained = (f"loss {m['loss']:.4g}" if "loss" in m else "nothing left to train")
+        _say(f"{summary['status']} at step {summary['step']} (resumed from "
+             f"{summary['resumed_from']}): {trained}, {summary['params']:,} params, "
+             f"workdir {FLAGS.workdir} (log: {log})")
 
 
 if __name__ == "__main__":
-    app.run(main)
+    config_flags.DEFINE_config_file("config", None, "Experiment config file (get_config), "
+                                    "e.g. experiments/toy.py or experiments/shapes.py:smoke.",
+                                    lock_config=True)
+    flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics, samples and the "
+                        "log; an existing one is resumed.")
+    flags.DEFINE_string("coordinator_address", None, "host:port of process 0 (multi-process "
+                        "runs without a detected cluster).")
+    flags.DEFINE_integer("num_processes", None, "Number of processes (with "
+                         "--coordinator_address).")
+    flags.DEFINE_integer("process_id", None, "This process's index (with --coordinator_address).")
+    flags.mark_flags_as_required(["config", "workdir"])
+    from unclip_jax import console
+    console.run_app(main)

@@ -1,18 +1,20 @@
-"""Sample from trained checkpoints: text -> image, and the paper's image manipulations.
+"""Sample from the main job's trained stages: text -> image, and the paper's image manipulations.
 
-  python -m unclip_jax.sample --workdir=runs/shapes --prompt "a red circle" --num 4 --out out/
-  python -m unclip_jax.sample --workdir=runs/shapes --prompts-file prompts.txt --prior ar ...
-  python -m unclip_jax.sample variations  --workdir=W --image in.png --num 4 --eta 1.0 --out out/
-  python -m unclip_jax.sample interpolate --workdir=W --image a.png --image2 b.png --steps 5 --out out/
-  python -m unclip_jax.sample textdiff    --workdir=W --image in.png --from "a red circle" \
-                                          --to "a blue circle" --steps 5 --out out/
+  python -m unclip_jax.sample [text|variations|interpolate|textdiff] --workdir=W --out=DIR ...
 
-Writes PNGs (one per image, or a strip for manipulations) and settings.json into --out; the
-workdir is only read (EMA weights by default). Errors in the input are reported in one line.
+  python -m unclip_jax.sample --workdir=runs/shapes --prompt="a red circle" --num=4 --out=out/
+  python -m unclip_jax.sample --workdir=runs/shapes --prompts_file=prompts.txt --prior=ar ...
+  python -m unclip_jax.sample variations  --workdir=W --image=in.png --num=4 --eta=1.0 --out=out/
+  python -m unclip_jax.sample interpolate --workdir=W --image=a.png --image2=b.png --out=out/
+  python -m unclip_jax.sample textdiff --workdir=W --image=in.png --caption_from="a red circle"
+      --caption_to="a blue circle" --steps=5 --out=out/
+
+The command word comes first or anywhere among the flags; `text` is the default. Writes PNGs (one
+per image for text, a strip for manipulations) and settings.json into --out; the workdir is only
+read (EMA weights unless --raw). Errors in the input are reported in one line.
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import os
@@ -21,29 +23,62 @@ import sys
 from unclip_jax.tools import host_malloc
 
 if __name__ == "__main__":
-    host_malloc.prepare_cpu_host()  # before JAX is imported: XLA:CPU flags and the allocator
+    host_malloc.prepare_cpu_host()  # before JAX is imported: it takes effect only then
+
+# Nothing below imports JAX at module level: `run` imports it after the host setup.
+from absl import app, flags
+
+COMMANDS = ("text", "variations", "interpolate", "textdiff")
+# The flags each command reads beyond the common ones; giving another command's flag is an error.
+COMMAND_FLAGS = {
+    "text": ("prompt", "prompts_file", "num"),
+    "variations": ("image", "num", "eta"),
+    "interpolate": ("image", "image2", "steps", "x_t"),
+    "textdiff": ("image", "caption_from", "caption_to", "steps", "max_theta"),
+}
 
 
-import numpy as np
-
-from unclip_jax.images import read_image, write_image
-
-
-def _settings_args(p: argparse.ArgumentParser):
-    g = p.add_argument_group("sampling settings")
-    g.add_argument("--prior", choices=("diffusion", "ar"), default="diffusion")
-    g.add_argument("--prior-steps", default="64")
-    g.add_argument("--prior-method", choices=("ddpm", "ddim"), default="ddpm")
-    g.add_argument("--prior-guidance", type=float, default=1.0)
-    g.add_argument("--best-of", type=int, default=2, help="diffusion prior candidates (paper: 2)")
-    g.add_argument("--ar-temperature", type=float, default=1.0)
-    g.add_argument("--ar-top-k", type=int, default=0)
-    g.add_argument("--decoder-steps", default="50")
-    g.add_argument("--decoder-sampler", choices=("ddpm", "ddim"), default="ddpm")
-    g.add_argument("--decoder-eta", type=float, default=0.0)
-    g.add_argument("--decoder-guidance", type=float, default=3.0)
-    g.add_argument("--upsampler-steps", default="ddim15")
-    g.add_argument("--upsampler-eta", type=float, default=0.0)
+def define_flags(fv: flags.FlagValues) -> None:
+    """The sample flags, on `fv`: flags.FLAGS for the command, a fresh FlagValues for `run`."""
+    f = dict(flag_values=fv)
+    flags.DEFINE_string("workdir", None, "The main job's workdir (read only).", **f)
+    flags.DEFINE_string("out", None, "Output directory (created).", **f)
+    flags.DEFINE_integer("seed", 0, "Random seed.", **f)
+    flags.DEFINE_bool("raw", False, "Use the raw weights instead of the EMA.", **f)
+    flags.DEFINE_bool("no_upsample", False, "Manipulations: stop at the decoder's resolution.",
+                      **f)
+    # Sampling settings (unclip_jax.inference.SampleSettings).
+    flags.DEFINE_enum("prior", "diffusion", ["diffusion", "ar"], "Which prior makes z_i.", **f)
+    flags.DEFINE_string("prior_steps", "64", "Diffusion prior steps (a respacing: '64', "
+                        "'ddim25').", **f)
+    flags.DEFINE_enum("prior_method", "ddpm", ["ddpm", "ddim"], "Diffusion prior sampler.", **f)
+    flags.DEFINE_float("prior_guidance", 1.0, "Diffusion prior guidance scale.", **f)
+    flags.DEFINE_integer("best_of", 2, "Diffusion prior candidates, the one closest to the text "
+                         "embedding kept (paper: 2).", **f)
+    flags.DEFINE_float("ar_temperature", 1.0, "AR prior sampling temperature.", **f)
+    flags.DEFINE_integer("ar_top_k", 0, "AR prior top-k (0: all codes).", **f)
+    flags.DEFINE_string("decoder_steps", "50", "Decoder steps (a respacing: '50', 'ddim25').",
+                        **f)
+    flags.DEFINE_enum("decoder_sampler", "ddpm", ["ddpm", "ddim"], "Decoder sampler.", **f)
+    flags.DEFINE_float("decoder_eta", 0.0, "Decoder DDIM eta.", **f)
+    flags.DEFINE_float("decoder_guidance", 3.0, "Decoder classifier-free guidance scale.", **f)
+    flags.DEFINE_string("upsampler_steps", "ddim15", "Upsampler steps (a respacing).", **f)
+    flags.DEFINE_float("upsampler_eta", 0.0, "Upsampler DDIM eta.", **f)
+    # Per command (COMMAND_FLAGS).
+    flags.DEFINE_multi_string("prompt", [], "text: a prompt", **f)
+    flags.DEFINE_string("prompts_file", None, "text: a file of prompts, one per line.", **f)
+    flags.DEFINE_integer("num", None, "text: images per prompt (default 1); variations: "
+                         "variations (default 4).", **f)
+    flags.DEFINE_string("image", None, "variations, interpolate, textdiff: the input image.", **f)
+    flags.DEFINE_string("image2", None, "interpolate: the second image.", **f)
+    flags.DEFINE_float("eta", 1.0, "variations: DDIM eta of the decoder from the inverted "
+                       "latent (0: the reconstruction).", **f)
+    flags.DEFINE_integer("steps", 5, "interpolate, textdiff: images in the strip.", **f)
+    flags.DEFINE_enum("x_t", "fixed", ["fixed", "slerp"], "interpolate: the decoder's x_T, fixed "
+                      "or slerped between the two inverted latents.", **f)
+    flags.DEFINE_string("caption_from", None, "textdiff: the caption of the input image.", **f)
+    flags.DEFINE_string("caption_to", None, "textdiff: the caption to move towards.", **f)
+    flags.DEFINE_float("max_theta", 0.5, "textdiff: the largest interpolation weight.", **f)
 
 
 def _settings(a):
@@ -57,38 +92,20 @@ def _settings(a):
         upsampler_eta=a.upsampler_eta)
 
 
-def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m unclip_jax.sample", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = p.add_subparsers(dest="command", required=True)
-    common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--workdir", required=True, help="the main job's workdir")
-    common.add_argument("--out", required=True, help="output directory (created)")
-    common.add_argument("--seed", type=int, default=0)
-    common.add_argument("--raw", action="store_true", help="use raw weights instead of the EMA")
-    common.add_argument("--no-upsample", action="store_true",
-                        help="manipulations: stop at the decoder's resolution")
-    _settings_args(common)
-    g = sub.add_parser("generate", parents=[common], help="text -> image (the default)")
-    g.add_argument("--prompt", action="append", default=[])
-    g.add_argument("--prompts-file")
-    g.add_argument("--num", type=int, default=1, help="images per prompt")
-    v = sub.add_parser("variations", parents=[common])
-    v.add_argument("--image", required=True)
-    v.add_argument("--num", type=int, default=4)
-    v.add_argument("--eta", type=float, default=1.0)
-    i = sub.add_parser("interpolate", parents=[common])
-    i.add_argument("--image", required=True)
-    i.add_argument("--image2", required=True)
-    i.add_argument("--steps", type=int, default=5)
-    i.add_argument("--x-t", choices=("fixed", "slerp"), default="fixed")
-    t = sub.add_parser("textdiff", parents=[common])
-    t.add_argument("--image", required=True)
-    t.add_argument("--from", dest="caption_from", required=True)
-    t.add_argument("--to", dest="caption_to", required=True)
-    t.add_argument("--steps", type=int, default=5)
-    t.add_argument("--max-theta", type=float, default=0.5)
-    return p
+def _check_command(command: str, fv: flags.FlagValues) -> None:
+    if command not in COMMANDS:
+        raise ValueError(f"unknown command {command!r}: use one of {', '.join(COMMANDS)}")
+    for name in sorted({n for names in COMMAND_FLAGS.values() for n in names}):
+        if fv[name].present and name not in COMMAND_FLAGS[command]:
+            raise ValueError(f"--{name} is not a flag of the {command} command")
+    for name in ("workdir", "out"):
+        if not fv[name].value:
+            raise ValueError(f"--{name} is required")
+    needs = {"variations": ("image",), "interpolate": ("image", "image2"),
+             "textdiff": ("image", "caption_from", "caption_to")}.get(command, ())
+    for name in needs:
+        if fv[name].value is None:
+            raise ValueError(f"the {command} command needs --{name}")
 
 
 def _prompts(a) -> list[str]:
@@ -99,7 +116,7 @@ def _prompts(a) -> list[str]:
         with open(a.prompts_file) as f:
             prompts += [line.rstrip("\n") for line in f if line.strip()]
     if not prompts:
-        raise ValueError("give at least one --prompt or a --prompts-file")
+        raise ValueError("give at least one --prompt or a --prompts_file")
     for k, p in enumerate(prompts):
         if not p.strip():
             raise ValueError(f"prompt {k} is empty")
@@ -107,39 +124,55 @@ def _prompts(a) -> list[str]:
 
 
 def run(argv: list[str]) -> dict:
-    if argv and argv[0].startswith("-") and argv[0] not in ("-h", "--help"):
-        argv = ["generate"] + argv
-    a = parser().parse_args(argv)
+    """`python -m unclip_jax.sample` in-process: argv is the command line without the program
+    name. Returns {"images": [N, H, W, 3] in [-1, 1], "record": what settings.json holds}."""
+    fv = flags.FlagValues()
+    define_flags(fv)
+    try:
+        words = fv(["unclip_jax.sample"] + list(argv))[1:]
+    except flags.Error as e:
+        raise ValueError(str(e)) from None
+    if len(words) > 1:
+        raise ValueError(f"one command at most, got {' '.join(words)}")
+    return sample(words[0] if words else "text", fv)
+
+
+def sample(command: str, a) -> dict:
+    """Run `command` with the parsed flags `a` (a FlagValues)."""
+    _check_command(command, a)
+    import numpy as np
+
     from unclip_jax import manipulate
+    from unclip_jax.images import read_image, save_grid, write_image
     from unclip_jax.inference import Pipeline
-    from unclip_jax.images import save_grid
 
     settings = _settings(a)
     # Inputs are checked before the (slow) model loading.
-    prompts = _prompts(a) if a.command == "generate" else None
+    prompts = _prompts(a) if command == "text" else None
+    num = a.num if a.num is not None else (1 if command == "text" else 4)
     images = {k: read_image(getattr(a, k)) for k in ("image", "image2")
               if getattr(a, k, None)}
     pipe = Pipeline.from_workdir(a.workdir, ema=not a.raw)
     os.makedirs(a.out, exist_ok=True)
     up = not a.no_upsample
-    record = {"command": a.command, "workdir": os.path.abspath(a.workdir), "seed": a.seed,
+    record = {"command": command, "workdir": os.path.abspath(a.workdir), "seed": a.seed,
               "out": os.path.abspath(a.out),
               "ema": not a.raw, **dataclasses.asdict(settings)}
-    if a.command == "generate":
-        rows = [p for p in prompts for _ in range(a.num)]
+    if command == "text":
+        rows = [p for p in prompts for _ in range(num)]
         out = pipe.text_to_image(rows, seed=a.seed, settings=settings)["images"]
         files = []
         for k, (p, img) in enumerate(zip(rows, out)):
             name = f"{k:04d}.png"
             write_image(img, os.path.join(a.out, name))
             files.append({"file": name, "prompt": p})
-        record.update(prompts=prompts, num=a.num, files=files)
+        record.update(prompts=prompts, num=num, files=files)
     else:
-        if a.command == "variations":
-            out = manipulate.variations(pipe, images["image"], num=a.num, eta=a.eta, seed=a.seed,
+        if command == "variations":
+            out = manipulate.variations(pipe, images["image"], num=num, eta=a.eta, seed=a.seed,
                                         settings=settings, upsample=up)
-            record.update(image=a.image, num=a.num, eta=a.eta)
-        elif a.command == "interpolate":
+            record.update(image=a.image, num=num, eta=a.eta)
+        elif command == "interpolate":
             th = np.linspace(0.0, 1.0, a.steps)
             out = manipulate.interpolate(pipe, images["image"], images["image2"], th,
                                          x_T_mode=a.x_t, seed=a.seed, settings=settings,
@@ -158,15 +191,24 @@ def run(argv: list[str]) -> dict:
     return {"images": np.asarray(out), "record": record}
 
 
-def main():
+def main(argv):
+    command = argv[1] if len(argv) > 1 else "text"
+    if len(argv) > 2 or command not in COMMANDS:
+        raise app.UsageError(f"expected one command of {', '.join(COMMANDS)}, got "
+                             f"{' '.join(argv[1:])}")
+    from unclip_jax import console
+    if not FLAGS["verbosity"].present:
+        console.quiet_terminal()  # Orbax logs every restore at INFO
     try:
-        res = run(sys.argv[1:])
+        res = sample(command, FLAGS)
     except (FileNotFoundError, ValueError, RuntimeError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
-    print(f"wrote {len(res['record']['files'])} file(s) to {res['record'].get('out', '')}"
-          .rstrip() + f" ({res['record']['command']})")
+    print(f"wrote {len(res['record']['files'])} file(s) to {res['record']['out']} ({command})")
 
 
 if __name__ == "__main__":
-    main()
+    FLAGS = flags.FLAGS
+    define_flags(FLAGS)
+    from unclip_jax import console
+    console.run_app(main)

@@ -221,7 +221,7 @@ def test_pool3_features_match_pytorch_fid_network(torch_reference, tmp_path):
     # the .npz conversion gives the same network without torch; run it batch-sharded over the
     # 8 test devices (3 images are padded to 8 and the padding dropped)
     npz = str(tmp_path / "inception.npz")
-    assert inception_weights.main(["--src", path, "--out", npz]) == 0
+    assert inception_weights.convert_file(path, npz) > 0
     with np.load(npz) as f:
         assert "Mixed_7c.branch_pool.conv.weight" in f.files and "fc.weight" in f.files
     mesh = jax.make_mesh((8, 1, 1), ("data", "fsdp", "tensor"),
@@ -273,8 +273,10 @@ def test_loader_names_a_missing_tensor(tmp_path):
     with pytest.raises(KeyError, match=r"Mixed_7c\.branch_pool\.bn\.running_var"):
         inception_weights.load_inception_params(path)
     with pytest.raises(KeyError, match="running_var"):  # the converter refuses it too
-        inception_weights.main(["--src", path, "--out", str(tmp_path / "out.npz")])
+        inception_weights.convert_file(path, str(tmp_path / "out.npz"))
     assert not os.path.exists(tmp_path / "out.npz")
+    with pytest.raises(ValueError, match=r"must end in \.npz"):
+        inception_weights.convert_file(path, str(tmp_path / "out.bin"))
 
 
 def test_missing_weights_file_says_where_to_get_them(tmp_path):

@@ -85,3 +85,19 @@ def test_quantize_error_bounded_by_bucket_width(tmp_path):
 def test_quantizer_needs_enough_samples():
     with pytest.raises(ValueError, match="num_buckets"):
         pca_lib.fit_quantizer(np.zeros((10, 2)), num_buckets=1024)
+
+
+def test_fit_cache_writes_pca_and_quantizer_beside_the_cache(tmp_path, monkeypatch):
+    """What `python -m unclip_jax.models.pca --cache=DIR` does, on a stand-in cache field."""
+    from unclip_jax.data import cache
+    x = np.random.default_rng(0).normal(size=(300, 6)).astype(np.float32)
+    monkeypatch.setattr(cache, "load_field",
+                        lambda d, split, field: x if (d, split, field) == (
+                            str(tmp_path), "train", "image_embedding") else None)
+    lines = []
+    pca = pca_lib.fit_cache(str(tmp_path), buckets=16, batch=128, log=lines.append)
+    assert pca.count == 300 and any(line.startswith("k=    6") for line in lines)
+    loaded = pca_lib.PCA.load(str(tmp_path / "pca_image_embedding.npz"))
+    np.testing.assert_allclose(loaded.mean, pca.mean)
+    q = pca_lib.Quantizer.load(str(tmp_path / "quantizer_image_embedding.npz"))
+    assert q.num_buckets == 16 and q.edges.shape == (6, 17)

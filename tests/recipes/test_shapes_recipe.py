@@ -144,8 +144,8 @@ def test_sample_cli_writes_images_and_leaves_workdir_alone(run, tmp_path):
     before = snapshot(wd)
     out = tmp_path / "out"
     res = sample.run(["--workdir", wd, "--prompt", "a red circle", "--prompt", "a blue square",
-                      "--num", "2", "--out", str(out), "--decoder-steps", "4", "--prior-steps",
-                      "4", "--upsampler-steps", "ddim3"])
+                      "--num", "2", "--out", str(out), "--decoder_steps", "4", "--prior_steps",
+                      "4", "--upsampler_steps", "ddim3"])
     assert res["images"].shape == (4, 64, 64, 3)
     files = sorted(os.listdir(out))
     assert files == ["0000.png", "0001.png", "0002.png", "0003.png", "settings.json"]
@@ -154,15 +154,15 @@ def test_sample_cli_writes_images_and_leaves_workdir_alone(run, tmp_path):
     from PIL import Image
     assert Image.open(out / "0000.png").size == (64, 64)
     res = sample.run(["variations", "--workdir", wd, "--image", str(out / "0000.png"), "--num",
-                      "3", "--out", str(tmp_path / "var"), "--decoder-steps", "4",
-                      "--upsampler-steps", "ddim3"])
+                      "3", "--out", str(tmp_path / "var"), "--decoder_steps", "4",
+                      "--upsampler_steps", "ddim3"])
     assert Image.open(tmp_path / "var" / "strip.png").size[0] == 3 * 66
     assert snapshot(wd) == before
 
 
 @pytest.mark.parametrize("args,match", [
     (["--prompt", ""], "prompt 0 is empty"),
-    (["--prompts-file", "/nonexistent/prompts.txt"], "prompts file /nonexistent"),
+    (["--prompts_file", "/nonexistent/prompts.txt"], "prompts file /nonexistent"),
     (["--prompt", "a red circle", "--prior", "ar", "--workdir", "/nonexistent/wd"],
      "does not exist"),
 ])
@@ -173,6 +173,22 @@ def test_sample_cli_bad_input(run, tmp_path, args, match):
     with pytest.raises((ValueError, FileNotFoundError), match=match):
         sample.run(base + args)
     assert snapshot(wd) == before
+
+
+@pytest.mark.parametrize("args,match", [
+    (["bogus"], "unknown command 'bogus'"),
+    (["variations", "--prompt", "a red circle", "--image", "x.png"],
+     "--prompt is not a flag of the variations command"),
+    (["textdiff", "--image", "x.png", "--caption_from", "a red circle"],
+     "the textdiff command needs --caption_to"),
+    (["--prompt", "a red circle", "--decoder-steps", "4"], "decoder-steps"),
+    (["text", "variations"], "one command at most"),
+])
+def test_sample_cli_rejects_bad_commands_before_loading(tmp_path, args, match):
+    """The command word and its flags are checked before any model is read."""
+    with pytest.raises(ValueError, match=match):
+        sample.run(["--workdir", str(tmp_path / "nowhere"), "--out", str(tmp_path / "o")] + args)
+    assert not (tmp_path / "o").exists()
 
 
 def test_missing_stage_and_bad_image(run, tmp_path):

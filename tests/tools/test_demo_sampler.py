@@ -22,8 +22,7 @@ def test_mixture_denoiser_single_component_is_gaussian_posterior_mean():
 
 
 def test_demo_writes_plot_and_moments(tmp_path):
-    demo_sampler.main(["--out", str(tmp_path), "--steps", "25", "--num_samples", "3000",
-                       "--stat_samples", "20000"])
+    demo_sampler.demo(str(tmp_path), steps=25, num_samples=3000, stat_samples=20000)
     assert (tmp_path / "samples.png").stat().st_size > 1000
     res = json.loads((tmp_path / "moments.json").read_text())
     true = res["true"]

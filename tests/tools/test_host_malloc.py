@@ -10,6 +10,7 @@ import pytest
 
 from unclip_jax.tools import host_malloc
 
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 TOOL = ["python", "-m", "unclip_jax.tools.bench", "--config=x.py"]
 TC = "/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4"
 GOOD = dict(tcmalloc="", glibc="2.36", thp="madvise", accelerator=False, jax_imported=False)
@@ -23,17 +24,43 @@ def _clean_env(**extra):
     return env
 
 
-def _hardware_probe(**extra):
-    out = subprocess.run([sys.executable, "-m", "unclip_jax.tools.hardware", "--probe"],
-                         env=_clean_env(**extra), capture_output=True, text=True, timeout=300)
+def _hardware_probe(*flags, **extra):
+    out = subprocess.run([sys.executable, "-m", "unclip_jax.tools.hardware", *flags],
+                         env=_clean_env(**extra), capture_output=True, text=True, timeout=300,
+                         cwd=ROOT)
     assert out.returncode == 0, out.stderr[-2000:]
     return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def test_command_runs_with_the_allocator_chosen_for_this_host():
+    """`python -m unclip_jax.tools.hardware` (no JAX import: cheap) reports the allocator it runs
+    with, which is what `choose` picks for a command on this host."""
+    remedy, _ = host_malloc.choose(_clean_env(), TOOL, jax_imported=False)
+    got = _hardware_probe()
+    want = {"tcmalloc": "tcmalloc", "hugepages": "glibc+hugepages", None: "glibc"}[remedy]
+    assert got["allocator"] == want and got["reexecuted"] == (remedy is not None), got
+    if host_malloc.find_tcmalloc({}):  # libtcmalloc-minimal4 installed: it is the one used
+        assert got["allocator"] == "tcmalloc", got
+
+
+def test_cpu_only_hosts_pin_jax_to_the_cpu():
+    """No accelerator node, no cluster, nothing set: JAX_PLATFORMS=cpu, so libtpu (installed with
+    the test extra) is not started on a CPU host; anything else is left to JAX."""
+    pick = host_malloc.default_platform
+    assert pick({}, accelerator=False) == "cpu"
+    assert pick({}, accelerator=True) is None
+    assert pick({"JAX_PLATFORMS": "cuda"}, accelerator=False) is None
+    assert pick({"JAX_PLATFORMS": ""}, accelerator=False) == "cpu"
+    assert pick({"JAX_PLATFORM_NAME": "tpu"}, accelerator=False) is None
+    assert pick({"SLURM_NTASKS": "4"}, accelerator=False) is None
+    assert pick({"SLURM_NTASKS": "1"}, accelerator=False) == "cpu"
+    assert pick({"TPU_WORKER_HOSTNAMES": "h0,h1"}, accelerator=False) is None
 
 
 @pytest.mark.parametrize("mode", ["auto", "hugepages"])
 def test_tool_reexecutes_with_the_allocator_and_faults_less(mode):
     remedy, why = host_malloc.choose(_clean_env(UNCLIP_JAX_MALLOC=mode), TOOL, jax_imported=False)
-    got = _hardware_probe(UNCLIP_JAX_MALLOC=mode)
+    got = _hardware_probe("--probe", UNCLIP_JAX_MALLOC=mode)
     if remedy is None:
         # A host where neither remedy applies (no tcmalloc, no THP on request): runs as it is.
         assert got["allocator"] == "glibc" and not got["reexecuted"] and got["why"] == why, got
@@ -48,7 +75,7 @@ def test_tool_reexecutes_with_the_allocator_and_faults_less(mode):
         # 2 MiB pages: ~64 faults per call for the block, not one per 4 KiB page.
         assert got["allocator"] == "glibc+hugepages", got
         assert got["faults_per_call"] < 0.05 * got["temp_pages"], got
-    off = _hardware_probe(UNCLIP_JAX_MALLOC="off")
+    off = _hardware_probe("--probe", UNCLIP_JAX_MALLOC="off")
     assert off["allocator"] == "glibc" and not off["reexecuted"]
     assert off["why"] == "disabled by UNCLIP_JAX_MALLOC=off"
     assert off["faults_per_call"] > 0.9 * off["temp_pages"], off

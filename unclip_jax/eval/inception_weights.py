@@ -7,8 +7,8 @@ The weights are those every FID tool uses: pytorch-fid's `pt_inception-2015-12-0
 Nothing is downloaded here: fetch that file where there is network access and copy it over.
 
 Convert once so evaluation runs without torch (torch is only a test dependency):
-  python -m unclip_jax.eval.inception_weights --src pt_inception-2015-12-05-6726825d.pth \
-      --out pt_inception-2015-12-05.npz
+  python -m unclip_jax.eval.inception_weights --src=pt_inception-2015-12-05-6726825d.pth
+      --out=pt_inception-2015-12-05.npz
 The .npz holds the same tensor names as the state_dict (`Mixed_5b.branch1x1.conv.weight`, ...).
 
 Mapping: each torch BasicConv2d `P.conv.weight` [O, I, kh, kw] + `P.bn.{weight, bias,
@@ -19,9 +19,7 @@ Tensors the FID features do not use (`fc.*`, `AuxLogits.*`, `*.num_batches_track
 """
 from __future__ import annotations
 
-import argparse
 import os
-import sys
 
 import numpy as np
 
@@ -37,7 +35,7 @@ def _missing_file_message(path: str) -> str:
             f"(from {WEIGHTS_URL}; nothing is downloaded automatically): fetch it where there is "
             f"network access, copy it here, and point the config's inception_weights at it "
             f"(optionally convert it to .npz with `python -m unclip_jax.eval.inception_weights "
-            f"--src {WEIGHTS_FILE} --out inception.npz` so torch is not needed).")
+            f"--src={WEIGHTS_FILE} --out=inception.npz` so torch is not needed).")
 
 
 def read_state(path: str) -> dict[str, np.ndarray]:
@@ -53,7 +51,7 @@ def read_state(path: str) -> dict[str, np.ndarray]:
         raise ImportError(
             f"reading {path!r} (a torch state_dict) needs torch, which is only in the test "
             f"extra: pip install torch, or convert it elsewhere with `python -m "
-            f"unclip_jax.eval.inception_weights --src {path} --out X.npz` and load the .npz"
+            f"unclip_jax.eval.inception_weights --src={path} --out=X.npz` and load the .npz"
         ) from e
     state = torch.load(path, map_location="cpu", weights_only=True)
     if not isinstance(state, dict):
@@ -126,6 +124,8 @@ def load_inception_params(path: str) -> dict:
 def convert_file(src: str, out: str) -> int:
     """Write every floating tensor of `src` (.pth) to `out` (.npz) under the same names, after
     checking that the set is a complete FID Inception. Returns the number of tensors written."""
+    if not out.endswith(".npz"):
+        raise ValueError(f"the output {out!r} must end in .npz")
     state = read_state(src)
     convert_state(state)  # fail here, not at evaluation time, on a wrong or partial file
     arrays = {k: np.asarray(v, np.float32) for k, v in state.items()
@@ -135,17 +135,22 @@ def convert_file(src: str, out: str) -> int:
     return len(arrays)
 
 
-def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--src", required=True, help=f"pytorch-fid's {WEIGHTS_FILE}")
-    ap.add_argument("--out", required=True, help="output .npz")
-    args = ap.parse_args(argv)
-    if not args.out.endswith(".npz"):
-        ap.error("--out must end in .npz")
-    n = convert_file(args.src, args.out)
-    print(f"wrote {n} tensors to {args.out}")
-    return 0
+def main(argv):
+    from absl import app, flags
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+    f = flags.FLAGS
+    n = convert_file(f.src, f.out)
+    print(f"wrote {n} tensors to {f.out}")
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from absl import flags
+
+    flags.DEFINE_string("src", None, f"pytorch-fid's {WEIGHTS_FILE} (a torch state_dict).")
+    flags.DEFINE_string("out", None, "The .npz to write (same tensor names).")
+    flags.mark_flags_as_required(["src", "out"])
+    flags.register_validator("out", lambda v: v is None or v.endswith(".npz"),
+                             "--out must end in .npz")
+    from unclip_jax import console
+    console.run_app(main)

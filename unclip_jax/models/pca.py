@@ -10,8 +10,11 @@ training values) and dequantises to each bucket's centre = the MEAN of the train
 fell in it (the edge midpoint for a bucket no training value fell in). A value inside the fitted
 range is thus off by at most its bucket's width.
 
-CLI: `python -m unclip_jax.models.pca --cache=DIR [--split=train --field=image_embedding]` writes
-DIR/pca_<field>.npz and DIR/quantizer_<field>.npz beside the embedding cache.
+As a command, fits both to an embedding cache (`python -m unclip_jax.embed`) and writes
+DIR/pca_<field>.npz and DIR/quantizer_<field>.npz beside it:
+
+  python -m unclip_jax.models.pca --cache=DIR [--split=train] [--field=image_embedding]
+      [--buckets=1024] [--batch=65536]
 """
 from __future__ import annotations
 
@@ -191,28 +194,42 @@ def fit_quantizer(x: np.ndarray, num_buckets: int = 1024) -> Quantizer:
     return Quantizer(edges, centres)
 
 
-def main(argv=None):
-    import argparse
+def fit_cache(cache_dir: str, split: str = "train", field: str = "image_embedding",
+              buckets: int = 1024, batch: int = 65536, log=print) -> PCA:
+    """Fit the PCA (and the quantiser, given at least `buckets` rows) of `field` in an embedding
+    cache; write them as CACHE_DIR/pca_<field>.npz and quantizer_<field>.npz."""
     import os
 
     from unclip_jax.data import cache
 
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--cache", required=True, help="embedding cache directory (unclip_jax.embed)")
-    p.add_argument("--split", default="train")
-    p.add_argument("--field", default="image_embedding")
-    p.add_argument("--buckets", type=int, default=1024)
-    p.add_argument("--batch", type=int, default=65536, help="rows per PCA update")
-    args = p.parse_args(argv)
-    x = cache.load_field(args.cache, args.split, args.field)
-    pca = fit_pca(x[i:i + args.batch] for i in range(0, len(x), args.batch))
-    pca.save(os.path.join(args.cache, f"pca_{args.field}.npz"))
+    x = cache.load_field(cache_dir, split, field)
+    pca = fit_pca(x[i:i + batch] for i in range(0, len(x), batch))
+    pca.save(os.path.join(cache_dir, f"pca_{field}.npz"))
     for k, v in relative_mse(pca).items():
-        print(f"k={k:5d} relative MSE {v:.5f}")
-    if len(x) >= args.buckets:
-        fit_quantizer(np.asarray(x), args.buckets).save(
-            os.path.join(args.cache, f"quantizer_{args.field}.npz"))
+        log(f"k={k:5d} relative MSE {v:.5f}")
+    if len(x) >= buckets:
+        fit_quantizer(np.asarray(x), buckets).save(
+            os.path.join(cache_dir, f"quantizer_{field}.npz"))
+    return pca
+
+
+def main(argv):
+    from absl import app, flags
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+    f = flags.FLAGS
+    fit_cache(f.cache, f.split, f.field, f.buckets, f.batch)
 
 
 if __name__ == "__main__":
-    main()
+    from absl import flags
+
+    flags.DEFINE_string("cache", None, "Embedding cache directory (python -m unclip_jax.embed).")
+    flags.DEFINE_string("split", "train", "Split of the cache to fit on.")
+    flags.DEFINE_string("field", "image_embedding", "Field of the cache to fit.")
+    flags.DEFINE_integer("buckets", 1024, "Quantiser buckets per dimension (skipped with fewer "
+                         "rows than this).")
+    flags.DEFINE_integer("batch", 65536, "Rows per streaming PCA update.")
+    flags.mark_flags_as_required(["cache"])
+    from unclip_jax import console
+    console.run_app(main)

@@ -18,7 +18,6 @@ import time
 import jax
 import ml_collections
 import numpy as np
-from absl import logging
 
 from unclip_jax.images import save_grid
 from unclip_jax.inference import Pipeline, SampleSettings
@@ -395,5 +394,7 @@ def run_pipeline(config, workdir: str) -> dict:
             with open(tfile, "w") as f:
                 json.dump(timings, f, indent=2)
     total = time.perf_counter() - t0
-    logging.info("pipeline finished in %.0f s", total)
+    report = os.path.join(workdir, "report.md")
+    _say(f"[done] {', '.join(config.order)} in {total:.0f} s"
+         + (f"; report in {report}" if os.path.exists(report) else ""))
     return {"workdir": workdir, "timings": timings, "seconds": total}

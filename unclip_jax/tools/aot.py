@@ -17,21 +17,19 @@ import time
 from unclip_jax.tools import host_malloc
 
 if __name__ == "__main__":
-    host_malloc.prepare_cpu_host()  # before JAX is imported: XLA:CPU flags and the allocator
-
-
-# Compiling for a topology never runs on a TPU, so it need not own libtpu's one-process lock
-# (tests and other local jobs may hold it).
-os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+    host_malloc.prepare_cpu_host()  # before JAX is imported: it takes effect only then
 
 import jax
-from absl import app, flags
+from absl import flags
 
 from unclip_jax import parallel
 from unclip_jax.tools import hardware
 
 
 def topology_devices(topology: str):
+    # Compiling for a topology never runs on a TPU, so it need not own libtpu's one-process lock
+    # (tests and other local jobs may hold it); read when libtpu loads, on the first call.
+    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
     from jax.experimental import topologies
     try:
         return topologies.get_topology_desc(topology, "tpu").devices
@@ -137,4 +135,5 @@ if __name__ == "__main__":
     flags.DEFINE_float("mfu", 0.4, "MFU assumed for the implied step time")
     flags.DEFINE_string("json", None, "Write the figures to this JSON file")
     flags.mark_flags_as_required(["config"])
-    app.run(main)
+    from unclip_jax import console
+    console.run_app(main)

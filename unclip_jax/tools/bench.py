@@ -26,7 +26,7 @@ if __name__ == "__main__":
 import jax
 import jax.numpy as jnp
 import numpy as np
-from absl import app, flags, logging
+from absl import flags
 
 from unclip_jax import parallel
 from unclip_jax.tools import hardware, host_malloc
@@ -183,8 +183,9 @@ def format_result(r: dict) -> str:
 
 def main(argv):
     del argv
-    if FLAGS["verbosity"].using_default_value:
-        logging.set_verbosity(logging.WARNING)
+    if not FLAGS["verbosity"].present:
+        from unclip_jax import console
+        console.quiet_terminal()  # library INFO logging (compiles, Orbax) is not for the terminal
     if FLAGS.scaling:
         result = scaling(FLAGS.config, steps=FLAGS.steps, warmup=FLAGS.warmup)
         print("\n\n".join(format_result(r) for r in result))
@@ -205,4 +206,5 @@ if __name__ == "__main__":
     flags.DEFINE_bool("scaling", False, "Run on 1, 2, 4, ... devices with the same per-device batch.")
     flags.DEFINE_string("json", None, "Write the figures to this JSON file.")
     flags.mark_flags_as_required(["config"])
-    app.run(main)
+    from unclip_jax import console
+    console.run_app(main)

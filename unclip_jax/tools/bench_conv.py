@@ -19,6 +19,11 @@ convolution whose window is the whole image after transposing both operands.
 """
 from __future__ import annotations
 
+from unclip_jax.tools import host_malloc
+
+if __name__ == "__main__":
+    host_malloc.prepare_cpu_host()  # before JAX is imported: it takes effect only then
+
 import json
 import statistics
 import time
@@ -26,10 +31,9 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
-from absl import app, flags, logging
+from absl import flags
 from jax.extend import core as jcore
 
-from unclip_jax.tools import host_malloc
 from unclip_jax.tools.flops import _conv_flops, _sub_jaxprs
 
 DIRECTIONS = ("fwd", "dx", "dw")
@@ -244,8 +248,9 @@ def format_result(r: dict) -> str:
 
 def main(argv):
     del argv
-    if FLAGS["verbosity"].using_default_value:
-        logging.set_verbosity(logging.WARNING)
+    if not FLAGS["verbosity"].present:
+        from unclip_jax import console
+        console.quiet_terminal()  # library INFO logging (compiles, Orbax) is not for the terminal
     try:
         r = benchmark(FLAGS.config, repeats=FLAGS.repeats, torch_ref=FLAGS.torch)
     except ValueError as e:
@@ -264,4 +269,5 @@ if __name__ == "__main__":
     flags.DEFINE_bool("torch", True, "Also time PyTorch (if installed).")
     flags.DEFINE_string("json", None, "Write the figures to this JSON file.")
     flags.mark_flags_as_required(["config"])
-    app.run(main)
+    from unclip_jax import console
+    console.run_app(main)

@@ -32,7 +32,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-from absl import app, flags, logging
+from absl import flags
 
 from unclip_jax import diffusion
 
@@ -217,8 +217,9 @@ def format_result(r: dict) -> str:
 
 def main(argv):
     del argv
-    if FLAGS["verbosity"].using_default_value:
-        logging.set_verbosity(logging.WARNING)
+    if not FLAGS["verbosity"].present:
+        from unclip_jax import console
+        console.quiet_terminal()  # library INFO logging (compiles, Orbax) is not for the terminal
     r = benchmark_sampling(FLAGS.config, steps=FLAGS.steps, batch=FLAGS.batch,
                            guidance=FLAGS.guidance, repeats=FLAGS.repeats)
     print(format_result(r))
@@ -238,4 +239,5 @@ if __name__ == "__main__":
     flags.DEFINE_integer("repeats", 3, "Timed sampler runs (median reported).")
     flags.DEFINE_string("json", None, "Write the figures to this JSON file.")
     flags.mark_flags_as_required(["config"])
-    app.run(main)
+    from unclip_jax import console
+    console.run_app(main)

@@ -1,6 +1,7 @@
 """Sample a 2-D Gaussian mixture with its closed-form ideal denoiser, to see the samplers work.
 
-  python -m unclip_jax.tools.demo_sampler [--out DIR (default $TMPDIR/unclip_demo_sampler)] [--steps 50]
+  python -m unclip_jax.tools.demo_sampler [--out=DIR (default $TMPDIR/unclip_demo_sampler)]
+      [--steps=50] [--num_samples=4000] [--stat_samples=100000] [--seed=0]
 
 Writes DIR/samples.png (data and each sampler as scatter plots) and DIR/moments.json (mean,
 covariance and component masses of each sampler's output against the true ones), and prints the
@@ -11,18 +12,19 @@ fits the average spread, so it restores the wide components and slightly widens 
 """
 from __future__ import annotations
 
-import argparse
+from unclip_jax.tools import host_malloc
+
+if __name__ == "__main__":
+    host_malloc.prepare_cpu_host()  # before JAX is imported: it takes effect only then
+
 import json
 import os
 import tempfile
 import time
 
-import jax
+# JAX is imported in `demo`, after the host setup.
 import numpy as np
 from PIL import Image, ImageDraw
-
-from unclip_jax import diffusion as D
-from unclip_jax.diffusion.toy import gaussian_mixture_denoiser, sample_gaussian_mixture
 
 MEANS = np.array([[-0.6, -0.5], [0.6, -0.5], [0.0, 0.55], [0.65, 0.7]], np.float32)
 STDS = np.array([0.12, 0.08, 0.15, 0.05], np.float32)
@@ -61,35 +63,34 @@ def scatter_panel(x: np.ndarray, title: str, size: int = 300, lim: float = 1.3) 
     return img
 
 
-def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", default=os.path.join(tempfile.gettempdir(), "unclip_demo_sampler"))
-    parser.add_argument("--steps", type=int, default=50)
-    parser.add_argument("--num_samples", type=int, default=4000)
-    parser.add_argument("--stat_samples", type=int, default=100_000,
-                        help="data points for Analytic-DPM's E||eps||^2 (2-D needs many)")
-    parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args(argv)
-    os.makedirs(args.out, exist_ok=True)
+def demo(out: str, steps: int = 50, num_samples: int = 4000, stat_samples: int = 100_000,
+         seed: int = 0) -> dict:
+    """Write OUT/samples.png and OUT/moments.json, print the table; returns the moments."""
+    import jax
+
+    from unclip_jax import diffusion as D
+    from unclip_jax.diffusion.toy import gaussian_mixture_denoiser, sample_gaussian_mixture
+
+    os.makedirs(out, exist_ok=True)
     t_start = time.time()
 
     train = D.make_schedule("cosine", 1000)
-    fast = D.respace(train, str(args.steps))
-    shape = (args.num_samples, 2)
-    rng_data, rng_stat, rng_sample = jax.random.split(jax.random.key(args.seed), 3)
-    data = np.asarray(sample_gaussian_mixture(rng_data, args.num_samples, MEANS, STDS, WEIGHTS))
+    fast = D.respace(train, str(steps))
+    shape = (num_samples, 2)
+    rng_data, rng_stat, rng_sample = jax.random.split(jax.random.key(seed), 3)
+    data = np.asarray(sample_gaussian_mixture(rng_data, num_samples, MEANS, STDS, WEIGHTS))
     model = gaussian_mixture_denoiser(train, MEANS, STDS, WEIGHTS, parameterization="eps")
     # Analytic-DPM's statistic from separate data; its error is amplified at the noisiest steps.
-    stat_data = sample_gaussian_mixture(rng_stat, args.stat_samples, MEANS, STDS, WEIGHTS)
+    stat_data = sample_gaussian_mixture(rng_stat, stat_samples, MEANS, STDS, WEIGHTS)
     eps_sq = jax.jit(lambda d, r: D.estimate_eps_sq_norm(model, fast, d, r))(
         stat_data, jax.random.fold_in(rng_stat, 1))
 
     runs = {
-        f"ddpm_fixed_small_{args.steps}": {"method": "ddpm", "var_type": "fixed_small"},
-        f"ddpm_analytic_{args.steps}": {"method": "ddpm", "var_type": "analytic",
+        f"ddpm_fixed_small_{steps}": {"method": "ddpm", "var_type": "fixed_small"},
+        f"ddpm_analytic_{steps}": {"method": "ddpm", "var_type": "analytic",
                                         "eps_sq_norm": eps_sq},
-        f"ddim_eta0_{args.steps}": {"method": "ddim", "eta": 0.0},
-        f"ddim_eta1_{args.steps}": {"method": "ddim", "eta": 1.0},
+        f"ddim_eta0_{steps}": {"method": "ddim", "eta": 0.0},
+        f"ddim_eta1_{steps}": {"method": "ddim", "eta": 1.0},
     }
     results = {"true": true_moments(), "data_sample": measured_moments(data)}
     panels = [scatter_panel(data, "data")]
@@ -102,8 +103,8 @@ def main(argv=None):
     sheet = Image.new("RGB", (sum(p.width for p in panels), panels[0].height), "white")
     for i, p in enumerate(panels):
         sheet.paste(p, (i * p.width, 0))
-    sheet.save(os.path.join(args.out, "samples.png"))
-    with open(os.path.join(args.out, "moments.json"), "w") as f:
+    sheet.save(os.path.join(out, "samples.png"))
+    with open(os.path.join(out, "moments.json"), "w") as f:
         json.dump(results, f, indent=2)
 
     fmt = lambda v: "[" + ", ".join(f"{u:+.3f}" for u in v) + "]"
@@ -111,8 +112,28 @@ def main(argv=None):
     for name, r in results.items():
         print(f"{name:24s} {fmt(r['mean']):18s} {fmt(np.diag(r['cov'])):18s} "
               f"{fmt(r['component_mass']):34s} {fmt(r['component_std'])}")
-    print(f"wrote {args.out}/samples.png and moments.json in {time.time() - t_start:.1f}s")
+    print(f"wrote {out}/samples.png and moments.json in {time.time() - t_start:.1f}s")
+    return results
+
+
+def main(argv):
+    if len(argv) > 1:
+        from absl import app
+        raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+    from absl import flags
+    f = flags.FLAGS
+    demo(f.out, f.steps, f.num_samples, f.stat_samples, f.seed)
 
 
 if __name__ == "__main__":
-    main()
+    from absl import flags
+
+    flags.DEFINE_string("out", os.path.join(tempfile.gettempdir(), "unclip_demo_sampler"),
+                        "Output directory for samples.png and moments.json.")
+    flags.DEFINE_integer("steps", 50, "Sampling steps of every sampler (respaced from 1000).")
+    flags.DEFINE_integer("num_samples", 4000, "Points drawn by each sampler (and from the data).")
+    flags.DEFINE_integer("stat_samples", 100_000, "Data points for Analytic-DPM's E||eps||^2 "
+                         "(2-D needs many).")
+    flags.DEFINE_integer("seed", 0, "Random seed.")
+    from unclip_jax import console
+    console.run_app(main)

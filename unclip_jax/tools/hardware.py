@@ -1,5 +1,19 @@
-"""Accelerator facts used by benchmarks and ahead-of-time plans (vendor-published peaks)."""
+"""Accelerator facts used by benchmarks and ahead-of-time plans (vendor-published peaks).
+
+As a command, this host's memory settings for JAX on the CPU, as one JSON line:
+
+  python -m unclip_jax.tools.hardware [--probe]
+
+allocator (what this process runs with, after the entry point's re-execution), would_reexecute and
+why (`host_malloc.choose` for a `python -m unclip_jax.<tool>` command), the kernel's transparent
+huge page mode and the tcmalloc found; --probe adds the page faults per call of a jitted program.
+"""
 from __future__ import annotations
+
+if __name__ == "__main__":
+    from unclip_jax.tools import host_malloc
+
+    host_malloc.prepare_cpu_host()  # before JAX is imported: the allocator this command reports
 
 # Dense bf16 peak FLOP/s per *chip* and HBM bytes per chip.
 TPU = {
@@ -59,17 +73,32 @@ def temp_buffer_page_faults(calls: int = 8) -> dict:
     return dict(temp_pages=temp / 4096, faults_per_call=statistics.median(faults))
 
 
-if __name__ == "__main__":
-    # python -m unclip_jax.tools.hardware [--probe]: this host's memory settings for JAX on the CPU.
-    import json
+def report(probe: bool = False) -> dict:
+    """What `python -m unclip_jax.tools.hardware` prints (see the module docstring)."""
     import os
-    import sys
 
     from unclip_jax.tools import host_malloc
     remedy, why = host_malloc.choose(argv=["python", "-m", "unclip_jax.tools.hardware"])
     out = dict(allocator=host_malloc.allocator(), reexecuted=bool(os.environ.get(host_malloc.MARK)),
                would_reexecute=remedy, why=why, thp_mode=host_malloc.thp_mode(),
                tcmalloc=host_malloc.find_tcmalloc())
-    if "--probe" in sys.argv[1:]:
+    if probe:
         out.update(temp_buffer_page_faults())
-    print(json.dumps(out))
+    return out
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+    import json
+    print(json.dumps(report(FLAGS.probe)))
+
+
+if __name__ == "__main__":
+    from absl import app, flags
+
+    FLAGS = flags.FLAGS
+    flags.DEFINE_bool("probe", False, "Also measure the page faults per call of a jitted program "
+                      "with a 128 MiB temp buffer (imports JAX; a few seconds).")
+    from unclip_jax import console
+    console.run_app(main)

@@ -19,9 +19,14 @@ large freed blocks to the kernel at once. Dated figures: docs/cpu-performance-20
 
 Both act only from process start (the dynamic loader reads LD_PRELOAD, glibc its tunables). So a
 command started as `python -m unclip_jax.<tool>` on a CPU host re-executes itself once, with the
-setting added, when the package is imported (before JAX is). A program or test that imports
-unclip_jax is never re-executed: set the variables yourself there. `python -m unclip_jax.tools.hardware`
-says what applies and why. UNCLIP_JAX_MALLOC chooses: auto (default), tcmalloc, hugepages, off.
+setting added, when its entry point calls `prepare_cpu_host` (before JAX is imported). A program
+or test that imports unclip_jax is never re-executed: set the variables yourself there.
+`python -m unclip_jax.tools.hardware` says what applies and why. UNCLIP_JAX_MALLOC chooses: auto
+(default), tcmalloc, hugepages, off.
+
+The same entry-point setup pins JAX to the CPU (JAX_PLATFORMS=cpu) on a host with no accelerator
+device node and no cluster environment, when the user set no platform: otherwise JAX also starts
+every installed plugin, and libtpu (in the test extra) prints TPU start-up errors on a CPU host.
 """
 from __future__ import annotations
 
@@ -94,7 +99,8 @@ def _started_as_tool(argv) -> bool:
     return "-m" in argv[:-1] and argv[argv.index("-m") + 1].startswith("unclip_jax.")
 
 
-def _accelerator_present() -> bool:
+def accelerator_present() -> bool:
+    """Whether this host has a GPU or TPU device node (JAX would compute there, not on the CPU)."""
     return any(glob.glob(p) for p in _ACCELERATOR_NODES)
 
 
@@ -123,7 +129,7 @@ def choose(environ=os.environ, argv=None, *, tcmalloc=None, glibc=None, thp=None
                  if p.strip()]
     if platforms and platforms[0] != "cpu":
         return None, f"JAX_PLATFORMS={environ['JAX_PLATFORMS']} (not the CPU)"
-    if not platforms and (_accelerator_present() if accelerator is None else accelerator):
+    if not platforms and (accelerator_present() if accelerator is None else accelerator):
         return None, "an accelerator device node exists (JAX will not compute on the CPU)"
     if ("jax" in sys.modules) if jax_imported is None else jax_imported:
         return None, "JAX is already imported"
@@ -180,8 +186,28 @@ def set_cpu_flags(environ=os.environ) -> None:
         environ["XLA_FLAGS"] = (environ.get("XLA_FLAGS", "") + " " + CPU_CONV_FLAG).strip()
 
 
+def default_platform(environ=os.environ, *, accelerator=None) -> str | None:
+    """'cpu' when JAX should be pinned to the CPU: the user set no JAX_PLATFORMS (nor the older
+    JAX_PLATFORM_NAME), the host has no accelerator device node and no cluster environment
+    (`distributed.cluster_detected`); else None."""
+    if environ.get("JAX_PLATFORMS") or environ.get("JAX_PLATFORM_NAME"):
+        return None
+    from unclip_jax import distributed  # imports no JAX
+    if distributed.cluster_detected(environ):
+        return None
+    return None if (accelerator_present() if accelerator is None else accelerator) else "cpu"
+
+
 def prepare_cpu_host() -> None:
-    """What a command-line entry point does first, before JAX is imported: the XLA:CPU flags,
-    then re-execution with the chosen allocator (see `choose`). Never called on import."""
+    """What a command-line entry point does first, before JAX is imported: JAX_PLATFORMS=cpu on a
+    CPU-only host (`default_platform`), the XLA:CPU flags, then re-execution with the chosen
+    allocator (see `choose`). Never called on import."""
+    if "jax" in sys.modules:
+        # A bug in the entry point: the allocator can no longer change, nor the platform.
+        print("unclip_jax: prepare_cpu_host() called after JAX was imported: the host setup "
+              "has no effect", file=sys.stderr)
+    platform = default_platform()
+    if platform:
+        os.environ["JAX_PLATFORMS"] = platform
     set_cpu_flags()
     reexec()
