@@ -1,5 +1,6 @@
-"""The evaluation CLI (unclip_jax.evaluate) on one tiny trained run: eval.json against independent
-recomputations from the arrays it saves, the guidance sweep plot, TensorBoard, and bad input."""
+"""The evaluator (unclip_jax.eval, run by the unclip_jax.evaluate CLI) on one tiny trained run:
+eval.json against independent recomputations from the arrays it saves, the guidance sweep plot,
+TensorBoard, and bad input."""
 import json
 import os
 import struct
@@ -9,8 +10,12 @@ import sys
 import numpy as np
 import pytest
 
-from unclip_jax import evaluate as E
+from unclip_jax import evaluate as cli
+from unclip_jax.eval import evaluator as E
 from unclip_jax.eval import metrics as M
+from unclip_jax.eval.dataset import data_config, eval_set_key
+from unclip_jax.eval.outputs import PLOT_FILE, load_reference
+from unclip_jax.eval.plan import EvalError
 from unclip_jax.images import from_uint8
 from unclip_jax.eval.shapes_accuracy import shapes_accuracy
 from unclip_jax.inference import Pipeline
@@ -46,8 +51,9 @@ def evaluated(run, tmp_path_factory):
 
     E.load_pipeline = recording_load
     try:
-        res = E.run(["--workdir", run, "--config", CFG + ":smoke", "--out", out],
-                    log=lambda s: None)
+        # Through the command line's flag parsing (config file + variant).
+        res = cli.run(["--workdir", run, "--config", CFG + ":smoke", "--out", out],
+                      log=lambda s: None)
     finally:
         E.load_pipeline = load
     after = snapshot(run)
@@ -173,7 +179,7 @@ def test_guidance_sweep_writes_plot_and_one_entry_per_scale(evaluated):
                                                                       g), rtol=1e-9)
         np.testing.assert_allclose(e["clip_score"], M.clip_score(g, a["text_embedding"]),
                                    atol=1e-9)
-    img = np.asarray(Image.open(os.path.join(out, E.PLOT_FILE)).convert("RGB")).astype(int)
+    img = np.asarray(Image.open(os.path.join(out, PLOT_FILE)).convert("RGB")).astype(int)
     assert img.shape == (440, 640, 3)
     red = (img[..., 0] > 180) & (img[..., 1] < 80) & (img[..., 2] < 80)
     assert red.sum() >= 2 * 30  # two drawn points (9x9 discs)
@@ -224,11 +230,35 @@ def test_fid_without_weights_file_is_one_line_exit_2(run, tmp_path):
     assert not out.exists() and snapshot(run) == before
 
 
+def test_help_says_what_it_does_and_the_entry_imports_no_jax():
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    p = subprocess.run([sys.executable, "-m", "unclip_jax.evaluate", "--help"],
+                       capture_output=True, text=True, timeout=120, check=False, env=env)
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert p.stdout.startswith("Evaluate a trained unCLIP run")
+    for flag in ("--workdir", "--config", "--out", "--coordinator_address", "--num_processes",
+                 "--process_id"):
+        assert f"{flag}:" in p.stdout, flag
+    # The entry module stays light: the allocator setup must run before JAX is imported.
+    p = subprocess.run([sys.executable, "-c", "import sys, unclip_jax.evaluate; "
+                        "print(sorted(m for m in sys.modules if m.split('.')[0] == 'jax'))"],
+                       capture_output=True, text=True, timeout=120, check=False, env=env)
+    assert p.returncode == 0 and p.stdout.strip() == "[]", p.stdout + p.stderr[-2000:]
+
+
+def test_bad_flags_are_an_eval_error():
+    with pytest.raises(EvalError, match="bad arguments"):
+        cli.run(["--workdir=x", "--config", CFG + ":smoke", "--no_such_flag=1"])
+    with pytest.raises(EvalError, match="--config and --workdir are required"):
+        cli.run(["--config", CFG + ":smoke"])
+
+
 def test_fid_requested_without_weights_configured(run, tmp_path):
     before = snapshot(run)
-    with pytest.raises(E.EvalError, match="inception_weights is empty"):
-        E.run(["--workdir", run, "--config", CFG + ":smoke", "--config.metrics.fid=true",
-               "--out", str(tmp_path / "o")])
+    # A --config.x=y override reaches the config.
+    with pytest.raises(EvalError, match="inception_weights is empty"):
+        cli.run(["--workdir", run, "--config", CFG + ":smoke", "--config.metrics.fid=true",
+                 "--out", str(tmp_path / "o")])
     assert not (tmp_path / "o").exists() and snapshot(run) == before
 
 
@@ -236,13 +266,13 @@ def test_bad_workdirs_and_empty_eval_set(run, tmp_path):
     import shutil
     before = snapshot(run)
     with pytest.raises(FileNotFoundError, match="does not exist"):
-        E.run(["--workdir", str(tmp_path / "none"), "--config", CFG + ":smoke"])
+        E.evaluate(_with(), str(tmp_path / "none"))
     partial = tmp_path / "partial"
     shutil.copytree(os.path.join(run, "clip"), partial / "clip")
     with pytest.raises(FileNotFoundError, match="no trained 'decoder' stage"):
-        E.run(["--workdir", str(partial), "--config", CFG + ":smoke"])
+        E.evaluate(_with(), str(partial))
     assert sorted(os.listdir(partial)) == ["clip"]  # no eval/ left behind
-    with pytest.raises(E.EvalError, match=r"unknown fields \['decoder_guidence'\]"):
+    with pytest.raises(EvalError, match=r"unknown fields \['decoder_guidence'\]"):
         E.evaluate(_with(sampling_extra=True), run, str(tmp_path / "o"))
     # A folder dataset whose images are all missing: every example is skipped -> empty set.
     folder = tmp_path / "folder"
@@ -250,7 +280,7 @@ def test_bad_workdirs_and_empty_eval_set(run, tmp_path):
     (folder / "captions.jsonl").write_text(
         '{"file": "a.png", "caption": "a red circle"}\n{"file": "b.png", "caption": "x"}\n')
     cfg = _with(folder=str(folder))
-    with pytest.raises(E.EvalError, match="evaluation set is empty"):
+    with pytest.raises(EvalError, match="evaluation set is empty"):
         E.evaluate(cfg, run, str(tmp_path / "o"), log=lambda s: None)
     assert not (tmp_path / "o").exists() and snapshot(run) == before
 
@@ -320,9 +350,9 @@ def test_inception_fid_kid_and_reference_cache(run, pipe, tmp_path):
     np.testing.assert_allclose(inc(a["images"][:2]), a["gen_inception"][:2], rtol=1e-4,
                                atol=1e-4)
     # Real statistics cached beside the output, keyed by the evaluation set.
-    key = E.eval_set_key(cfg, E.data_config(cfg, pipe, 64))
-    ref = E._load_reference(os.path.join(out, "reference_stats.npz"), key)
+    key = eval_set_key(cfg, data_config(cfg, pipe, 64))
+    ref = load_reference(os.path.join(out, "reference_stats.npz"), key)
     np.testing.assert_allclose(ref["features"], a["real_inception"])
     np.testing.assert_allclose(ref["mu"], a["real_inception"].astype(np.float64).mean(0),
                                rtol=1e-5, atol=1e-7)
-    assert E._load_reference(os.path.join(out, "reference_stats.npz"), "another") is None
+    assert load_reference(os.path.join(out, "reference_stats.npz"), "another") is None

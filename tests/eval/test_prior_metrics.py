@@ -1,94 +1,88 @@
-"""Prior metrics (cosines vs the z_t baseline, sampler adapters) and the shapes caption-accuracy
-evaluator on the dataset's own images."""
-import flax.linen as nn
-import jax
-import jax.numpy as jnp
+"""Prior metrics (cosines vs the z_t baseline, sampled through the shared eval.sampling), the
+shared prompt check, and the shapes caption-accuracy evaluator on the dataset's own images."""
 import numpy as np
 import pytest
 
-from unclip_jax import diffusion
 from unclip_jax.data import shapes
 from unclip_jax.eval import prior_metrics as PM
 from unclip_jax.eval.shapes_accuracy import shapes_accuracy
-from unclip_jax.models.ar_prior import ARPrior, fit_codec, sample_ar_prior
-from unclip_jax.models.prior import DiffusionPrior, EmbeddingScaling, sample_prior
-from unclip_jax.stages.diffusion_prior import synthetic_pairs
 
-DIM, CTX, N = 16, 8, 12
+DIM, N = 16, 12
 
 
 def _unit(x):
     return x / np.linalg.norm(x, axis=1, keepdims=True)
 
 
-def _batches(data, size):
-    return [{k: v[s:s + size] for k, v in data.items()} for s in range(0, N, size)]
+class PriorPipe:
+    """Pipeline.sample_prior stand-in: z_i = the caption's row of a table (so results can be
+    checked against their captions), scaled per prior; records every call."""
+
+    def __init__(self, table):
+        self.table, self.calls = table, []
+
+    def sample_prior(self, prompts, *, seed, settings):
+        self.calls.append((len(prompts), seed, settings.prior))
+        return self.table[[int(p) for p in prompts]] * (2.0 if settings.prior == "ar" else 3.0)
 
 
-def test_prior_cosines_and_evaluate_prior_match_numpy():
+def test_prior_comparison_matches_numpy():
+    from unclip_jax.eval.sampling import PRIOR_SEED_OFFSET, prior_comparison
+    from unclip_jax.inference import SampleSettings
     rng = np.random.default_rng(0)
     z_i, z_t = _unit(rng.standard_normal((N, DIM))), _unit(rng.standard_normal((N, DIM)))
     noise = rng.standard_normal((N, DIM)) * 0.3
-    data = {"image_embedding": z_i, "text_embedding": z_t, "noise": noise}
-    calls = []
-
-    def sample_fn(batch, key):
-        calls.append(np.asarray(key))
-        return batch["image_embedding"] * 2.0 + batch["noise"]  # scale must not matter
-
-    r = PM.evaluate_prior(sample_fn, _batches(data, 5))
-    s = z_i * 2 + noise
-    cos_s = (s * z_i).sum(1) / np.linalg.norm(s, axis=1)
+    pipe = PriorPipe(z_i + noise)
+    r = prior_comparison(pipe, [str(i) for i in range(N)], z_i, z_t, seed=7,
+                         settings=SampleSettings(), priors=("diffusion", "ar"), batch_size=5)
+    s = z_i + noise
+    cos_s = (s * z_i).sum(1) / np.linalg.norm(s, axis=1)   # the scale must not matter
     cos_t = (z_t * z_i).sum(1)
-    assert r["n"] == N
-    np.testing.assert_allclose(r["cos_sample_true"], cos_s.mean(), rtol=1e-12)
-    np.testing.assert_allclose(r["cos_text_true"], cos_t.mean(), rtol=1e-12)
-    np.testing.assert_allclose(r["cos_sample_true_sem"], cos_s.std(ddof=1) / np.sqrt(N))
-    assert r["gain"] == pytest.approx(cos_s.mean() - cos_t.mean())
-    assert len(calls) == 3 and not np.array_equal(calls[0], calls[1])  # a fresh key per batch
-    assert PM.evaluate_prior(sample_fn, _batches(data, 5), max_examples=7)["n"] == 7
-    table = PM.prior_table({"diffusion": r, "ar": r})
-    assert "| diffusion | 12 |" in table and f"{r['cos_text_true']:.4f}" in table
-    with pytest.raises(KeyError, match="image_embedding"):
-        PM.evaluate_prior(sample_fn, [{"text_embedding": z_t}])
+    assert set(r) == {"diffusion", "ar"}
+    for name in r:
+        assert r[name]["n"] == N
+        np.testing.assert_allclose(r[name]["cos_sample_true"], cos_s.mean(), rtol=1e-12)
+        np.testing.assert_allclose(r[name]["cos_text_true"], cos_t.mean(), rtol=1e-12)
+        np.testing.assert_allclose(r[name]["cos_sample_true_sem"],
+                                   cos_s.std(ddof=1) / np.sqrt(N))
+        assert r[name]["gain"] == pytest.approx(cos_s.mean() - cos_t.mean())
+    # Batches of 5 (the last padded to 5), seeded by their first row, each prior its own seeds.
+    off = PRIOR_SEED_OFFSET
+    assert pipe.calls == [(5, 7 + i + off[p], p) for i in (0, 5, 10) for p in ("diffusion", "ar")]
+    assert PM.compare_priors({"x": s}, z_i, z_t)["x"] == pytest.approx(r["diffusion"], rel=1e-12)
+    table = PM.prior_table(r)
+    assert "| diffusion | 12 |" in table and f"{r['ar']['cos_text_true']:.4f}" in table
+    with pytest.raises(ValueError, match="paired embeddings"):
+        PM.prior_cosines(s[:3], z_i, z_t)
 
 
-def test_prior_sampler_adapters_call_our_priors():
-    """evaluate_prior with each adapter equals sampling the batch directly with the same key
-    (untrained tiny priors: this checks the plumbing, not quality; one batch keeps it fast,
-    batching is checked above)."""
-    data = synthetic_pairs(N, DIM, CTX, 64, seed=0)
-    batches = _batches(data, N)
-    dev = lambda b: {k: jnp.asarray(v) for k, v in b.items()}  # noqa: E731
-    keys = [jax.random.fold_in(jax.random.PRNGKey(3), 0)]
+class RenderPipe:
+    """Pipeline.text_to_image stand-in that draws each single-object prompt's scene (so the
+    pixel check must read every one right), records the calls."""
 
-    def expected(sample):
-        z = np.concatenate([np.asarray(sample(dev(b), k)) for b, k in zip(batches, keys)])
-        return PM.prior_cosines(z, data["image_embedding"], data["text_embedding"])
+    def __init__(self):
+        self.calls = []
 
-    model = DiffusionPrior(DIM, width=32, depth=1, heads=2, text_ctx=CTX, vocab_size=64)
-    b0 = dev(batches[0])
-    cond = {"z_t": b0["text_embedding"], "tokens": b0["tokens"], "token_mask": b0["token_mask"],
-            "drop": jnp.zeros((N,), bool)}  # "drop" makes init create the null parameters
-    params = nn.meta.unbox(jax.jit(model.init)(jax.random.PRNGKey(0), jnp.zeros((N, DIM)),
-                                      jnp.zeros((N,), jnp.int32), cond))["params"]
-    kw = dict(schedule=diffusion.make_schedule("cosine", 1000),
-              scaling=EmbeddingScaling.fixed(4.0), steps="4", num_candidates=2)
-    got = PM.evaluate_prior(PM.diffusion_prior_sampler(model, params, **kw), batches, seed=3)
-    want = expected(lambda b, k: sample_prior(model, params, b, k, **kw))
-    assert got == pytest.approx(want, rel=1e-5)
+    def text_to_image(self, prompts, *, seed, settings):
+        from unclip_jax.data import preprocess, shapes_eval
+        self.calls.append((len(prompts), seed))
+        rng = np.random.default_rng(seed)
+        return {"images": np.stack([preprocess.normalize(shapes.render(
+            shapes.single_object_scene(rng, *shapes_eval.parse_single(p)), 64))
+            for p in prompts])}
 
-    codec = fit_codec(data["image_embedding"], data["text_embedding"], k=6, num_buckets=8)
-    ar = ARPrior(num_buckets=8, num_tokens=7, text_ctx=CTX, vocab_size=64, enc_width=32,
-                 enc_depth=1, enc_heads=2, dec_width=32, dec_depth=1, dec_heads=2)
-    ar_params = nn.meta.unbox(jax.jit(ar.init)(jax.random.PRNGKey(1), jnp.zeros((N, 7), jnp.int32),
-                                      cond))["params"]
-    got = PM.evaluate_prior(PM.ar_prior_sampler(ar, ar_params, codec, temperature=1.0), batches,
-                            seed=3)
-    want = expected(lambda b, k: codec.decode(np.asarray(
-        sample_ar_prior(ar, ar_params, b, k, temperature=1.0))))
-    assert got == pytest.approx(want, rel=1e-5)
-    assert got["n"] == N and -1 <= got["cos_sample_true"] <= 1
+
+def test_check_prompts_batches_seeds_and_reads_the_pixels():
+    from unclip_jax.eval.sampling import check_prompts
+    from unclip_jax.inference import SampleSettings
+    prompts = [p for p in ("a red circle", "a blue square", "a green triangle") for _ in range(3)]
+    pipe = RenderPipe()
+    acc, images = check_prompts(pipe, prompts, seed=4, settings=SampleSettings(), batch_size=4)
+    assert pipe.calls == [(4, 4), (4, 8), (4, 12)]   # the last batch padded to 4
+    assert images.shape == (9, 64, 64, 3) and images.dtype == np.uint8
+    assert acc["single_count"] == 9 and acc["colour_acc"] == 1.0 and acc["shape_acc"] == 1.0
+    for k, v in shapes_accuracy(images, prompts).items():   # merging the batches loses nothing
+        np.testing.assert_equal(acc[k], v)
 
 
 def _dataset(size, n=200):

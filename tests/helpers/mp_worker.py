@@ -41,7 +41,7 @@ def _shapes_parts(pid):
 def merge_shapes_main(pid):
     """Merge the shapes counts over processes: once with each process's batches, once with
     process 1 holding none (it must still take part in the gather)."""
-    from unclip_jax.evaluate import _merge_shapes
+    from unclip_jax.eval.gather import merge_shapes as _merge_shapes
     parts = _shapes_parts(pid)
     merged = _merge_shapes(parts)
     merged_empty = _merge_shapes(parts if pid == 0 else [])

@@ -73,7 +73,7 @@ def test_local_launcher_runs_main_on_two_processes(tmp_path):
 def test_shapes_counts_are_summed_over_processes(tmp_path):
     """The evaluator's shapes counts and confusion table, merged over two processes (one with two
     batches, one with one; then one with none), equal a one-process merge of all the batches."""
-    from unclip_jax.evaluate import _merge_shapes
+    from unclip_jax.eval.gather import merge_shapes as _merge_shapes
     two = _run(2, 1, str(tmp_path / "m"), MP_TASK="merge_shapes")
     assert sorted(r["process"] for r in two) == [0, 1]
     by = {r["process"]: r for r in two}

@@ -2,12 +2,12 @@
 
 For each caption: cos(sampled z_i, true z_i), against the baseline cos(z_t, true z_i) (feeding
 the text embedding to the decoder directly, which the paper compares against). A prior is useful
-when the first clearly beats the second. `evaluate_prior` runs any prior's sampler over an
-evaluation set; `diffusion_prior_sampler` / `ar_prior_sampler` adapt our two priors.
+when the first clearly beats the second. The priors are sampled through the Pipeline
+(eval.sampling.sample_priors), by the evaluator and the main job's report alike.
 """
 from __future__ import annotations
 
-from typing import Callable, Iterable, Mapping
+from typing import Mapping
 
 import numpy as np
 
@@ -31,31 +31,10 @@ def prior_cosines(sampled_zi, true_zi, z_t) -> dict:
             "gain": float(s.mean() - t.mean()), "n": n}
 
 
-def evaluate_prior(sample_fn: Callable, batches: Iterable[Mapping], seed: int = 0,
-                   max_examples: int | None = None) -> dict:
-    """Run `sample_fn(batch, rng) -> sampled z_i [B, D]` over batches holding "image_embedding"
-    (true z_i) and "text_embedding" (z_t) plus whatever the sampler reads (tokens, token_mask,
-    ...); returns `prior_cosines` over all examples (at most `max_examples`)."""
-    import jax
-
-    rng = jax.random.PRNGKey(seed)
-    sampled, true, text = [], [], []
-    n = 0
-    for i, batch in enumerate(batches):
-        for key in ("image_embedding", "text_embedding"):
-            if key not in batch:
-                raise KeyError(f"evaluate_prior: batch has no {key!r} (keys {sorted(batch)})")
-        z = np.asarray(sample_fn(batch, jax.random.fold_in(rng, i)), np.float64)
-        sampled.append(z)
-        true.append(np.asarray(batch["image_embedding"], np.float64))
-        text.append(np.asarray(batch["text_embedding"], np.float64))
-        n += len(z)
-        if max_examples is not None and n >= max_examples:
-            break
-    if not sampled:
-        raise ValueError("evaluate_prior: the evaluation set gave no batches")
-    cat = lambda xs: np.concatenate(xs, 0)[:max_examples]  # noqa: E731
-    return prior_cosines(cat(sampled), cat(true), cat(text))
+def compare_priors(sampled: Mapping[str, np.ndarray], true_zi, z_t) -> dict:
+    """`prior_cosines` for each prior's sampled z_i ({"diffusion": ..., "ar": ...}), all against
+    the same true z_i and z_t."""
+    return {name: prior_cosines(z, true_zi, z_t) for name, z in sampled.items()}
 
 
 def prior_table(results: Mapping[str, dict]) -> str:
@@ -67,32 +46,3 @@ def prior_table(results: Mapping[str, dict]) -> str:
                     f"+- {r['cos_sample_true_sem']:.4f} | {r['cos_text_true']:.4f} "
                     f"+- {r['cos_text_true_sem']:.4f} | {r['gain']:+.4f} |")
     return "\n".join(rows)
-
-
-def _device_batch(batch: Mapping, keys=("text_embedding", "token_mask", "tokens",
-                                        "token_embeddings")) -> dict:
-    import jax.numpy as jnp
-    return {k: jnp.asarray(batch[k]) for k in keys if k in batch}
-
-
-def diffusion_prior_sampler(model, params, *, schedule, scaling, **sample_kw) -> Callable:
-    """`sample_fn(batch, rng)` for the diffusion prior (models.prior.sample_prior); sample_kw as
-    for sample_prior (steps, guidance_scale, num_candidates, ...)."""
-    from unclip_jax.models.prior import sample_prior
-
-    def sample_fn(batch, rng):
-        return sample_prior(model, params, _device_batch(batch), rng, schedule=schedule,
-                            scaling=scaling, **sample_kw)
-    return sample_fn
-
-
-def ar_prior_sampler(model, params, codec, **sample_kw) -> Callable:
-    """`sample_fn(batch, rng)` for the AR prior: sample tokens (models.ar_prior.sample_ar_prior,
-    sample_kw: temperature, top_k, guidance_scale, text_scale, ...) and decode them with the
-    codec (models.ar_prior.ARCodec)."""
-    from unclip_jax.models.ar_prior import sample_ar_prior
-
-    def sample_fn(batch, rng):
-        tokens = sample_ar_prior(model, params, _device_batch(batch), rng, **sample_kw)
-        return codec.decode(np.asarray(tokens))
-    return sample_fn

@@ -60,8 +60,7 @@ def shapes_accuracy(images, prompts: Sequence[str]) -> dict:
 
 
 def from_counts(c: dict, confusion: dict) -> dict:
-    """The result dict from the raw counts (keys without "_count") and the confusion counts; the
-    evaluator sums both over batches and processes and calls this once."""
+    """The result dict from the raw counts (keys without "_count") and the confusion counts."""
     return {**{f"{k}_count": int(v) for k, v in c.items()},
             "colour_acc": _ratio(c["colour"], c["single"]),
             "shape_acc": _ratio(c["shape"], c["single"]),
@@ -69,3 +68,34 @@ def from_counts(c: dict, confusion: dict) -> dict:
             "binding_acc": _ratio(c["binding"], c["two"]),
             "object_acc": _ratio(c["objects_found"], c["objects_named"]),
             "shape_confusion": confusion}
+
+
+def flat_counts(parts: Sequence[dict]) -> dict[str, int]:
+    """`shapes_accuracy` results summed: "<name>_count" and "shape_confusion/<asked>/<read>" ->
+    count. Seeded with the all-zero result, so the keys and their order are the same for any
+    parts (also none): processes sum these rows element by element."""
+    counts: dict[str, int] = {}
+    for p in [shapes_accuracy([], []), *parts]:
+        for k, v in p.items():
+            if k.endswith("_count"):
+                counts[k] = counts.get(k, 0) + int(v)
+        for asked, row in p.get("shape_confusion", {}).items():
+            for read, n in row.items():
+                key = f"shape_confusion/{asked}/{read}"
+                counts[key] = counts.get(key, 0) + int(n)
+    return counts
+
+
+def from_flat_counts(counts: dict[str, int]) -> dict:
+    """The `shapes_accuracy` result of `flat_counts` (ratios from the sums)."""
+    counts, confusion = dict(counts), {}
+    for k in [k for k in counts if k.startswith("shape_confusion/")]:
+        _, asked, read = k.split("/")
+        confusion.setdefault(asked, {})[read] = counts.pop(k)
+    return from_counts({k[:-len("_count")]: v for k, v in counts.items()}, confusion)
+
+
+def merge(parts: Sequence[dict]) -> dict:
+    """One `shapes_accuracy` result from the results of batches (equal to the check of all
+    their images at once)."""
+    return from_flat_counts(flat_counts(parts))

@@ -19,7 +19,8 @@ import jax
 import ml_collections
 import numpy as np
 
-from unclip_jax.images import save_grid
+from unclip_jax.eval.sampling import check_prompts
+from unclip_jax.images import from_uint8, save_grid
 from unclip_jax.inference import Pipeline, SampleSettings
 from unclip_jax.stages import UNCLIP_STAGES
 
@@ -153,20 +154,6 @@ def dataclass_dict(d) -> dict:
     return dataclasses.asdict(d)
 
 
-def evaluate_prompts(pipe: Pipeline, prompts, per_prompt: int, seed: int,
-                     settings: SampleSettings, batch: int = 64) -> dict:
-    """Generate per_prompt images for each single-object prompt and check colour and shape
-    from the pixels (unclip_jax.eval.shapes_accuracy)."""
-    from unclip_jax.eval.shapes_accuracy import shapes_accuracy
-    all_prompts = [p for p in prompts for _ in range(per_prompt)]
-    images = []
-    for i in range(0, len(all_prompts), batch):
-        chunk = all_prompts[i:i + batch]
-        images.append(pipe.text_to_image(chunk, seed=seed + i, settings=settings)["images"])
-    images = np.concatenate(images)
-    return shapes_accuracy(images, all_prompts), images
-
-
 def evaluate_true_embeddings(pipe: Pipeline, prompts, per_prompt: int, seed: int,
                              settings: SampleSettings, *, render_size: int = 64,
                              batch: int = 64) -> dict:
@@ -227,18 +214,20 @@ def _report(config, workdir: str, pipe: Pipeline, timings: dict):
         return
     r = config.report
     settings = _settings(config)
+    prompts = [p for p in r.prompts for _ in range(int(r.per_prompt))]
     t = time.perf_counter()
-    acc, images = evaluate_prompts(pipe, list(r.prompts), int(r.per_prompt), int(r.seed), settings)
+    acc, images = check_prompts(pipe, prompts, seed=int(r.seed), settings=settings)
     timings["report_sampling"] = time.perf_counter() - t
-    save_grid(images, os.path.join(workdir, "samples", "report_grid.png"), int(r.per_prompt))
+    save_grid(from_uint8(images), os.path.join(workdir, "samples", "report_grid.png"),
+              int(r.per_prompt))
     acc_ar = None
     if pipe.ar_prior is not None and bool(r.ar_prior):
         import dataclasses
         t = time.perf_counter()
-        acc_ar, images = evaluate_prompts(pipe, list(r.prompts), int(r.per_prompt), int(r.seed),
-                                          dataclasses.replace(settings, prior="ar"))
+        acc_ar, images = check_prompts(pipe, prompts, seed=int(r.seed),
+                                       settings=dataclasses.replace(settings, prior="ar"))
         timings["report_sampling_ar"] = time.perf_counter() - t
-        save_grid(images, os.path.join(workdir, "samples", "report_grid_ar.png"),
+        save_grid(from_uint8(images), os.path.join(workdir, "samples", "report_grid_ar.png"),
                   int(r.per_prompt))
     true = {}
     if bool(r.true_embedding):
@@ -287,44 +276,25 @@ def _report(config, workdir: str, pipe: Pipeline, timings: dict):
 
 def _prior_cosines(pipe: Pipeline, cache_dir: str, settings: SampleSettings, n: int,
                    seed: int) -> dict:
-    """cos(sampled z_i, true z_i) against the cos(z_t, true z_i) baseline on the cache's test
-    split, for each trained prior (the paper's reason for a prior: beat using z_t directly)."""
-    from unclip_jax.data import cache
-    from unclip_jax.eval import prior_metrics as pm
-    from unclip_jax.stages import ar_prior as ars
-    from unclip_jax.stages import diffusion_prior as dps
-    from unclip_jax.data.tokenizer import Tokenizer
+    """cos(sampled z_i, true z_i) against the cos(z_t, true z_i) baseline for each trained prior
+    (the paper's reason for a prior: beat using z_t directly): the evaluator's comparison
+    (eval.sampling.prior_comparison) on the first n captions of the cache's test split, with
+    their cached CLIP embeddings as true z_i and z_t."""
+    from unclip_jax.data import cache, default_data_config
+    from unclip_jax.eval.sampling import prior_comparison
 
-    if not os.path.isdir(os.path.join(cache_dir, "test")) or (
-            pipe.prior is None and pipe.ar_prior is None):
+    priors = tuple(name for name, stage in (("diffusion", pipe.prior), ("ar", pipe.ar_prior))
+                   if stage is not None)
+    if not os.path.isdir(os.path.join(cache_dir, "test")) or not priors:
         return {}
-    fields = {}
-    for key in ("image_embedding", "text_embedding", "tokens", "token_embeddings"):
-        try:
-            fields[key] = np.asarray(cache.load_field(cache_dir, "test", key))[:n]
-        except (KeyError, FileNotFoundError, ValueError):
-            pass
-    prior_cfg = (pipe.prior or pipe.ar_prior).config
-    eos = Tokenizer.load(str(prior_cfg.tokenizer.dir)).eos_id
-    fields["token_mask"] = dps.token_mask_from_tokens(fields["tokens"], eos)
-    bs = 128
-    batches = [{k: v[i:i + bs] for k, v in fields.items()}
-               for i in range(0, len(fields["image_embedding"]), bs)]
-    out = {}
-    if pipe.prior is not None:
-        cfg = pipe.prior.config
-        out["diffusion"] = pm.evaluate_prior(pm.diffusion_prior_sampler(
-            pipe.prior.model, pipe.prior.params, schedule=dps.schedule_from_config(cfg),
-            scaling=dps.scaling_from_config(cfg), steps=settings.prior_steps,
-            guidance_scale=settings.prior_guidance, num_candidates=settings.num_candidates),
-            batches, seed)
-    if pipe.ar_prior is not None:
-        cfg = pipe.ar_prior.config
-        out["ar"] = pm.evaluate_prior(pm.ar_prior_sampler(
-            pipe.ar_prior.model, pipe.ar_prior.params, ars.get_codec(cfg),
-            text_scale=ars.text_scale(cfg), temperature=settings.ar_temperature,
-            top_k=settings.ar_top_k, guidance_scale=settings.ar_guidance), batches, seed)
-    return out
+    d = default_data_config("embed_cache")
+    d.cache_dir = cache_dir
+    src = cache.CacheSource(d, "test", 0, 1)
+    rows = [src.read_row(i) for i in range(min(n, len(src)))]
+    return prior_comparison(pipe, [row["caption"] for row in rows],
+                            np.stack([row["image_embedding"] for row in rows]),
+                            np.stack([row["text_embedding"] for row in rows]), seed=seed,
+                            settings=settings, priors=priors)
 
 
 def _markdown(r: dict) -> str:
