@@ -280,7 +280,8 @@ def _prior_cosines(pipe: Pipeline, cache_dir: str, settings: SampleSettings, n: 
     (the paper's reason for a prior: beat using z_t directly): the evaluator's comparison
     (eval.sampling.prior_comparison) on the first n captions of the cache's test split, with
     their cached CLIP embeddings as true z_i and z_t."""
-    from unclip_jax.data import cache, default_data_config
+    from unclip_jax.data import default_data_config
+    from unclip_jax.data.sources import CacheSource
     from unclip_jax.eval.sampling import prior_comparison
 
     priors = tuple(name for name, stage in (("diffusion", pipe.prior), ("ar", pipe.ar_prior))
@@ -289,7 +290,7 @@ def _prior_cosines(pipe: Pipeline, cache_dir: str, settings: SampleSettings, n: 
         return {}
     d = default_data_config("embed_cache")
     d.cache_dir = cache_dir
-    src = cache.CacheSource(d, "test", 0, 1)
+    src = CacheSource(d, "test", 0, 1)
     rows = [src.read_row(i) for i in range(min(n, len(src)))]
     return prior_comparison(pipe, [row["caption"] for row in rows],
                             np.stack([row["image_embedding"] for row in rows]),
