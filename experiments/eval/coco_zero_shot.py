@@ -36,26 +36,23 @@ a pytorch-fid .npz (mu, sigma) of the same images works too for FID.
 The `:folder` variant evaluates the first `num_samples` images of the folder with the first
 caption of each (no random caption draw: that needs the tfds records).
 """
-import ml_collections
-
 from unclip_jax.data import default_data_config
+from unclip_jax.eval.config import eval_config
 
 GUIDANCE_SWEEP = (1.0, 1.25, 1.5, 2.0, 3.0, 4.0)
 
 
 def get_config(arg=None):
-    c = ml_collections.ConfigDict()
-    c.name = "coco_zero_shot"
-    c.seed = 0
+    c = eval_config(name="coco_zero_shot")
 
     # --- caption draw
-    c.protocol = ml_collections.ConfigDict(dict(
+    c.protocol.update(
         num_samples=30_000,          # captions = images (one caption per image)
         caption_seed=0,              # eval.coco.draw_captions(seed)
         order="coco_draw",           # distinct images, one random caption each (tfds)
         split="val+test+restval",    # coco_captions' split names for the 2014 validation set
         resolution=256,              # generated and reference images
-    ))
+    )
 
     # --- data (validation images + all their captions)
     if arg in (None, "", "smoke", "tfds"):
@@ -74,9 +71,7 @@ def get_config(arg=None):
 
     # --- generation (paper: prior 64 steps analytic, best of 2; decoder 250 steps guidance 1.25;
     #     64->256 upsampler 27 steps DDIM)
-    c.stages = ml_collections.ConfigDict(dict(clip="", diffusion_prior="", ar_prior="",
-                                              decoder="", upsampler=""))
-    c.sampling = ml_collections.ConfigDict(dict(   # batch_size + unclip_jax.inference.SampleSettings
+    c.sampling.update(dict(   # batch_size + unclip_jax.inference.SampleSettings
         batch_size=64, prior="diffusion",
         prior_steps="64", prior_guidance=1.0, num_candidates=2,
         decoder_steps="250", decoder_guidance=1.25,
@@ -85,16 +80,12 @@ def get_config(arg=None):
     c.guidance_sweep = GUIDANCE_SWEEP     # decoder guidance scales for the FID/CLIP-score curve
 
     # --- metrics
-    c.inception_weights = ""              # pt_inception-2015-12-05-6726825d.pth or its .npz
-    c.reference_stats = ""                # .npz cache of the drawn images' FID statistics
-    c.metrics = ml_collections.ConfigDict(dict(
-        fid=True, kid=True, kid_subset_size=1000, kid_subsets=100,
-        precision_recall=False, pr_k=3,   # O(N^2) on 30k features: off by default
-        clip_score=True, clip_fd=True,
-        prior=True, prior_ar=True, shapes_accuracy=False,
-    ))
-    c.save_images = False
-    c.grid_images = 64
+    # inception_weights: pt_inception-2015-12-05-6726825d.pth or its .npz (required: FID is on)
+    c.metrics.update(
+        fid="true", kid="true",
+        precision_recall=False,           # O(N^2) on 30k features: off by default
+        shapes_accuracy="false",
+    )
 
     if arg == "smoke":
         c.protocol.num_samples = 200

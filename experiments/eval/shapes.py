@@ -17,9 +17,8 @@ Metrics: CLIP-space Frechet distance and CLIP score, precision / recall of CLIP 
 embeddings (k=3), prior cosines (diffusion and AR prior against the z_t baseline), shapes
 caption accuracy (colour, shape, two-object binding).
 """
-import ml_collections
-
 from experiments import shapes as main_job
+from unclip_jax.eval.config import eval_config
 
 
 def _main_job_settings() -> dict:
@@ -30,28 +29,10 @@ def _main_job_settings() -> dict:
 def get_config(arg=None):
     if arg not in (None, "", "sweep", "smoke"):
         raise ValueError(f"eval/shapes: unknown variant {arg!r}; use sweep or smoke")
-    c = ml_collections.ConfigDict()
-    c.name = "shapes"
-    c.seed = 0
-    c.ema = True
-    c.data_source = "run"             # the run's own shapes dataset (its CLIP stage's data)
-    c.protocol = ml_collections.ConfigDict(dict(
-        num_samples=512, split="test", order="first", caption_seed=0,
-        resolution=0,                 # 0: the pipeline's output size
-    ))
-    c.stages = ml_collections.ConfigDict(dict(clip="", diffusion_prior="", ar_prior="",
-                                              decoder="", upsampler=""))
-    c.sampling = ml_collections.ConfigDict(dict(batch_size=64, **_main_job_settings()))
-    c.guidance_sweep = ()
-    c.inception_weights = ""          # set to compute Inception FID / KID
-    c.reference_stats = ""            # default: <out>/reference_stats.npz
-    c.metrics = ml_collections.ConfigDict(dict(
-        fid="auto", kid="auto", kid_subset_size=500, kid_subsets=100,
-        clip_fd=True, clip_score=True, precision_recall=True, pr_k=3,
-        prior=True, prior_ar=True, shapes_accuracy="auto",
-    ))
-    c.save_images = False             # images in samples.npz (uint8)
-    c.grid_images = 64
+    c = eval_config(name="shapes", data_source="run")  # the run's own shapes dataset
+    c.protocol.num_samples = 512
+    c.sampling.update(batch_size=64, **_main_job_settings())
+    c.metrics.update(kid_subset_size=500)
     if arg == "sweep":
         c.guidance_sweep = (1.0, 1.5, 2.0, 3.0, 4.0, 6.0)
     if arg == "smoke":

@@ -11,7 +11,7 @@ def data_config(config, pipe, resolution: int):
     """The evaluation data: config.data, or with data_source="run" the dataset the run's CLIP
     trained on (the main job gives every image stage the same source; for shapes that is the
     built-in dataset, whose test split is held out)."""
-    if config.get("data_source", "config") == "run":
+    if config.data_source == "run":
         d = pipe.clip.config.data.copy_and_resolve_references()
     else:
         d = config.data.copy_and_resolve_references()
@@ -30,7 +30,7 @@ def eval_batches(config, dcfg, batch_size: int, pi: int, pc: int):
     subset; "coco_draw": eval.coco.draw_captions over a tfds split (distinct images, one random
     caption each, the paper's zero-shot protocol)."""
     p = config.protocol
-    n, order = int(p.num_samples), p.get("order", "first")
+    n, order = int(p.num_samples), p.order
     if order == "coco_draw":
         yield from _coco_draw_batches(config, dcfg, batch_size, pi, pc)
         return
@@ -39,7 +39,7 @@ def eval_batches(config, dcfg, batch_size: int, pi: int, pc: int):
     if quota == 0:
         return
     it = make_iterator(dcfg, split=str(p.split), process_index=pi, process_count=pc,
-                       local_batch_size=batch_size, seed=int(p.get("caption_seed", 0)),
+                       local_batch_size=batch_size, seed=int(p.caption_seed),
                        fields=("image", "caption", "index"), shuffle=order == "shuffled",
                        num_epochs=1, drop_remainder=False)
     done = 0
@@ -65,7 +65,7 @@ def _coco_draw_batches(config, dcfg, batch_size: int, pi: int, pc: int):
     key = str(dcfg.caption_key)
     caps = [caption_texts(src.read(i)["_record"], key) for i in range(len(src))]
     drawn = draw_captions(caps, int(config.protocol.num_samples),
-                          int(config.protocol.get("caption_seed", 0)))
+                          int(config.protocol.caption_seed))
     mine = list(range(pi, len(drawn), pc))
     for s in range(0, len(mine), batch_size):
         rows = mine[s:s + batch_size]
@@ -84,7 +84,7 @@ def eval_set_key(config, dcfg) -> str:
     """What identifies the real images (for reusing cached reference statistics)."""
     p = config.protocol
     desc = json.dumps({"data": dcfg.to_dict(), "split": str(p.split),
-                       "num_samples": int(p.num_samples), "order": p.get("order", "first"),
-                       "caption_seed": int(p.get("caption_seed", 0))}, sort_keys=True,
+                       "num_samples": int(p.num_samples), "order": p.order,
+                       "caption_seed": int(p.caption_seed)}, sort_keys=True,
                       default=str)
     return hashlib.sha256(desc.encode()).hexdigest()[:16]

@@ -17,7 +17,7 @@ from unclip_jax.eval.plan import EvalError, check_config, make_plan, sample_sett
 
 
 def default_out(config, workdir: str) -> str:
-    return os.path.join(workdir, "eval", str(config.get("name", "eval")))
+    return os.path.join(workdir, "eval", str(config.name))
 
 
 @dataclasses.dataclass
@@ -67,11 +67,11 @@ def _inputs(config, workdir: str, out: str, timings: dict) -> _Inputs:
     t = time.perf_counter()
     pipe = load_pipeline(config, workdir)
     timings["load_pipeline"] = time.perf_counter() - t
-    resolution = int(config.protocol.get("resolution", 0) or 0) or output_resolution(pipe)
+    resolution = int(config.protocol.resolution) or output_resolution(pipe)
     dcfg = data_config(config, pipe, resolution)
     plan = make_plan(config, settings, pipe, dcfg.name)
     batches = _batches_checked(config, dcfg, plan.batch_size)
-    ref_file = str(config.get("reference_stats", "") or "") or os.path.join(
+    ref_file = str(config.reference_stats) or os.path.join(
         out, "reference_stats.npz")
     key = eval_set_key(config, dcfg)
     ref = None
@@ -136,13 +136,13 @@ def _score_and_write(config, workdir, out, inp: _Inputs, samples, timings, t_sta
                                           int(pipe.decoder.step))
         files["plot"] = O.PLOT_FILE
     result = {
-        "name": str(config.get("name", "eval")), "workdir": workdir, "out": out,
+        "name": str(config.name), "workdir": workdir, "out": out,
         "step": int(pipe.decoder.step), "checkpoint_steps": checkpoint_steps(pipe),
         "num_samples": samples.n, "processes": jax.process_count(),
         "devices": jax.device_count(),
         "data": {"name": inp.dcfg.name, "split": str(config.protocol.split),
                  "resolution": int(inp.dcfg.resolution),
-                 "order": config.protocol.get("order", "first")},
+                 "order": config.protocol.order},
         "settings": dataclasses.asdict(plan.settings), "seed": plan.seed,
         "inception": (str(config.inception_weights) if inp.inception is not None else None),
         "metrics": metrics, "prior": prior, "shapes_accuracy": samples.shapes,

@@ -10,7 +10,7 @@ def stage_dirs(config, workdir: str) -> dict | None:
     """Stage directories from config.stages overriding <workdir>/<stage>; None when nothing is
     overridden (then Pipeline.from_workdir, with its own messages, does the work)."""
     from unclip_jax.eval.plan import EvalError
-    stages = config.get("stages", None)
+    stages = config.stages
     given = {k: str(v) for k, v in (stages.items() if stages else []) if v}
     if not given:
         return None
@@ -55,7 +55,7 @@ def local_mesh():
 def load_pipeline(config, workdir: str):
     from unclip_jax.inference import Pipeline
     dirs = stage_dirs(config, workdir)
-    ema = bool(config.get("ema", True))
+    ema = bool(config.ema)
     if dirs is None:
         return Pipeline.from_workdir(workdir, ema=ema, mesh=local_mesh())
     return Pipeline.from_stage_dirs(clip=dirs["clip"], decoder=dirs["decoder"],

@@ -27,7 +27,7 @@ def sample_settings(config):
 def _choice(config, name: str, auto: bool) -> bool:
     """metrics.<name>: True, False or "auto" (-> `auto`); also the strings "true" / "false", as
     a str field takes them from the command line."""
-    v = config.metrics.get(name, "auto")
+    v = config.metrics[name]
     if isinstance(v, str):
         v = v.strip().lower()
         if v not in ("auto", "true", "false"):
@@ -38,7 +38,7 @@ def _choice(config, name: str, auto: bool) -> bool:
 
 def inception_metric(config, name: str) -> bool:
     """metrics.fid / metrics.kid; "auto" = when config.inception_weights is set."""
-    return _choice(config, name, bool(config.get("inception_weights", "")))
+    return _choice(config, name, bool(config.inception_weights))
 
 
 def wants_inception(config) -> bool:
@@ -55,14 +55,19 @@ def check_config(config, process_count: int = 1):
                         "processes")
     if int(config.sampling.batch_size) <= 0:
         raise EvalError("config.sampling.batch_size must be positive")
-    for g in config.get("guidance_sweep", ()) or ():
+    for g in config.guidance_sweep or ():
         if not (isinstance(g, (int, float)) and math.isfinite(g) and g > 0):
             raise EvalError(f"config.guidance_sweep holds {g!r}; scales must be positive numbers")
-    if wants_inception(config) and not config.get("inception_weights", ""):
+    if wants_inception(config) and not config.inception_weights:
         raise EvalError("FID/KID requested (config.metrics.fid / kid) but config.inception_weights "
                         "is empty: point it at pytorch-fid's pt_inception-2015-12-05 weights "
                         "(.pth or converted .npz); nothing is downloaded")
-    order = config.protocol.get("order", "first")
+    if config.data_source not in ("config", "run"):
+        raise EvalError(f"config.data_source must be 'config' or 'run', got {config.data_source!r}")
+    if config.data_source == "config" and config.data is None:
+        raise EvalError("config.data is not set: give the evaluation data (a data config) or use "
+                        "data_source='run' for the dataset the run trained on")
+    order = config.protocol.order
     if order not in ("first", "shuffled", "coco_draw"):
         raise EvalError("config.protocol.order must be first, shuffled or coco_draw, got "
                         f"{order!r}")
@@ -104,19 +109,19 @@ def make_plan(config, settings, pipe, data_name: str) -> Plan:
     if shapes and not is_shapes:
         raise EvalError("metrics.shapes_accuracy needs the built-in shapes data (data.name="
                         f"'shapes'), not {data_name!r}")
-    want_prior = bool(m.get("prior", True))
+    want_prior = bool(m.prior)
     priors = tuple(name for name, stage, on in (
         ("diffusion", pipe.prior, want_prior),
-        ("ar", pipe.ar_prior, want_prior and bool(m.get("prior_ar", True)))) if on and stage)
-    sweep = tuple(float(g) for g in (config.get("guidance_sweep", ()) or ()))
+        ("ar", pipe.ar_prior, want_prior and bool(m.prior_ar))) if on and stage)
+    sweep = tuple(float(g) for g in (config.guidance_sweep or ()))
     main = float(settings.decoder_guidance)
     return Plan(settings=settings, scales=(main,) + tuple(g for g in sweep if g != main),
                 sweep=sweep, seed=int(config.seed), num_samples=int(config.protocol.num_samples),
                 batch_size=int(config.sampling.batch_size), priors=priors, shapes=shapes,
                 fid=inception_metric(config, "fid"), kid=inception_metric(config, "kid"),
-                kid_subset_size=int(m.get("kid_subset_size", 1000)),
-                kid_subsets=int(m.get("kid_subsets", 100)), clip_fd=bool(m.get("clip_fd", True)),
-                clip_score=bool(m.get("clip_score", True)),
-                precision_recall=bool(m.get("precision_recall", True)),
-                pr_k=int(m.get("pr_k", 3)), keep_images=bool(config.get("save_images", False)),
-                grid_images=int(config.get("grid_images", 64)))
+                kid_subset_size=int(m.kid_subset_size),
+                kid_subsets=int(m.kid_subsets), clip_fd=bool(m.clip_fd),
+                clip_score=bool(m.clip_score),
+                precision_recall=bool(m.precision_recall),
+                pr_k=int(m.pr_k), keep_images=bool(config.save_images),
+                grid_images=int(config.grid_images))
