@@ -37,8 +37,31 @@ def run_app(main) -> None:
 
 
 def quiet_terminal(level: int = pylogging.WARNING) -> None:
-    """Only `level` and above of Python/absl logging reach the terminal (stderr)."""
-    logging.get_absl_handler().setLevel(level)
+    """Only `level` and above of Python/absl logging reach the terminal (stderr), unless the user
+    passed --verbosity (then the terminal follows it)."""
+    from absl import flags
+    if not flags.FLAGS["verbosity"].present:
+        logging.get_absl_handler().setLevel(level)
+
+
+def define_tool_flags() -> None:
+    """The flags every measuring tool (bench, bench_conv, bench_sampling, aot) shares: the
+    experiment config (required) and a JSON file for the figures."""
+    from absl import flags
+    from ml_collections import config_flags
+    config_flags.DEFINE_config_file("config", None, "Experiment config (get_config), "
+                                    "overridable with --config.x.y=value.", lock_config=True)
+    flags.DEFINE_string("json", None, "Also write the figures to this JSON file.")
+    flags.mark_flags_as_required(["config"])
+
+
+def report(text: str, figures, json_path: str | None) -> None:
+    """Print a tool's table and, when asked, write its figures as JSON."""
+    import json
+    print(text)
+    if json_path:
+        with open(json_path, "w") as f:
+            json.dump(figures, f, indent=2)
 
 
 def log_to_file(directory: str, process_index: int = 0) -> str:

@@ -43,8 +43,7 @@ def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
     from unclip_jax import console, distributed
-    if not FLAGS["verbosity"].present:
-        console.quiet_terminal()
+    console.quiet_terminal()
     distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
     import jax
     from absl import logging

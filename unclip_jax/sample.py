@@ -197,8 +197,7 @@ def main(argv):
         raise app.UsageError(f"expected one command of {', '.join(COMMANDS)}, got "
                              f"{' '.join(argv[1:])}")
     from unclip_jax import console
-    if not FLAGS["verbosity"].present:
-        console.quiet_terminal()  # Orbax logs every restore at INFO
+    console.quiet_terminal()  # Orbax logs every restore at INFO
     try:
         res = sample(command, FLAGS)
     except (FileNotFoundError, ValueError, RuntimeError) as e:

@@ -10,7 +10,6 @@ given MFU. The topology defaults to the config's `aot.topology`, so each paper c
 """
 from __future__ import annotations
 
-import json
 import os
 import time
 
@@ -120,20 +119,16 @@ def format_plan(p: dict) -> str:
 
 def main(argv):
     del argv
+    from unclip_jax import console
+    console.quiet_terminal()  # libtpu's and XLA's INFO logging is not for the terminal
     p = plan(FLAGS.config, FLAGS.topology, FLAGS.mfu)
-    print(format_plan(p))
-    if FLAGS.json:
-        with open(FLAGS.json, "w") as f:
-            json.dump(p, f, indent=2)
+    console.report(format_plan(p), p, FLAGS.json)
 
 
 if __name__ == "__main__":
-    from ml_collections import config_flags
+    from unclip_jax import console
     FLAGS = flags.FLAGS
-    config_flags.DEFINE_config_file("config", None, "Experiment config (get_config).", lock_config=True)
+    console.define_tool_flags()
     flags.DEFINE_string("topology", None, "TPU topology, e.g. v5p:4x4x4 (default config.aot.topology)")
     flags.DEFINE_float("mfu", 0.4, "MFU assumed for the implied step time")
-    flags.DEFINE_string("json", None, "Write the figures to this JSON file")
-    flags.mark_flags_as_required(["config"])
-    from unclip_jax import console
     console.run_app(main)

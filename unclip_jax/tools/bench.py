@@ -12,7 +12,6 @@ Batches are synthetic (the stage's example batch, random-filled): input pipeline
 """
 from __future__ import annotations
 
-import json
 import resource
 import statistics
 import time
@@ -183,28 +182,21 @@ def format_result(r: dict) -> str:
 
 def main(argv):
     del argv
-    if not FLAGS["verbosity"].present:
-        from unclip_jax import console
-        console.quiet_terminal()  # library INFO logging (compiles, Orbax) is not for the terminal
+    from unclip_jax import console
+    console.quiet_terminal()  # library INFO logging (compiles, Orbax) is not for the terminal
     if FLAGS.scaling:
         result = scaling(FLAGS.config, steps=FLAGS.steps, warmup=FLAGS.warmup)
-        print("\n\n".join(format_result(r) for r in result))
+        console.report("\n\n".join(format_result(r) for r in result), result, FLAGS.json)
     else:
         result = benchmark(FLAGS.config, steps=FLAGS.steps, warmup=FLAGS.warmup)
-        print(format_result(result))
-    if FLAGS.json:
-        with open(FLAGS.json, "w") as f:
-            json.dump(result, f, indent=2)
+        console.report(format_result(result), result, FLAGS.json)
 
 
 if __name__ == "__main__":
-    from ml_collections import config_flags
+    from unclip_jax import console
     FLAGS = flags.FLAGS
-    config_flags.DEFINE_config_file("config", None, "Experiment config (get_config).", lock_config=True)
+    console.define_tool_flags()
     flags.DEFINE_integer("steps", 10, "Timed steps (median reported).")
     flags.DEFINE_integer("warmup", 2, "Untimed steps after compilation.")
     flags.DEFINE_bool("scaling", False, "Run on 1, 2, 4, ... devices with the same per-device batch.")
-    flags.DEFINE_string("json", None, "Write the figures to this JSON file.")
-    flags.mark_flags_as_required(["config"])
-    from unclip_jax import console
     console.run_app(main)

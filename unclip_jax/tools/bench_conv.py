@@ -24,7 +24,6 @@ from unclip_jax.tools import host_malloc
 if __name__ == "__main__":
     host_malloc.prepare_cpu_host()  # before JAX is imported: it takes effect only then
 
-import json
 import statistics
 import time
 
@@ -248,26 +247,19 @@ def format_result(r: dict) -> str:
 
 def main(argv):
     del argv
-    if not FLAGS["verbosity"].present:
-        from unclip_jax import console
-        console.quiet_terminal()  # library INFO logging (compiles, Orbax) is not for the terminal
+    from unclip_jax import console
+    console.quiet_terminal()  # library INFO logging (compiles, Orbax) is not for the terminal
     try:
         r = benchmark(FLAGS.config, repeats=FLAGS.repeats, torch_ref=FLAGS.torch)
     except ValueError as e:
         raise SystemExit(f"bench_conv: {e}") from None
-    print(format_result(r))
-    if FLAGS.json:
-        with open(FLAGS.json, "w") as f:
-            json.dump(r, f, indent=2)
+    console.report(format_result(r), r, FLAGS.json)
 
 
 if __name__ == "__main__":
-    from ml_collections import config_flags
+    from unclip_jax import console
     FLAGS = flags.FLAGS
-    config_flags.DEFINE_config_file("config", None, "Experiment config (get_config).", lock_config=True)
+    console.define_tool_flags()
     flags.DEFINE_integer("repeats", 11, "Timed calls per convolution and direction (median).")
     flags.DEFINE_bool("torch", True, "Also time PyTorch (if installed).")
-    flags.DEFINE_string("json", None, "Write the figures to this JSON file.")
-    flags.mark_flags_as_required(["config"])
-    from unclip_jax import console
     console.run_app(main)

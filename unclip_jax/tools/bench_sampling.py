@@ -17,7 +17,6 @@ be added by handing `measure()` another (sample_fn, call_fn) pair.
 from __future__ import annotations
 
 import dataclasses
-import json
 import statistics
 import time
 from typing import Any, Callable
@@ -217,27 +216,20 @@ def format_result(r: dict) -> str:
 
 def main(argv):
     del argv
-    if not FLAGS["verbosity"].present:
-        from unclip_jax import console
-        console.quiet_terminal()  # library INFO logging (compiles, Orbax) is not for the terminal
+    from unclip_jax import console
+    console.quiet_terminal()  # library INFO logging (compiles, Orbax) is not for the terminal
     r = benchmark_sampling(FLAGS.config, steps=FLAGS.steps, batch=FLAGS.batch,
                            guidance=FLAGS.guidance, repeats=FLAGS.repeats)
-    print(format_result(r))
-    if FLAGS.json:
-        with open(FLAGS.json, "w") as f:
-            json.dump(r, f, indent=2)
+    console.report(format_result(r), r, FLAGS.json)
 
 
 if __name__ == "__main__":
-    from ml_collections import config_flags
+    from unclip_jax import console
     FLAGS = flags.FLAGS
-    config_flags.DEFINE_config_file("config", None, "Experiment config (get_config).", lock_config=True)
+    console.define_tool_flags()
     flags.DEFINE_integer("steps", 50, "DDIM steps.")
     flags.DEFINE_integer("batch", 16, "Images (or embeddings) per sampler call.")
     flags.DEFINE_float("guidance", None, "Guidance scale (default: config.diffusion.guidance_scale "
                        "or 3.0; 1.0 turns guidance off).")
     flags.DEFINE_integer("repeats", 3, "Timed sampler runs (median reported).")
-    flags.DEFINE_string("json", None, "Write the figures to this JSON file.")
-    flags.mark_flags_as_required(["config"])
-    from unclip_jax import console
     console.run_app(main)
