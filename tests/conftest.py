@@ -33,6 +33,7 @@ import pytest  # noqa: E402
 TINY_RUN_GROUP = "tiny_run"
 
 
+@pytest.hookimpl(tryfirst=True)  # before xdist's own hook, which reads the groups
 def pytest_collection_modifyitems(config, items):
     """One xdist group per test module, one for every user of `tiny_run`; those first."""
     for item in items:

@@ -355,17 +355,25 @@ def _stack_into(scanned_like, unrolled):
     return out
 
 
-@pytest.mark.parametrize("remat", [False, True])
-def test_scanned_blocks_compute_the_same_function(remat):
+def _output_and_grad(model, params, inputs):
+    """The model's output and the gradient of sum(output ** 2) in one compiled program."""
+    def f(p):
+        out, vjp = jax.vjp(lambda q: model.apply({"params": q}, *inputs), p)
+        return out, vjp(2 * out)[0]
+    return jax.jit(f)(params)
+
+
+def test_scanned_blocks_compute_the_same_function():
     """`scan_blocks` runs each level's same-shaped res blocks (+ attention) as one nn.scan: with
-    the unrolled weights stacked into it, outputs and every gradient are the same, and the
-    stacked leaves carry the "layers" logical axis."""
-    kw = dict(num_res_blocks=3, remat=remat)
-    unrolled, scanned = (model_from_config(tiny_decoder_cfg(scan_blocks=s, **kw))
-                         for s in (False, True))
+    the unrolled weights stacked into it, outputs and every gradient are the same, with and
+    without remat, and the stacked leaves carry the "layers" logical axis."""
+    unrolled = model_from_config(tiny_decoder_cfg(num_res_blocks=3))
+    scanned = {r: model_from_config(tiny_decoder_cfg(num_res_blocks=3, scan_blocks=True, remat=r))
+               for r in (False, True)}
     inputs = decoder_inputs()
     p_u = rerandomise_zeros(init_jit(unrolled, *inputs))
-    boxed = jax.jit(scanned.init)(jax.random.key(0, impl="rbg"), *inputs)["params"]
+    # remat changes no parameter: one init gives the scanned layout for both.
+    boxed = jax.eval_shape(scanned[False].init, jax.random.key(0, impl="rbg"), *inputs)["params"]
     p_s = _stack_into(nn.unbox(boxed)["unet"], p_u["unet"])
     # down: level 0 scans blocks 0-2, level 1 blocks 1-2 (block 0 widens); up: level 1 blocks
     # 0-2, level 0 blocks 1-3 (block 0 narrows from the level below).
@@ -373,15 +381,14 @@ def test_scanned_blocks_compute_the_same_function(remat):
             if k.endswith("_scan")} == {"down_0_scan": 3, "down_1_scan": 2, "up_1_scan": 3,
                                         "up_0_scan": 3}
     p_s = {**p_u, "unet": p_s}
-    ref = jax.jit(unrolled.apply)({"params": p_u}, *inputs)
-    out = jax.jit(scanned.apply)({"params": p_s}, *inputs)
-    np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-5)
-    loss = lambda m: lambda p: jnp.sum(m.apply({"params": p}, *inputs) ** 2)  # noqa: E731
-    g_u = jax.jit(jax.grad(loss(unrolled)))(p_u)
-    g_s = jax.jit(jax.grad(loss(scanned)))(p_s)
-    want = {**g_u, "unet": _stack_into(g_s["unet"], g_u["unet"])}
-    # float32 sums in another order: absolute error relative to each gradient's scale.
-    jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(
-        a, b, rtol=1e-4, atol=1e-5 * max(1.0, float(np.abs(b).max()))), g_s, want)
+    ref, g_u = _output_and_grad(unrolled, p_u, inputs)
+    for remat, model in scanned.items():
+        out, g_s = _output_and_grad(model, p_s, inputs)
+        np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-5, err_msg=f"remat={remat}")
+        want = {**g_u, "unet": _stack_into(g_s["unet"], g_u["unet"])}
+        # float32 sums in another order: absolute error relative to each gradient's scale.
+        jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(
+            a, b, rtol=1e-4, atol=1e-5 * max(1.0, float(np.abs(b).max())),
+            err_msg=f"remat={remat}"), g_s, want)
     spec = nn.get_partition_spec(boxed)["unet"]["up_0_scan"]["res"]["conv_in"]["Conv_0"]["kernel"]
     assert spec[0] == "layers"

@@ -9,6 +9,8 @@ import portpicker
 import pytest
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(os.path.dirname(HERE))
+WORKER = os.path.join(ROOT, "tests", "helpers", "mp_worker.py")
 
 
 def _run(n, local_devices, workdir, **extra_env):
@@ -16,7 +18,7 @@ def _run(n, local_devices, workdir, **extra_env):
     env = dict(os.environ, MP_LOCAL_DEVICES=str(local_devices), JAX_PLATFORMS="cpu",
                UNCLIP_NO_PROGRESS="1", **extra_env)
     env.pop("XLA_FLAGS", None)
-    procs = [subprocess.Popen([sys.executable, os.path.join(HERE, os.pardir, "helpers", "mp_worker.py"), str(port),
+    procs = [subprocess.Popen([sys.executable, WORKER, str(port),
                                str(n), str(i), workdir], env=env, stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, text=True) for i in range(n)]
     results = []
@@ -54,7 +56,7 @@ def test_sigterm_on_one_host_stops_every_host_at_the_same_step(tmp_path):
 
 
 def test_local_launcher_runs_main_on_two_processes(tmp_path):
-    root = os.path.dirname(HERE)
+    root = ROOT
     wd = tmp_path / "launched"
     r = subprocess.run(
         [sys.executable, os.path.join(root, "launch", "local.py"), "--num_processes=2",
