@@ -33,6 +33,7 @@ setup(
             "pytest>=8,<10",
             "pytest-xdist>=3.5,<4",
             "portpicker>=1.6,<2",
+            "filelock>=3.12,<4",    # the tests' session fixtures shared by the xdist workers
             # CPU host compiles for TPU topologies (ahead-of-time plans); matches jax 0.10.2.
             "libtpu==0.0.42.*",
             # transformers' PyTorch CLIP is the reference in the CLIP parity test, and

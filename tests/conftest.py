@@ -5,10 +5,11 @@ builds every expensive fixture once.
 - Compiled programs go to JAX's persistent cache (UNCLIP_JAX_TEST_CACHE, default
   ~/.cache/unclip_jax/xla-tests; "off" disables it), so a repeated run skips most XLA compiles.
 - Under xdist (`-n 2`, with `--dist loadgroup` from pytest.ini) each test module runs on one
-  worker, so its module-scoped fixtures are built once; every test that uses the trained tiny
-  main job (`tiny_run`) runs on the same worker, which trains it once per session. Those tests
-  are scheduled first, since they are the longest chain.
+  worker, so its module-scoped fixtures are built once. The trained tiny main job (`tiny_run`)
+  is built once per session for all workers: its builder module is scheduled first, its other
+  users last.
 """
+import json
 import os
 
 from unclip_jax.tools import host_malloc
@@ -25,33 +26,54 @@ _CACHE = os.environ.get("UNCLIP_JAX_TEST_CACHE",
 if _CACHE.lower() not in ("", "0", "off", "none"):
     jax.config.update("jax_compilation_cache_dir", _CACHE)
     # Tiny programs compile in milliseconds: caching them costs more disk reads than it saves.
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.2)
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 
 import pytest  # noqa: E402
 
-TINY_RUN_GROUP = "tiny_run"
+# The module that trains the tiny main job first (its tests need it at once); the other users
+# of `tiny_run` last, when the other worker has long finished training it.
+TINY_RUN_BUILDER = "tests/recipes/test_shapes_recipe.py"
+
+
+def _uses_tiny_run(item) -> bool:
+    return "tiny_run" in getattr(item, "fixturenames", ())
 
 
 @pytest.hookimpl(tryfirst=True)  # before xdist's own hook, which reads the groups
 def pytest_collection_modifyitems(config, items):
-    """One xdist group per test module, one for every user of `tiny_run`; those first."""
+    """One xdist group per test module (its module fixtures are built once); the tiny main job's
+    builder module first, its other users last (run with --no-loadscope-reorder)."""
     for item in items:
-        group = (TINY_RUN_GROUP if "tiny_run" in getattr(item, "fixturenames", ())
-                 else item.nodeid.split("::")[0])
-        item.add_marker(pytest.mark.xdist_group(group))
-    items.sort(key=lambda it: "tiny_run" not in getattr(it, "fixturenames", ()))  # stable
+        item.add_marker(pytest.mark.xdist_group(item.nodeid.split("::")[0]))
+
+    def order(item):
+        module = item.nodeid.split("::")[0]
+        return 0 if module == TINY_RUN_BUILDER else 2 if _uses_tiny_run(item) else 1
+    items.sort(key=order)  # stable: collection order within each rank
 
 
 @pytest.fixture(scope="session")
-def tiny_run(tmp_path_factory):
+def tiny_run(tmp_path_factory, worker_id):
     """The main job on experiments/shapes.py:smoke, trained once per test session and shared by
-    the recipe, sampling and evaluation tests: (config, workdir, run_pipeline's result)."""
+    the recipe, sampling and evaluation tests of every xdist worker (a file lock in the session's
+    shared temporary folder: the first worker to ask trains it, another waits for it):
+    (config, workdir, run_pipeline's result)."""
+    from filelock import FileLock
+
     from experiments import shapes
     from unclip_jax.recipes.shapes import run_pipeline
 
-    root = tmp_path_factory.mktemp("tiny_run")
+    shared = tmp_path_factory.getbasetemp()
+    if worker_id != "master":
+        shared = shared.parent  # every worker's basetemp lives in the session's folder
+    root = shared / "tiny_run"
     cfg = shapes.get_config("smoke")
     cfg.data.data_dir = str(root / "data")
     wd = str(root / "run")
-    return cfg, wd, run_pipeline(cfg, wd)
+    result_file = root / "result.json"
+    with FileLock(str(shared / "tiny_run.lock")):
+        if not result_file.exists():
+            result = run_pipeline(cfg, wd)
+            result_file.write_text(json.dumps(result))
+    return cfg, wd, json.loads(result_file.read_text())

@@ -327,8 +327,9 @@ def test_inception_fid_kid_and_reference_cache(run, pipe, tmp_path):
     _random_inception_weights(weights)
     cfg = load_config(os.path.join("eval", "shapes.py"), "smoke")
     # 12 captions, no sweep: Inception at 299x299 is the slow part on CPU.
+    # The batch size stays the smoke config's (12 captions padded to it): the sampling programs
+    # are then the ones the evaluation above compiled (JAX's compilation cache).
     cfg.protocol.num_samples = 12
-    cfg.sampling.batch_size = 12
     cfg.guidance_sweep = ()
     cfg.inception_weights = weights
     cfg.metrics.update(kid_subset_size=6, kid_subsets=5)

@@ -64,8 +64,12 @@ def test_all_stages_trained_and_reported(run):
         assert -1.0 <= p["cos_sample_true"] <= 1.0
 
 
-def test_rerun_resumes_without_retraining(run):
-    cfg, wd, first = run
+def test_rerun_resumes_without_retraining(run, tmp_path):
+    import shutil
+    cfg, shared, first = run
+    # On a copy (mtimes kept): the shared workdir is read by other tests, maybe at this moment.
+    wd = str(tmp_path / "copy")
+    shutil.copytree(shared, wd)
     ckpts = {s: sorted(os.listdir(os.path.join(wd, s, "checkpoints")))
              for s in ("clip", "decoder", "upsampler")}
     before = {p: (size, mtime) for p, size, mtime in snapshot(wd)
