@@ -7,7 +7,7 @@ builds every expensive fixture once.
 - Under xdist (`-n 2`, with `--dist loadgroup` from pytest.ini) each test module runs on one
   worker, so its module-scoped fixtures are built once. The trained tiny main job (`tiny_run`)
   is built once per session for all workers: its builder module is scheduled first, its other
-  users last.
+  users midway.
 """
 import json
 import os
@@ -31,26 +31,33 @@ if _CACHE.lower() not in ("", "0", "off", "none"):
 
 import pytest  # noqa: E402
 
-# The module that trains the tiny main job first (its tests need it at once); the other users
-# of `tiny_run` last, when the other worker has long finished training it.
+# The module that trains the tiny main job runs first (its tests need it at once); the other
+# users of `tiny_run` run midway, when the other worker has long finished training it and
+# enough modules remain to keep both workers busy to the end.
 TINY_RUN_BUILDER = "tests/recipes/test_shapes_recipe.py"
 
 
-def _uses_tiny_run(item) -> bool:
-    return "tiny_run" in getattr(item, "fixturenames", ())
+def _module(item) -> str:
+    return item.nodeid.split("::")[0]
 
 
 @pytest.hookimpl(tryfirst=True)  # before xdist's own hook, which reads the groups
 def pytest_collection_modifyitems(config, items):
-    """One xdist group per test module (its module fixtures are built once); the tiny main job's
-    builder module first, its other users last (run with --no-loadscope-reorder)."""
+    """One xdist group per test module (its module fixtures are built once), in the order: the
+    tiny main job's builder, half the other modules, its other users, the rest (xdist runs
+    groups in this order with --no-loadscope-reorder, from pytest.ini)."""
     for item in items:
-        item.add_marker(pytest.mark.xdist_group(item.nodeid.split("::")[0]))
+        item.add_marker(pytest.mark.xdist_group(_module(item)))
+    users = {_module(i) for i in items if "tiny_run" in getattr(i, "fixturenames", ())}
+    others = list(dict.fromkeys(_module(i) for i in items if _module(i) not in users))
+    half = set(others[:len(others) // 2])
 
-    def order(item):
-        module = item.nodeid.split("::")[0]
-        return 0 if module == TINY_RUN_BUILDER else 2 if _uses_tiny_run(item) else 1
-    items.sort(key=order)  # stable: collection order within each rank
+    def rank(item):
+        module = _module(item)
+        if module == TINY_RUN_BUILDER:
+            return 0
+        return 1 if module in half else 2 if module in users else 3
+    items.sort(key=rank)  # stable: collection order within each rank
 
 
 @pytest.fixture(scope="session")
