@@ -152,7 +152,8 @@ class Checkpointer:
 def read_config_json(workdir: str, step: int | None = None) -> dict:
     """The config saved with a checkpoint (latest when step is None), without restoring arrays."""
     mgr = ocp.CheckpointManager(os.path.join(os.path.abspath(workdir), "checkpoints"),
-                                options=ocp.CheckpointManagerOptions(read_only=True, create=False))
+                                options=ocp.CheckpointManagerOptions(read_only=True, create=False,
+                                                                    save_interval_steps=0))
     step = mgr.latest_step() if step is None else step
     if step is None:
         raise FileNotFoundError(f"no checkpoint in {workdir}/checkpoints")
@@ -200,8 +201,9 @@ def load_trained(workdir: str, *, ema: bool = True, step: int | None = None,
     if not os.path.isdir(ckpt_dir):
         raise FileNotFoundError(f"{workdir} has no checkpoints/ directory: train this stage first "
                                 f"(python -m unclip_jax.main --config=... --workdir={workdir})")
+    # save_interval_steps=0: what read_only implies (Orbax warns on every load otherwise).
     mgr = ocp.CheckpointManager(ckpt_dir, options=ocp.CheckpointManagerOptions(
-        read_only=True, create=False))
+        read_only=True, create=False, save_interval_steps=0))
     steps = sorted(mgr.all_steps(), reverse=True)
     if step is not None:
         if step not in steps:
