@@ -14,7 +14,14 @@ from absl import logging
 
 LOG_FILE = "log.txt"
 # absl's help flags (True: the main module's flags only) and what they print.
-_HELP_FLAGS = {"-h": True, "-?": True, "--help": True, "--helpshort": True, "--helpfull": False}
+HELP_FLAGS = {"-h": True, "-?": True, "--help": True, "--helpshort": True, "--helpfull": False}
+
+
+def say(msg: str) -> None:
+    """A line for the user on the terminal, from process 0 only."""
+    import jax
+    if jax.process_index() == 0:
+        print(msg, flush=True)
 
 
 def run_app(main) -> None:
@@ -26,9 +33,9 @@ def run_app(main) -> None:
     def parse(argv):
         own = argv[1:argv.index("--")] if "--" in argv else argv[1:]
         for arg in own:
-            if arg in _HELP_FLAGS:
-                app.usage(shorthelp=_HELP_FLAGS[arg], writeto_stdout=True)
-                if _HELP_FLAGS[arg]:
+            if arg in HELP_FLAGS:
+                app.usage(shorthelp=HELP_FLAGS[arg], writeto_stdout=True)
+                if HELP_FLAGS[arg]:
                     print("\nTry --helpfull to get a list of all flags.")
                 sys.exit(0)
         return app.parse_flags_with_usage(argv)

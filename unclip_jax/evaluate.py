@@ -61,9 +61,6 @@ if __name__ == "__main__":
 from absl import flags
 from ml_collections import config_flags
 
-HELP_FLAGS = ("--help", "-h", "-?", "--helpshort", "--helpfull")
-
-
 def define_flags(argv: list[str]) -> flags.FlagValues:
     """The command's flags in their own FlagValues, so run() can parse in-process (tests, other
     tools) without touching absl's global flags."""
@@ -104,6 +101,7 @@ def run(argv: list[str], log=print) -> dict:
 
 
 def main(argv: list[str]) -> int:
+    from unclip_jax.console import HELP_FLAGS
     if any(a in HELP_FLAGS for a in argv):
         print(__doc__)
         print(define_flags(["unclip_jax.evaluate"]).get_help())

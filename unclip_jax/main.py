@@ -23,19 +23,14 @@ from ml_collections import config_flags
 FLAGS = flags.FLAGS
 
 
-def _say(msg: str) -> None:
-    import jax
-    if jax.process_index() == 0:
-        print(msg, flush=True)
-
-
 def run(config, workdir: str):
     """A whole-stack config (`pipeline` field) runs every stage; otherwise one stage trains."""
     if "pipeline" in config:
         from unclip_jax.recipes.shapes import run_pipeline
         return run_pipeline(config, workdir)
     from unclip_jax.train.trainer import train
-    _say(f"[{config.stage}] training {config.train.num_steps} steps in {workdir}")
+    from unclip_jax import console
+    console.say(f"[{config.stage}] training {config.train.num_steps} steps in {workdir}")
     return train(config, workdir)
 
 
@@ -55,7 +50,7 @@ def main(argv):
     if "metrics" in summary:
         m = summary["metrics"]
         trained = (f"loss {m['loss']:.4g}" if "loss" in m else "nothing left to train")
-        _say(f"{summary['status']} at step {summary['step']} (resumed from "
+        console.say(f"{summary['status']} at step {summary['step']} (resumed from "
              f"{summary['resumed_from']}): {trained}, {summary['params']:,} params, "
              f"workdir {FLAGS.workdir} (log: {log})")
 

@@ -19,15 +19,11 @@ import jax
 import ml_collections
 import numpy as np
 
+from unclip_jax.console import say
 from unclip_jax.eval.sampling import check_prompts
 from unclip_jax.images import from_uint8, save_grid
 from unclip_jax.inference import Pipeline, SampleSettings
 from unclip_jax.stages import UNCLIP_STAGES
-
-
-def _say(msg: str):
-    if jax.process_index() == 0:
-        print(msg, flush=True)
 
 
 def stage_configs(config, workdir: str) -> dict[str, ml_collections.ConfigDict]:
@@ -90,9 +86,9 @@ def _train_stage(name: str, cfg, workdir: str, timings: dict):
     from unclip_jax.train.trainer import train
     sub = os.path.join(workdir, name)
     if _finished(sub, int(cfg.train.num_steps)):
-        _say(f"[{name}] finished earlier ({cfg.train.num_steps} steps): skipped")
+        say(f"[{name}] finished earlier ({cfg.train.num_steps} steps): skipped")
         return
-    _say(f"[{name}] training {cfg.train.num_steps} steps in {sub}")
+    say(f"[{name}] training {cfg.train.num_steps} steps in {sub}")
     t = time.perf_counter()
     out = train(cfg, sub)
     timings[name] = timings.get(name, 0.0) + time.perf_counter() - t
@@ -106,9 +102,9 @@ def _embed(config, cfgs, workdir: str, timings: dict):
     out = os.path.join(workdir, "embed")
     marker = os.path.join(out, "complete.json")
     if os.path.exists(marker):
-        _say("[embed] cache complete: skipped")
+        say("[embed] cache complete: skipped")
         return
-    _say(f"[embed] writing CLIP embeddings of the dataset to {out}")
+    say(f"[embed] writing CLIP embeddings of the dataset to {out}")
     t = time.perf_counter()
     e = ml_collections.ConfigDict(dict(
         data=cfgs["clip"].data,
@@ -134,7 +130,7 @@ def _samples(config, workdir: str, pipe: Pipeline, timings: dict):
     out = os.path.join(workdir, "samples")
     path = os.path.join(out, "grid.png")
     if os.path.exists(path):
-        _say(f"[samples] {path} exists: skipped")
+        say(f"[samples] {path} exists: skipped")
         return
     os.makedirs(out, exist_ok=True)
     s = config.sample
@@ -146,7 +142,7 @@ def _samples(config, workdir: str, pipe: Pipeline, timings: dict):
     with open(os.path.join(out, "settings.json"), "w") as f:
         json.dump({"prompts": list(s.prompts), "per_prompt": int(s.per_prompt),
                    "seed": int(s.seed), **dataclass_dict(_settings(config))}, f, indent=2)
-    _say(f"[samples] wrote {path} (one row per prompt: {', '.join(s.prompts)})")
+    say(f"[samples] wrote {path} (one row per prompt: {', '.join(s.prompts)})")
 
 
 def dataclass_dict(d) -> dict:
@@ -210,7 +206,7 @@ def evaluate_true_embeddings(pipe: Pipeline, prompts, per_prompt: int, seed: int
 def _report(config, workdir: str, pipe: Pipeline, timings: dict):
     path = os.path.join(workdir, "report.json")
     if os.path.exists(path):
-        _say(f"[report] {path} exists: skipped")
+        say(f"[report] {path} exists: skipped")
         return
     r = config.report
     settings = _settings(config)
@@ -265,7 +261,7 @@ def _report(config, workdir: str, pipe: Pipeline, timings: dict):
             json.dump(report, f, indent=2)
         with open(os.path.join(workdir, "report.md"), "w") as f:
             f.write(_markdown(report))
-    _say(f"[report] single-object prompts: colour {acc['colour_acc']:.1%}, shape "
+    say(f"[report] single-object prompts: colour {acc['colour_acc']:.1%}, shape "
          f"{acc['shape_acc']:.1%}, both {acc['both_acc']:.1%} over {acc['single_count']} "
          f"samples (diffusion prior)" + (
              f"; AR prior: colour {acc_ar['colour_acc']:.1%}, shape {acc_ar['shape_acc']:.1%},"
@@ -366,6 +362,6 @@ def run_pipeline(config, workdir: str) -> dict:
                 json.dump(timings, f, indent=2)
     total = time.perf_counter() - t0
     report = os.path.join(workdir, "report.md")
-    _say(f"[done] {', '.join(config.order)} in {total:.0f} s"
+    say(f"[done] {', '.join(config.order)} in {total:.0f} s"
          + (f"; report in {report}" if os.path.exists(report) else ""))
     return {"workdir": workdir, "timings": timings, "seconds": total}
