@@ -14,19 +14,9 @@ from unclip_jax.models.clip import CLIP, to_clip_pixels  # noqa: E402
 
 
 def _write_tiny_tokenizer(d):
-    """A byte-level CLIP vocabulary (every byte alone and word-final) plus two merges."""
-    from tokenizers.pre_tokenizers import ByteLevel
-
-    chars = ByteLevel.alphabet()
-    merges = [("r", "e"), ("re", "d</w>")]
-    vocab = sorted(chars) + [c + "</w>" for c in sorted(chars)] + [a + b for a, b in merges]
-    vocab += ["<|startoftext|>", "<|endoftext|>"]
-    with open(os.path.join(d, "vocab.json"), "w") as f:
-        json.dump({t: i for i, t in enumerate(vocab)}, f)
-    with open(os.path.join(d, "merges.txt"), "w") as f:
-        f.write("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges))
+    clip_import._write_bpe_vocab(d, ["red"])  # bytes, word-final bytes, and "red" as one token
     tok = transformers.CLIPTokenizer.from_pretrained(d)
-    assert len(tok) == len(vocab)  # guards against transformers' 2-token-vocabulary trap
+    assert len(tok) == 2 * 256 + 2 + 2  # guards against transformers' 2-token-vocabulary trap
     return tok
 
 
@@ -99,3 +89,19 @@ def test_misshaped_tensor_is_named(hf_dir):
     tensors[name] = tensors[name][:, :-1]
     with pytest.raises(ValueError, match=name.replace(".", r"\.")):
         clip_import.convert_state_dict(model, tensors)
+
+
+def test_random_hf_clip_is_the_transformers_layout(tmp_path):
+    """write_random_hf_clip (no torch) writes what transformers' CLIPModel loads strictly."""
+    d = str(tmp_path)
+    clip_import.write_random_hf_clip(d, words=["red", "square"], context_length=12)
+    hf, info = transformers.CLIPModel.from_pretrained(d, output_loading_info=True)
+    assert not any(info.get(k) for k in ("missing_keys", "unexpected_keys", "mismatched_keys"))
+    tensors = clip_import.read_safetensors(d)
+    assert set(tensors) == set(hf.state_dict()) - {k for k in hf.state_dict() if "position_ids" in k}
+    tok = clip_import.Tokenizer.load(d)
+    assert tok.context_length == 12
+    tokens, _ = tok.encode(["red square"])
+    assert tokens[0, :4].tolist() == [tok.bos_id, *transformers.CLIPTokenizer.from_pretrained(d)(
+        "red square", add_special_tokens=False)["input_ids"], tok.eos_id]
+    assert (tokens[0, 4:] == tok.pad_id).all()  # "red" and "square" are one token each

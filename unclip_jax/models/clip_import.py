@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+from typing import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -194,3 +195,102 @@ class HFClipEncoder:
 
 def encoder(config):
     return HFClipEncoder(str(config.embed.clip_dir))
+
+
+def _hf_tensor_shapes(t: dict, v: dict, projection_dim: int) -> dict[str, tuple]:
+    """Every tensor of a transformers `CLIPModel` checkpoint -> its shape."""
+    shapes = {
+        "text_model.embeddings.token_embedding.weight": (t["vocab_size"], t["width"]),
+        "text_model.embeddings.position_embedding.weight": (t["ctx"], t["width"]),
+        "vision_model.embeddings.class_embedding": (v["width"],),
+        "vision_model.embeddings.patch_embedding.weight": (v["width"], 3, v["patch"], v["patch"]),
+        "vision_model.embeddings.position_embedding.weight":
+            ((v["image_size"] // v["patch"]) ** 2 + 1, v["width"]),
+        "text_projection.weight": (projection_dim, t["width"]),
+        "visual_projection.weight": (projection_dim, v["width"]),
+        "logit_scale": (),
+    }
+    norms = {"text_model.final_layer_norm": t["width"], "vision_model.pre_layrnorm": v["width"],
+             "vision_model.post_layernorm": v["width"]}
+    for tower, c in (("text_model", t), ("vision_model", v)):
+        w, m = c["width"], c["mlp_dim"]
+        for i in range(c["depth"]):
+            hf = f"{tower}.encoder.layers.{i}"
+            for p in "qkv":
+                shapes[f"{hf}.self_attn.{p}_proj.weight"] = (w, w)
+                shapes[f"{hf}.self_attn.{p}_proj.bias"] = (w,)
+            shapes[f"{hf}.self_attn.out_proj.weight"] = (w, w)
+            shapes[f"{hf}.self_attn.out_proj.bias"] = (w,)
+            shapes.update({f"{hf}.mlp.fc1.weight": (m, w), f"{hf}.mlp.fc1.bias": (m,),
+                           f"{hf}.mlp.fc2.weight": (w, m), f"{hf}.mlp.fc2.bias": (w,)})
+            norms.update({f"{hf}.layer_norm1": w, f"{hf}.layer_norm2": w})
+    for name, w in norms.items():
+        shapes[f"{name}.weight"], shapes[f"{name}.bias"] = (w,), (w,)
+    return shapes
+
+
+def _write_bpe_vocab(directory: str, words: Sequence[str]) -> None:
+    """A byte-level CLIP vocabulary (every byte alone and word-final) plus merges that make each
+    of `words` one token, so captions made of them stay short."""
+    from tokenizers.pre_tokenizers import ByteLevel
+
+    chars = sorted(ByteLevel.alphabet())
+    vocab = chars + [c + "</w>" for c in chars]
+    merges: list[tuple[str, str]] = []
+    for word in dict.fromkeys(w.lower() for w in words if len(w) > 1):
+        parts = list(word[:-1]) + [word[-1] + "</w>"]
+        prefix = parts[0]
+        for p in parts[1:]:
+            if (prefix, p) not in merges:
+                merges.append((prefix, p))
+                vocab.append(prefix + p)
+            prefix += p
+    vocab = list(dict.fromkeys(vocab)) + ["<|startoftext|>", "<|endoftext|>"]
+    with open(os.path.join(directory, "vocab.json"), "w") as f:
+        json.dump({tok: i for i, tok in enumerate(vocab)}, f)
+    with open(os.path.join(directory, "merges.txt"), "w") as f:
+        f.write("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges))
+
+
+def write_random_hf_clip(directory: str, *, words: Sequence[str] = (), text_width: int = 32,
+                         text_depth: int = 2, text_heads: int = 4, context_length: int = 77,
+                         image_size: int = 32, patch: int = 8, vision_width: int = 24,
+                         vision_depth: int = 2, vision_heads: int = 3, projection_dim: int = 16,
+                         seed: int = 0) -> None:
+    """Write a random-weight CLIP in the Hugging Face layout (config.json, model.safetensors,
+    tokenizer files), as `transformers.CLIPModel.save_pretrained` would, without torch.
+
+    For smoke runs and tests that need "a pretrained HF CLIP" and may not download one; its
+    embeddings mean nothing. `words` get single-token merges in the BPE vocabulary."""
+    import transformers
+    from safetensors.numpy import save_file
+
+    os.makedirs(directory, exist_ok=True)
+    _write_bpe_vocab(directory, words)
+    tok = transformers.CLIPTokenizer.from_pretrained(directory, model_max_length=context_length)
+    tok.save_pretrained(directory)
+    t = dict(vocab_size=len(tok), width=text_width, depth=text_depth, heads=text_heads,
+             mlp_dim=4 * text_width, ctx=context_length)
+    v = dict(image_size=image_size, patch=patch, width=vision_width, depth=vision_depth,
+             heads=vision_heads, mlp_dim=4 * vision_width)
+    transformers.CLIPConfig(
+        text_config=dict(vocab_size=t["vocab_size"], hidden_size=text_width,
+                         intermediate_size=t["mlp_dim"], num_hidden_layers=text_depth,
+                         num_attention_heads=text_heads, max_position_embeddings=context_length,
+                         bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                         pad_token_id=tok.pad_token_id),
+        vision_config=dict(hidden_size=vision_width, intermediate_size=v["mlp_dim"],
+                           num_hidden_layers=vision_depth, num_attention_heads=vision_heads,
+                           image_size=image_size, patch_size=patch),
+        projection_dim=projection_dim, architectures=["CLIPModel"]).save_pretrained(directory)
+    rng = np.random.default_rng(seed)
+    tensors = {}
+    for name, shape in _hf_tensor_shapes(t, v, projection_dim).items():
+        if name == "logit_scale":
+            value = np.asarray(np.log(1 / 0.07))
+        elif "norm" in name or "layrnorm" in name:  # affine around identity, as trained CLIPs
+            value = float(name.endswith(".weight")) + 0.1 * rng.standard_normal(shape)
+        else:
+            value = 0.02 * rng.standard_normal(shape)
+        tensors[name] = np.asarray(value, np.float32)
+    save_file(tensors, os.path.join(directory, "model.safetensors"), metadata={"format": "pt"})
