@@ -172,6 +172,10 @@ def caption(scene: dict, rng: np.random.Generator) -> str:
     return text
 
 
+# Split -> the seed component of its examples (the tfds builder and data.synthetic share it).
+SPLIT_IDS = {"train": 0, "test": 1}
+
+
 def example(seed: int, split_id: int, index: int, size: int = 64) -> tuple[dict, str, np.ndarray]:
     """The scene, caption and image of example `index`: a pure function of its arguments."""
     rng = np.random.default_rng([seed, split_id, index])

@@ -18,8 +18,8 @@ from etils import epath
 from PIL import Image
 
 from unclip_jax.data import shapes
+from unclip_jax.data.shapes import SPLIT_IDS
 
-SPLIT_IDS = {"train": 0, "test": 1}
 MAX_OBJECTS = 2
 
 
