@@ -91,8 +91,10 @@ def test_restore_onto_another_mesh(tmp_path):
     rules = parallel.rules_from_config(cfg)
     abstract, _, _ = prepare_state(stage, stage.build_model(cfg), make_optimizer(cfg.optim, 12),
                                    cfg, mesh, rules, stage.example_batch(cfg, 1))
-    state, data_state, step = Checkpointer(wd).restore_latest(abstract)
-    assert step == 12 and data_state == {"step": 12}
+    state, position, step = Checkpointer(wd).restore_latest(abstract)
+    assert step == 12
+    assert position == {"examples": 12 * cfg.train.batch_size, "process_count": 1,
+                        "processes": [{"step": 12}]}
     assert state.params["up_0"]["kernel"].sharding.mesh.shape == mesh.shape
     assert_trees_close(saved["state"], state)
 
