@@ -18,15 +18,9 @@ from typing import Any
 import jax
 import orbax.checkpoint as ocp
 from absl import logging
-from etils import epath
 
 from unclip_jax import distributed
-
-
-def workdir_path(workdir) -> epath.Path:
-    """The workdir as a path object: local paths made absolute, URLs (gs://...) kept as they are."""
-    s = str(workdir)
-    return epath.Path(s) if "://" in s else epath.Path(s).absolute()
+from unclip_jax.paths import path as workdir_path
 
 
 class Checkpointer:

@@ -21,7 +21,7 @@ import numpy as np
 from absl import logging
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from unclip_jax import parallel
+from unclip_jax import parallel, paths
 from unclip_jax.stages import get_stage
 from unclip_jax.train.checkpoint import Checkpointer
 from unclip_jax.train.metrics import MetricWriter
@@ -203,7 +203,7 @@ def train(config, workdir: str, *, stop_at: int | None = None) -> dict:
     parallel.split_cpu_devices(config.mesh)
     n_dev = int(config.mesh.num_devices) or jax.device_count()
     validate_config(config, stage, n_dev, jax.process_count())
-    os.makedirs(workdir, exist_ok=True)
+    paths.path(workdir).mkdir(parents=True, exist_ok=True)
     check_same_model(config, workdir)
     b = build_step(config)
     mesh, data_sharding, abstract, init = b.mesh, b.batch_sharding, b.abstract_state, b.init
@@ -234,8 +234,7 @@ def train(config, workdir: str, *, stop_at: int | None = None) -> dict:
     writer = MetricWriter(workdir, resume_step=start)
     config_json = config.to_json_best_effort()
     if jax.process_index() == 0:
-        with open(os.path.join(workdir, "config.json"), "w") as f:
-            f.write(config_json)
+        paths.write_text(paths.path(workdir) / "config.json", config_json)
     preempt = _Preemption()
     end = num_steps if stop_at is None else min(num_steps, int(stop_at))
     pbar = None
@@ -318,11 +317,10 @@ def _diff(a, b, prefix=""):
 def check_same_model(config, workdir: str) -> None:
     """Refuse to resume a workdir whose checkpoints hold another stage or architecture: restoring
     would fail (or, worse, silently mismatch); the existing checkpoints are left untouched."""
-    path = os.path.join(workdir, "config.json")
-    if not os.path.exists(path):
+    path = paths.path(workdir) / "config.json"
+    if not path.exists():
         return
-    with open(path) as f:
-        saved = json.load(f)
+    saved = json.loads(path.read_text())
     now = json.loads(config.to_json_best_effort())
     diffs = _diff({"stage": saved.get("stage"), "model": saved.get("model")},
                   {"stage": now.get("stage"), "model": now.get("model")})
