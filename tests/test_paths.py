@@ -47,3 +47,15 @@ def test_train_kill_and_resume_on_gcs(bucket, tmp_path, monkeypatch):
     assert list((root / "tensorboard").iterdir())
     assert not os.path.exists(tmp_path / "gs:")
     assert sorted(os.listdir(tmp_path)) == ["local"]
+
+
+def test_paths_not_on_object_storage_yet_are_refused_before_anything_is_written(tmp_path,
+                                                                               monkeypatch):
+    from unclip_jax import distributed, main
+    from helpers.trainer import load_config
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ValueError, match="whole-stack recipe writes its caches"):
+        main.run(load_config("shapes.py", "smoke"), "gs://bucket/run")
+    with pytest.raises(ValueError, match="local or shared"):
+        distributed.write_once("gs://bucket/run/tokenizer", lambda tmp: None)
+    assert os.listdir(tmp_path) == []

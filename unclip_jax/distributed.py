@@ -148,6 +148,12 @@ def write_once(path: str, write) -> None:
     import shutil
 
     import jax
+
+    from unclip_jax import paths
+    if paths.is_url(path):
+        raise ValueError(f"{path}: the files a stage derives from its data (tokenizer, codec, "
+                         "embedding statistics) are written to local or shared (NFS) paths only; "
+                         "give this path as a local one")
     from jax.experimental import multihost_utils
 
     if jax.process_index() == 0 and not (os.path.exists(path) and (
