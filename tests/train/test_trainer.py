@@ -240,3 +240,19 @@ def test_all_checkpoints_corrupt_is_an_error_then_a_fresh_start(tmp_path):
     assert out["resumed_from"] is None or out["resumed_from"] == 0
     full = train(toy_config(), str(tmp_path / "full"))
     assert_trees_close(full["state"].params, out["state"].params)
+
+
+def test_resume_from_a_checkpoint_with_the_older_per_process_data_position(tmp_path):
+    # Checkpoints written before the position moved into the checkpoint kept
+    # data_state/<step>/process_<i>.json beside it: such a run still resumes exactly.
+    import shutil
+    wd = str(tmp_path / "old")
+    train(toy_config(), wd, stop_at=6)
+    shutil.rmtree(os.path.join(wd, "checkpoints", "6", "data"))
+    os.makedirs(os.path.join(wd, "data_state", "6"))
+    with open(os.path.join(wd, "data_state", "6", "process_0.json"), "w") as f:
+        json.dump({"step": 6}, f)
+    resumed = train(toy_config(), wd)
+    assert resumed["resumed_from"] == 6 and resumed["examples"] == 12 * 16
+    full = train(toy_config(), str(tmp_path / "full"))
+    assert_trees_close(full["state"].params, resumed["state"].params)
