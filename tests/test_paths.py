@@ -45,6 +45,11 @@ def test_train_kill_and_resume_on_gcs(bucket, tmp_path, monkeypatch):
     assert rows[-1]["examples"] == 12 * 16
     assert json.loads((root / "config.json").read_text())["stage"] == "toy"
     assert list((root / "tensorboard").iterdir())
+    # What sampling and evaluation load (read only): the EMA parameters of the last step.
+    from unclip_jax.train.checkpoint import load_trained
+    loaded = load_trained(wd)
+    assert loaded.step == 12
+    assert_trees_close(full["state"].ema_params, loaded.params)
     assert not os.path.exists(tmp_path / "gs:")
     assert sorted(os.listdir(tmp_path)) == ["local"]
 
