@@ -77,8 +77,8 @@ class Checkpointer:
         for step in steps:
             err, layout = None, None
             try:
-                meta = ocp.StandardCheckpointer().metadata(
-                    self.ckpt_dir / str(step) / "state").item_metadata
+                with ocp.StandardCheckpointer() as reader:
+                    meta = reader.metadata(self.ckpt_dir / str(step) / "state").item_metadata
                 if meta is None:
                     raise ValueError("no readable tree metadata")
                 saved = _tree_shapes(meta)
