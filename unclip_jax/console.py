@@ -75,7 +75,14 @@ def log_to_file(directory: str, process_index: int = 0) -> str:
     """Append the logging at the root logger's level (INFO under absl's app.run, or what
     --verbosity says) to
     DIRECTORY/log.txt (log.<i>.txt for process i > 0, so processes sharing a directory don't
-    interleave). Returns the file's path."""
+    interleave). Returns the file's path. A log is appended line by line, which object storage
+    cannot do: for a gs://... directory it goes to a local temporary folder named after it."""
+    from unclip_jax import paths
+    if paths.is_url(directory):
+        import re
+        import tempfile
+        directory = os.path.join(tempfile.gettempdir(), "unclip_jax_logs",
+                                 re.sub(r"[^A-Za-z0-9._-]+", "_", str(directory)))
     os.makedirs(directory, exist_ok=True)
     name = LOG_FILE if process_index == 0 else f"log.{process_index}.txt"
     path = os.path.join(directory, name)

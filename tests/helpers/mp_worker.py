@@ -58,13 +58,18 @@ def main():
     over = {"mesh.data": -1}
     if int(os.environ.get("MP_SIGTERM_PROCESS", "-1")) == pid:  # a preemption notice on one host
         over["data.sigterm_at_step"] = int(os.environ["MP_SIGTERM_STEP"])
-    out = train(toy_config(**over), workdir)
+    if os.environ.get("MP_NUM_STEPS"):
+        over["train.num_steps"] = int(os.environ["MP_NUM_STEPS"])
+    stop_at = int(os.environ.get("MP_STOP_AT", "0")) or None
+    out = train(toy_config(**over), workdir, stop_at=stop_at)
     params = host_tree(out["state"].params)
     print("RESULT " + json.dumps({
         "process": jax.process_index(), "processes": jax.process_count(),
         "devices": jax.device_count(), "loss": out["metrics"]["loss"],
         "status": out["status"], "step": out["step"],
         "kernel_sum": float(params["up_0"]["kernel"].sum()),
+        "resumed_from": out["resumed_from"], "examples": out["examples"],
+        "params": [x.ravel().tolist() for x in jax.tree.leaves(params)],
     }), flush=True)
 
 

@@ -5,6 +5,7 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import portpicker
 import pytest
 
@@ -30,14 +31,20 @@ def _run(n, local_devices, workdir, **extra_env):
     return results
 
 
-def test_two_processes_agree_with_one(tmp_path):
+@pytest.fixture(scope="module")
+def one_process(tmp_path_factory):
+    """The reference: one process with 4 devices trains the toy run uninterrupted."""
+    return _run(1, 4, str(tmp_path_factory.mktemp("one")))[0]
+
+
+def test_two_processes_agree_with_one(tmp_path, one_process):
     two = _run(2, 2, str(tmp_path / "two"))
     assert {r["process"] for r in two} == {0, 1}
     assert all(r["processes"] == 2 and r["devices"] == 4 for r in two)
     assert two[0]["loss"] == two[1]["loss"]
     assert two[0]["kernel_sum"] == two[1]["kernel_sum"]
     # Each process fed its own half of every global batch: same result as one process with 4.
-    one = _run(1, 4, str(tmp_path / "one"))[0]
+    one = one_process
     assert one["loss"] == pytest.approx(two[0]["loss"], rel=1e-5)
     assert one["kernel_sum"] == pytest.approx(two[0]["kernel_sum"], rel=1e-4, abs=1e-4)
     # Only process 0 wrote metrics; the checkpoint is complete.
@@ -45,14 +52,42 @@ def test_two_processes_agree_with_one(tmp_path):
     assert os.path.isdir(tmp_path / "two" / "checkpoints" / "12")
 
 
+def test_resume_on_another_process_count(tmp_path, one_process):
+    """2 processes train to step 4, 1 process (with half the devices) resumes to 8, 2 processes
+    finish: the same parameters as one uninterrupted process, every example counted once."""
+    wd = str(tmp_path / "resize")
+    a = _run(2, 2, wd, MP_STOP_AT="4")
+    b = _run(1, 2, wd, MP_STOP_AT="8")
+    c = _run(2, 2, wd)
+    assert [r["resumed_from"] for r in a + b + c] == [0, 0, 4, 8, 8]
+    assert [r["step"] for r in a + b + c] == [4, 4, 8, 12, 12]
+    batch = 16  # toy_config's global batch
+    assert [r["examples"] for r in a + b + c] == [4 * batch] * 2 + [8 * batch] + [12 * batch] * 2
+    assert not os.path.exists(os.path.join(wd, "corrupt_checkpoints"))
+    for got, want in zip(c[0]["params"], one_process["params"]):
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+    assert c[0]["params"] == c[1]["params"]
+    # The job's position is one record in the checkpoint, written for 2 processes.
+    with open(os.path.join(wd, "checkpoints", "12", "data", "metadata")) as f:
+        position = json.load(f)
+    assert position == {"examples": 12 * batch, "process_count": 2,
+                        "processes": [{"step": 12}, {"step": 12}]}
+
+
 def test_sigterm_on_one_host_stops_every_host_at_the_same_step(tmp_path):
+    # The coordination service tells every host of the notice and agrees on a step a little
+    # ahead of the furthest host (hosts drift apart between checkpoints: no per-step sync), so
+    # the run is long enough for that step to come before the end.
     wd = str(tmp_path / "pre")
-    two = _run(2, 2, wd, MP_SIGTERM_PROCESS="1", MP_SIGTERM_STEP="5")
+    two = _run(2, 2, wd, MP_SIGTERM_PROCESS="1", MP_SIGTERM_STEP="5", MP_NUM_STEPS="24")
     assert [r["status"] for r in two] == ["preempted", "preempted"]
-    assert two[0]["step"] == two[1]["step"] == 6  # the step in flight finishes, then both save
-    assert os.path.isdir(os.path.join(wd, "checkpoints", "6"))
-    resumed = _run(2, 2, wd)
-    assert [r["status"] for r in resumed] == ["done", "done"] and resumed[0]["step"] == 12
+    stop = two[0]["step"]
+    assert two[1]["step"] == stop and 6 <= stop < 24  # the notice came during step 6
+    assert two[0]["params"] == two[1]["params"]
+    assert os.path.isdir(os.path.join(wd, "checkpoints", str(stop)))
+    resumed = _run(2, 2, wd, MP_NUM_STEPS="24")
+    assert [r["status"] for r in resumed] == ["done", "done"] and resumed[0]["step"] == 24
+    assert resumed[0]["resumed_from"] == stop and resumed[0]["examples"] == 24 * 16
 
 
 def test_local_launcher_runs_main_on_two_processes(tmp_path):

@@ -91,8 +91,10 @@ def test_restore_onto_another_mesh(tmp_path):
     rules = parallel.rules_from_config(cfg)
     abstract, _, _ = prepare_state(stage, stage.build_model(cfg), make_optimizer(cfg.optim, 12),
                                    cfg, mesh, rules, stage.example_batch(cfg, 1))
-    state, data_state, step = Checkpointer(wd).restore_latest(abstract)
-    assert step == 12 and data_state == {"step": 12}
+    state, position, step = Checkpointer(wd).restore_latest(abstract)
+    assert step == 12
+    assert position == {"examples": 12 * cfg.train.batch_size, "process_count": 1,
+                        "processes": [{"step": 12}]}
     assert state.params["up_0"]["kernel"].sharding.mesh.shape == mesh.shape
     assert_trees_close(saved["state"], state)
 
@@ -238,3 +240,19 @@ def test_all_checkpoints_corrupt_is_an_error_then_a_fresh_start(tmp_path):
     assert out["resumed_from"] is None or out["resumed_from"] == 0
     full = train(toy_config(), str(tmp_path / "full"))
     assert_trees_close(full["state"].params, out["state"].params)
+
+
+def test_resume_from_a_checkpoint_with_the_older_per_process_data_position(tmp_path):
+    # Checkpoints written before the position moved into the checkpoint kept
+    # data_state/<step>/process_<i>.json beside it: such a run still resumes exactly.
+    import shutil
+    wd = str(tmp_path / "old")
+    train(toy_config(), wd, stop_at=6)
+    shutil.rmtree(os.path.join(wd, "checkpoints", "6", "data"))
+    os.makedirs(os.path.join(wd, "data_state", "6"))
+    with open(os.path.join(wd, "data_state", "6", "process_0.json"), "w") as f:
+        json.dump({"step": 6}, f)
+    resumed = train(toy_config(), wd)
+    assert resumed["resumed_from"] == 6 and resumed["examples"] == 12 * 16
+    full = train(toy_config(), str(tmp_path / "full"))
+    assert_trees_close(full["state"].params, resumed["state"].params)

@@ -131,6 +131,14 @@ class BatchIterator:
         self._it.set_state(state["grain"])
         self._counts.update(state["counts"])
 
+    def seek(self, examples: int, process_count: int) -> None:
+        """Resume on another process count from the job's position (`examples` consumed by all
+        processes): this process's slice and shuffle differ from the writer's, so it starts at
+        the same fraction of its own epoch stream (examples // process_count); within the epoch
+        in progress some examples may come twice or not at all, later epochs are whole."""
+        self._it.set_state({"next_index": int(examples) // int(process_count)})
+        self._counts["examples"] = int(examples) // int(process_count)
+
     def stats(self) -> dict[str, float]:
         out = dict(self._counts)
         out["epoch"] = self._it.get_state()["next_index"] / len(self.source)

@@ -9,7 +9,6 @@ the record and counted by the iterator.
 """
 from __future__ import annotations
 
-import glob
 import json
 import os
 import tarfile
@@ -20,6 +19,7 @@ import ml_collections
 import numpy as np
 from absl import logging
 
+from unclip_jax import paths
 from unclip_jax.data import cache
 
 _IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
@@ -154,9 +154,9 @@ def _index_tar(path: str) -> list[dict]:
     wholly before the damage, with a warning naming the shard; one that is not a tar at all
     gives none."""
     examples: dict[str, dict] = {}
-    file_size = os.path.getsize(path)
+    file_size = paths.path(path).stat().length
     try:
-        with tarfile.open(path, "r:") as tar:
+        with _open_shard(path) as f, tarfile.open(fileobj=f, mode="r:") as tar:
             for m in tar:
                 if not m.isfile() or m.offset_data + m.size > file_size:
                     continue
@@ -177,37 +177,81 @@ def _index_tar(path: str) -> list[dict]:
     return list(examples.values())
 
 
+def _open_shard(path: str):
+    return open(path, "rb") if not paths.is_url(path) else paths.path(path).open("rb")
+
+
+INDEX_SUFFIX = ".index.json"
+
+
+def shard_index(path: str) -> list[dict]:
+    """`_index_tar(path)`, built once and stored beside the shard (SHARD.tar.index.json, valid
+    while the shard keeps its size and modification time); later starts read that file instead
+    of the tar headers. A read-only dataset folder is indexed in memory at each start, with a
+    warning."""
+    index_path = paths.path(path + INDEX_SUFFIX)
+    st = paths.path(path).stat()
+    size, mtime = int(st.length), float(st.mtime)
+    try:
+        stored = json.loads(index_path.read_text())
+        if stored.get("size") == size and stored.get("mtime") == mtime:
+            return [{k: (tuple(v) if isinstance(v, list) else v) for k, v in ex.items()}
+                    for ex in stored["examples"]]
+    except (OSError, ValueError, KeyError, AttributeError):
+        pass  # absent, stale or unreadable: rebuilt below
+    examples = _index_tar(path)
+    try:
+        paths.write_text(index_path, json.dumps({"size": size, "mtime": mtime,
+                                                 "examples": examples}))
+    except OSError as e:
+        logging.warning("cannot store the index of %s beside it (%s); it is rebuilt at every "
+                        "start", path, e)
+    return examples
+
+
 class WebDatasetSource:
     """img2dataset tar shards (KEY.jpg|png|webp, KEY.txt, optional KEY.json), indexed.
 
-    Shard i of the sorted list goes to process i % process_count; each assigned shard's tar
-    headers are scanned once (cheap: data is skipped) to get random access to its members.
-    A missing KEY.txt falls back to the "caption" field of KEY.json.
+    Shard i of the sorted list goes to process i % process_count; a process reads the stored
+    index (`shard_index`) of its own shards only, and of another shard only when asked for one
+    of its examples by global index (`read`). Shards may be local or on object storage
+    (`gs://bucket/shards/*.tar`). A missing KEY.txt falls back to the "caption" field of KEY.json.
     """
 
     extra_fields: tuple[str, ...] = ()
 
     def __init__(self, pattern: str, process_index: int, process_count: int):
         self.path = pattern
-        self.shards = sorted(p for pat in pattern.split(",") for p in glob.glob(pat.strip()))
+        self.shards = sorted(p for pat in pattern.split(",") for p in paths.glob(pat.strip())
+                             if not p.endswith(INDEX_SUFFIX))
         if not self.shards:
             raise FileNotFoundError(f"no webdataset shards match {pattern!r}")
-        mine = list(range(process_index, len(self.shards), process_count))
-        if not mine:
+        self._mine = list(range(process_index, len(self.shards), process_count))
+        if not self._mine:
             raise ValueError(f"{len(self.shards)} shards match {pattern!r}, fewer than the "
                              f"{process_count} processes reading them")
+        self._process_index = process_index
         self._index: dict[int, list[dict]] = {}
         self._lock = threading.Lock()
-        self._local = [(s, k) for s in mine for k in range(len(self._shard_index(s)))]
-        if not self._local:
-            raise ValueError(f"webdataset shards {pattern!r} hold no examples for process "
-                             f"{process_index}")
+        self._local_list = None
 
     def _shard_index(self, s: int) -> list[dict]:
         with self._lock:
             if s not in self._index:
-                self._index[s] = _index_tar(self.shards[s])
+                self._index[s] = shard_index(self.shards[s])
             return self._index[s]
+
+    @property
+    def _local(self) -> list[tuple[int, int]]:
+        # Built on first use: a source read only by global index (join_images) never indexes
+        # the shards it is not asked about.
+        if self._local_list is None:
+            local = [(s, k) for s in self._mine for k in range(len(self._shard_index(s)))]
+            if not local:
+                raise ValueError(f"webdataset shards {self.path!r} hold no examples for process "
+                                 f"{self._process_index}")
+            self._local_list = local
+        return self._local_list
 
     def __len__(self) -> int:
         return len(self._local)
@@ -220,7 +264,7 @@ class WebDatasetSource:
         s, k = index >> SHARD_BITS, index & ((1 << SHARD_BITS) - 1)
         ex = self._shard_index(s)[k]
         out = {"index": index, "image": None, "caption": None}
-        with open(self.shards[s], "rb") as f:
+        with _open_shard(self.shards[s]) as f:
             def member(name):
                 f.seek(ex[name][0])
                 return f.read(ex[name][1])

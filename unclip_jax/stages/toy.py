@@ -75,6 +75,9 @@ class ToyIterator:
     def set_state(self, state):
         self.step = int(state["step"])
 
+    def seek(self, examples, process_count):
+        self.step = int(examples) // self.global_batch  # the stream does not depend on the count
+
     def stats(self):
         return {"poisoned_batches": float(sum(1 for s in self.poison if s < self.step))}
 

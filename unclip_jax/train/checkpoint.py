@@ -1,68 +1,53 @@
-"""Orbax checkpoints with resume: train state (sharded), config, and each process's data position.
+"""Orbax checkpoints with resume: train state (sharded), config, and the job's data position.
 
-Layout under the workdir:
-  checkpoints/<step>/{state,meta}     Orbax (async; a step dir appears only once finalised)
-  data_state/<step>/process_<i>.json  the input iterator's position, written *before* the Orbax
-                                      save starts, so every finalised step has one
-  corrupt_checkpoints/<step>-<time>/  steps that failed to restore, moved aside (never deleted)
+Layout under the workdir (a local path or an object-store URL such as gs://bucket/run):
+  checkpoints/<step>/{state,meta,data}   Orbax (async; a step appears only once committed).
+                                         `data` is the data position: examples consumed by the
+                                         whole job, the process count, and each process's
+                                         iterator state (exact resume on the same count)
+  corrupt_checkpoints/<step>-<time>/     steps that every process agreed cannot be restored,
+                                         moved aside by process 0 (never deleted)
 """
 from __future__ import annotations
 
 import dataclasses
 import json
-import os
-import shutil
 import time
 from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
 from absl import logging
-from jax.experimental import multihost_utils
+
+from unclip_jax import distributed
+from unclip_jax.paths import path as workdir_path
 
 
 class Checkpointer:
     def __init__(self, workdir: str, *, keep: int = 3, async_save: bool = True):
-        self.workdir = os.path.abspath(workdir)
-        self.ckpt_dir = os.path.join(self.workdir, "checkpoints")
-        self.data_dir = os.path.join(self.workdir, "data_state")
+        self.workdir = workdir_path(workdir)
+        self.ckpt_dir = self.workdir / "checkpoints"
         self._options = ocp.CheckpointManagerOptions(
             max_to_keep=keep, enable_async_checkpointing=async_save, create=True)
         self.mgr = ocp.CheckpointManager(self.ckpt_dir, options=self._options)
 
     # -- saving ------------------------------------------------------------------------------
-    def save(self, step: int, state, data_state, config_json: str, *, force: bool = False) -> bool:
-        self._write_data_state(step, data_state)
-        saved = self.mgr.save(
+    def save(self, step: int, state, data_state, config_json: str, *, examples: int,
+             force: bool = False) -> bool:
+        """Save the train state with the job's data position: `examples` consumed by the whole
+        job and this process's iterator state (gathered from every process on the host side)."""
+        states = distributed.host_values(f"data position {step}", data_state)
+        position = {"examples": int(examples), "process_count": jax.process_count(),
+                    "processes": states}
+        return self.mgr.save(
             step,
             args=ocp.args.Composite(
                 state=ocp.args.StandardSave(state),
                 meta=ocp.args.JsonSave({"step": int(step), "config": json.loads(config_json)}),
+                data=ocp.args.JsonSave(position),
             ),
             force=force,
         )
-        self._prune_data_states()
-        return saved
-
-    def _write_data_state(self, step, data_state):
-        d = os.path.join(self.data_dir, str(step))
-        os.makedirs(d, exist_ok=True)
-        path = os.path.join(d, f"process_{jax.process_index()}.json")
-        tmp = path + ".tmp"
-        with open(tmp, "w") as f:
-            json.dump(data_state, f)
-        os.replace(tmp, path)  # atomic: a reader never sees half a file
-
-    def _prune_data_states(self):
-        if jax.process_index() != 0 or not os.path.isdir(self.data_dir):
-            return
-        kept = self.mgr.all_steps()
-        if not kept:
-            return
-        oldest = min(kept)
-        for name in os.listdir(self.data_dir):
-            if name.isdigit() and int(name) < oldest:
-                shutil.rmtree(os.path.join(self.data_dir, name), ignore_errors=True)
 
     def wait(self):
         self.mgr.wait_until_finished()
@@ -79,79 +64,101 @@ class Checkpointer:
         return sorted(self.mgr.all_steps())
 
     def restore_latest(self, abstract_state):
-        """(state, data_state, step) from the newest checkpoint that restores, else None.
+        """(state, data position, step) from the newest checkpoint that restores, else None.
 
-        A checkpoint whose files cannot be read (truncated or corrupt, missing data position) is
-        logged, moved to corrupt_checkpoints/ and the previous one is tried. A checkpoint that
-        reads fine but holds another state layout (the config changed the optimiser chain or
-        the model) is not corruption: that raises, and no checkpoint is touched. If every
+        Whether a checkpoint is corrupt is decided by all processes together: each tries it,
+        they exchange verdicts, and if any failed every process moves on to the previous one
+        (process 0 moves the bad one to corrupt_checkpoints/; nothing is deleted). A checkpoint
+        that reads fine but holds another state layout (the config changed the optimiser chain
+        or the model) is not corruption: that raises, and no checkpoint is touched. If every
         checkpoint is corrupt this raises too, rather than silently starting from step 0."""
         steps = sorted(self.mgr.all_steps(), reverse=True)
         errors = []
         for step in steps:
+            err, layout = None, None
             try:
-                meta = ocp.StandardCheckpointer().metadata(
-                    os.path.join(self.ckpt_dir, str(step), "state")).item_metadata
+                with ocp.StandardCheckpointer() as reader:
+                    meta = reader.metadata(self.ckpt_dir / str(step) / "state").item_metadata
                 if meta is None:
                     raise ValueError("no readable tree metadata")
                 saved = _tree_shapes(meta)
                 if not saved or "" in saved:
                     raise ValueError("empty tree metadata")
-            except Exception as e:  # noqa: BLE001 - unreadable metadata: a corrupt checkpoint
-                saved, err = None, e
-            if saved is not None:
                 want = _tree_shapes(abstract_state)
                 if saved != want:
                     diff = sorted(set(saved.items()) ^ set(want.items()))
-                    raise ValueError(
+                    layout = (
                         f"checkpoint at step {step} in {self.ckpt_dir} holds a different train "
                         f"state layout than this config builds ({len(diff)} leaves differ, e.g. "
                         + ", ".join(f"{k} {v}" for k, v in diff[:4]) + "): the optimiser "
                         "(e.g. optim.grad_clip, optim.ema_decay) or model changed. Resume with "
                         "the config it was trained with, or use a new --workdir; the "
                         "checkpoints are left untouched")
+            except Exception as e:  # noqa: BLE001 - unreadable metadata: a corrupt checkpoint
+                err = e
+            restored = None
+            if err is None and layout is None:
                 try:
-                    data_state = self._read_data_state(step)
+                    position = self._read_position(step)
                     restored = self.mgr.restore(step, args=ocp.args.Composite(
-                        state=ocp.args.StandardRestore(abstract_state)))
-                    return restored["state"], data_state, step
+                        state=ocp.args.StandardRestore(abstract_state)))["state"]
                 except Exception as e:  # noqa: BLE001 - layout matched, so the files are bad
                     err = e
-            logging.warning("checkpoint at step %d in %s cannot be restored (%s: %s); "
-                            "moving it to corrupt_checkpoints/ and trying the previous one",
-                            step, self.ckpt_dir, type(err).__name__, str(err)[:500])
-            errors.append(f"step {step}: {type(err).__name__}: {str(err)[:200]}")
+            mine = ("layout", layout) if layout else (
+                ("error", f"{type(err).__name__}: {str(err)[:300]}") if err else ("ok", ""))
+            verdicts = distributed.host_values(f"restore {step}", mine)
+            bad_layout = next((m for v, m in verdicts if v == "layout"), None)
+            if bad_layout:
+                raise ValueError(bad_layout)
+            failed = [(i, m) for i, (v, m) in enumerate(verdicts) if v == "error"]
+            if not failed:
+                return restored, position, step
+            why = "; ".join(f"process {i}: {m}" for i, m in failed[:3])
+            logging.warning("checkpoint at step %d in %s cannot be restored (%s); moving it to "
+                            "corrupt_checkpoints/ and trying the previous one",
+                            step, self.ckpt_dir, why)
+            errors.append(f"step {step}: {why[:300]}")
             self._quarantine(step)
         if errors:
             raise RuntimeError(
                 f"none of the checkpoints in {self.ckpt_dir} could be restored; they were moved "
-                f"to {os.path.join(self.workdir, 'corrupt_checkpoints')} (nothing deleted). "
+                f"to {self.workdir / 'corrupt_checkpoints'} (nothing deleted). "
                 "Re-run to start this stage from step 0, or restore them by hand:\n  "
                 + "\n  ".join(errors))
         return None
 
-    def _read_data_state(self, step):
-        path = os.path.join(self.data_dir, str(step), f"process_{jax.process_index()}.json")
-        if not os.path.exists(path):
-            raise FileNotFoundError(f"no data iterator position for step {step}: {path}")
-        with open(path) as f:
-            return json.load(f)
+    def _read_position(self, step) -> dict:
+        if not (self.ckpt_dir / str(step) / "data").exists():
+            return self._read_legacy_position(step)
+        return self.mgr.restore(step, args=ocp.args.Composite(
+            data=ocp.args.JsonRestore()))["data"]
+
+    def _read_legacy_position(self, step) -> dict:
+        # Checkpoints written before the position moved into the checkpoint kept one file per
+        # process beside it: usable on the same process count only.
+        d = self.workdir / "data_state" / str(step)
+        files = sorted(d.glob("process_*.json")) if d.exists() else []
+        if not files:
+            raise FileNotFoundError(f"no data position for step {step} (neither "
+                                    f"{self.ckpt_dir / str(step) / 'data'} nor {d})")
+        states = [json.loads((d / f"process_{i}.json").read_text()) for i in range(len(files))]
+        return {"examples": None, "process_count": len(files), "processes": states}
 
     def _quarantine(self, step):
+        # Called by every process after the same collective verdict; only process 0 moves.
         if jax.process_index() == 0:
-            dest = os.path.join(self.workdir, "corrupt_checkpoints", f"{step}-{int(time.time())}")
-            os.makedirs(os.path.dirname(dest), exist_ok=True)
-            src = os.path.join(self.ckpt_dir, str(step))
-            if os.path.exists(src):
-                shutil.move(src, dest)
-        if jax.process_count() > 1:
-            multihost_utils.sync_global_devices(f"quarantine_{step}")
+            dest = self.workdir / "corrupt_checkpoints" / f"{step}-{int(time.time())}"
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            src = self.ckpt_dir / str(step)
+            if src.exists():
+                src.rename(dest)
+        distributed.host_values(f"moved {step}", True)
         self.mgr.reload()
 
 
 def read_config_json(workdir: str, step: int | None = None) -> dict:
     """The config saved with a checkpoint (latest when step is None), without restoring arrays."""
-    mgr = ocp.CheckpointManager(os.path.join(os.path.abspath(workdir), "checkpoints"),
+    mgr = ocp.CheckpointManager(workdir_path(workdir) / "checkpoints",
                                 options=ocp.CheckpointManagerOptions(read_only=True, create=False,
                                                                     save_interval_steps=0))
     step = mgr.latest_step() if step is None else step
@@ -194,11 +201,11 @@ def load_trained(workdir: str, *, ema: bool = True, step: int | None = None,
 
     from unclip_jax.stages import get_stage
 
-    workdir = os.path.abspath(workdir)
-    ckpt_dir = os.path.join(workdir, "checkpoints")
-    if not os.path.isdir(workdir):
+    workdir = workdir_path(workdir)
+    ckpt_dir = workdir / "checkpoints"
+    if not workdir.is_dir():
         raise FileNotFoundError(f"workdir {workdir} does not exist")
-    if not os.path.isdir(ckpt_dir):
+    if not ckpt_dir.is_dir():
         raise FileNotFoundError(f"{workdir} has no checkpoints/ directory: train this stage first "
                                 f"(python -m unclip_jax.main --config=... --workdir={workdir})")
     # save_interval_steps=0: what read_only implies (Orbax warns on every load otherwise).
@@ -233,7 +240,7 @@ def load_trained(workdir: str, *, ema: bool = True, step: int | None = None,
                     lambda x: ocp.ArrayRestoreArgs(sharding=x.sharding), item),
                 partial_restore=True)))
             mgr.close()
-            return Trained(config, stage, model, restored["state"][key], s, workdir)
+            return Trained(config, stage, model, restored["state"][key], s, str(workdir))
         except Exception as e:  # noqa: BLE001 - try the previous checkpoint
             logging.warning("checkpoint step %d in %s cannot be loaded (%s: %s); trying an "
                             "earlier one", s, ckpt_dir, type(e).__name__, str(e)[:300])

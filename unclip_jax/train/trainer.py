@@ -21,7 +21,7 @@ import numpy as np
 from absl import logging
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from unclip_jax import parallel
+from unclip_jax import parallel, paths
 from unclip_jax.stages import get_stage
 from unclip_jax.train.checkpoint import Checkpointer
 from unclip_jax.train.metrics import MetricWriter
@@ -78,12 +78,20 @@ def validate_config(config, stage=None, num_devices: int | None = None,
 
 # ---------------------------------------------------------------------------------------------
 class _Preemption:
-    """SIGTERM sets a flag that the loop checks after every step (save, then exit cleanly)."""
+    """A preemption notice (SIGTERM) stops the loop after a step, with a save, on every host.
+
+    Several processes: JAX's coordination service receives the notice on whichever host gets it
+    and agrees with all hosts on the step to stop at (`reached_preemption_sync_point`): a host
+    lookup, no device sync. One process: a SIGTERM handler sets a flag."""
 
     def __init__(self):
+        from jax._src import distributed as jd
         self.flag = False
         self._old = None
-        if threading.current_thread() is threading.main_thread():
+        self.coordinated = (jax.process_count() > 1
+                            and jd.global_state.preemption_sync_manager is not None)
+        # In a coordinated job the service owns SIGTERM; a Python handler would take it away.
+        if not self.coordinated and threading.current_thread() is threading.main_thread():
             self._old = signal.signal(signal.SIGTERM, self._handler)
 
     def _handler(self, signum, frame):
@@ -91,11 +99,12 @@ class _Preemption:
         self.flag = True
 
     def reached(self, step: int) -> bool:
+        from jax.experimental import multihost_utils
+        if self.coordinated:
+            return multihost_utils.reached_preemption_sync_point(step)
         if jax.process_count() > 1:
-            # All hosts must stop at the same step (the save is collective): SIGTERM may reach
-            # them at different moments, so every step they share their flags and stop if any
-            # has one. A tiny host allgather, cheap next to a train step.
-            from jax.experimental import multihost_utils
+            # The preemption service is off (jax_enable_preemption_service=False): share the
+            # flags every step, a host allgather (and a device sync).
             flags = multihost_utils.process_allgather(np.asarray([self.flag], np.int32))
             return bool(np.asarray(flags).any())
         return self.flag
@@ -103,6 +112,35 @@ class _Preemption:
     def restore(self):
         if self._old is not None:
             signal.signal(signal.SIGTERM, self._old)
+
+
+def resume_data(data, position: dict, start: int, global_batch: int) -> int:
+    """Put this process's iterator where the job left off; returns the examples consumed.
+
+    On the process count that wrote the position each process takes back its own iterator state
+    (exact). On another count the iterators are re-derived from the job's global position
+    (`seek(examples, process_count)`)."""
+    n = jax.process_count()
+    examples = position.get("examples")
+    if examples is None:  # an old checkpoint: per-process states only
+        examples = start * global_batch
+        if position["process_count"] != n:
+            raise ValueError(
+                f"the checkpoint at step {start} keeps its data position per process (an older "
+                f"layout), written by {position['process_count']} processes: resume it on "
+                f"{position['process_count']} processes (not {n}) once, after which any count "
+                "works")
+    if position["process_count"] == n:
+        data.set_state(position["processes"][jax.process_index()])
+    elif hasattr(data, "seek"):
+        logging.info("resuming %d-process data position on %d processes at example %d",
+                     position["process_count"], n, examples)
+        data.seek(int(examples), n)
+    else:
+        raise ValueError(f"this stage's data iterator ({type(data).__name__}) cannot resume on "
+                         f"{n} processes what {position['process_count']} wrote (it has no "
+                         "seek(examples, process_count))")
+    return int(examples)
 
 
 def _numeric(batch: dict) -> dict:
@@ -165,7 +203,7 @@ def train(config, workdir: str, *, stop_at: int | None = None) -> dict:
     parallel.split_cpu_devices(config.mesh)
     n_dev = int(config.mesh.num_devices) or jax.device_count()
     validate_config(config, stage, n_dev, jax.process_count())
-    os.makedirs(workdir, exist_ok=True)
+    paths.path(workdir).mkdir(parents=True, exist_ok=True)
     check_same_model(config, workdir)
     b = build_step(config)
     mesh, data_sharding, abstract, init = b.mesh, b.batch_sharding, b.abstract_state, b.init
@@ -178,10 +216,10 @@ def train(config, workdir: str, *, stop_at: int | None = None) -> dict:
                         async_save=bool(config.train.async_checkpoint))
     restored = ckpt.restore_latest(abstract)
     if restored is not None:
-        state, data_state, start = restored
+        state, position, start = restored
         logging.info("resumed from step %d in %s", start, workdir)
     else:
-        state, data_state, start = init(), None, 0
+        state, position, start = init(), None, 0
     n_params = count_params(state.params)
 
     # -- input --------------------------------------------------------------------------------
@@ -189,15 +227,14 @@ def train(config, workdir: str, *, stop_at: int | None = None) -> dict:
     data = stage.make_data(config, split="train", process_index=jax.process_index(),
                            process_count=jax.process_count(), local_batch_size=local_bs,
                            seed=int(config.seed))
-    if data_state is not None:
-        data.set_state(data_state)
+    global_bs = int(config.train.batch_size)
+    examples = 0 if position is None else resume_data(data, position, start, global_bs)
 
     # -- loop ---------------------------------------------------------------------------------
     writer = MetricWriter(workdir, resume_step=start)
     config_json = config.to_json_best_effort()
     if jax.process_index() == 0:
-        with open(os.path.join(workdir, "config.json"), "w") as f:
-            f.write(config_json)
+        paths.write_text(paths.path(workdir) / "config.json", config_json)
     preempt = _Preemption()
     end = num_steps if stop_at is None else min(num_steps, int(stop_at))
     pbar = None
@@ -219,6 +256,7 @@ def train(config, workdir: str, *, stop_at: int | None = None) -> dict:
             with jax.set_mesh(mesh):
                 state, metrics = jitted(state, batch)
             step += 1
+            examples += global_bs
             if pending is not None:  # previous step's verdict: fetched while this one runs
                 _check_bad(pending, max_bad, step - 1)
             pending = metrics
@@ -240,21 +278,22 @@ def train(config, workdir: str, *, stop_at: int | None = None) -> dict:
                                 examples_per_s_per_device=sps * int(config.train.batch_size) / n_dev)
                     t_window, n_window = time.perf_counter(), 0
                 host["lr"] = float(lr_at(step))
+                host["examples"] = examples
                 host.update({f"data/{k}": float(v) for k, v in data.stats().items()})
                 writer.write(step, host)
                 last_metrics = host
                 if pbar is not None:
                     pbar.set_postfix(loss=f"{host['loss']:.4g}")
             if preempt.reached(step):
-                ckpt.save(step, state, data.get_state(), config_json, force=True)
+                ckpt.save(step, state, data.get_state(), config_json, examples=examples, force=True)
                 status = "preempted"
                 break
             if step % ckpt_every == 0 and step < end:
-                ckpt.save(step, state, data.get_state(), config_json)
+                ckpt.save(step, state, data.get_state(), config_json, examples=examples)
         if pending is not None:
             _check_bad({k: float(v) for k, v in jax.device_get(pending).items()}, max_bad, step)
         if status == "done" and step > start and step not in ckpt.all_steps():
-            ckpt.save(step, state, data.get_state(), config_json, force=True)
+            ckpt.save(step, state, data.get_state(), config_json, examples=examples, force=True)
     finally:
         ckpt.close()
         writer.close()
@@ -262,7 +301,8 @@ def train(config, workdir: str, *, stop_at: int | None = None) -> dict:
         if pbar is not None:
             pbar.close()
     return {"step": step, "status": status, "metrics": last_metrics, "params": n_params,
-            "state": state, "mesh": mesh, "resumed_from": start}
+            "state": state, "mesh": mesh, "resumed_from": start,
+            "examples": examples}
 
 
 def _diff(a, b, prefix=""):
@@ -277,11 +317,10 @@ def _diff(a, b, prefix=""):
 def check_same_model(config, workdir: str) -> None:
     """Refuse to resume a workdir whose checkpoints hold another stage or architecture: restoring
     would fail (or, worse, silently mismatch); the existing checkpoints are left untouched."""
-    path = os.path.join(workdir, "config.json")
-    if not os.path.exists(path):
+    path = paths.path(workdir) / "config.json"
+    if not path.exists():
         return
-    with open(path) as f:
-        saved = json.load(f)
+    saved = json.loads(path.read_text())
     now = json.loads(config.to_json_best_effort())
     diffs = _diff({"stage": saved.get("stage"), "model": saved.get("model")},
                   {"stage": now.get("stage"), "model": now.get("model")})
