@@ -36,10 +36,14 @@ class SampleSettings:
     prior_steps: str = "64"           # respacing of the diffusion prior (paper: 64)
     prior_method: str = "ddpm"
     prior_guidance: float = 1.0
+    prior_var_type: str = "config"    # ddpm variance: the prior config's diffusion.var_type
+                                      # (paper: "analytic"), or "fixed_small" | "fixed_large" |
+                                      # "analytic" (needs the prior's analytic_variance.json)
     num_candidates: int = 2           # best-of-N by z_i . z_t (paper: 2)
     ar_temperature: float = 1.0
     ar_top_k: int = 0
     ar_guidance: float = 1.0
+    ar_kv_cache: bool = True          # False: re-run the decoder per token (the reference path)
     decoder_steps: str = "50"         # paper: 250 strided steps with learned sigma
     decoder_method: str = "ddpm"      # "ddpm" (learned variance, as the paper) | "ddim"
     decoder_eta: float = 0.0          # DDIM only
@@ -57,6 +61,12 @@ class SampleSettings:
                 raise ValueError(f"{f} must be 'ddpm' or 'ddim', got {getattr(self, f)!r}")
         if self.num_candidates < 1:
             raise ValueError("num_candidates must be >= 1")
+        if self.prior_var_type not in ("config", "fixed_small", "fixed_large", "analytic"):
+            raise ValueError("prior_var_type must be 'config', 'fixed_small', 'fixed_large' or "
+                             f"'analytic', got {self.prior_var_type!r}")
+        if self.prior_var_type == "analytic" and self.prior_method != "ddpm":
+            raise ValueError("prior_var_type='analytic' is a variance of the ddpm sampler; "
+                             f"prior_method is {self.prior_method!r}")
 
 
 def slerp(a, b, theta):
@@ -221,10 +231,29 @@ class Pipeline:
             batch["tokens"] = text["tokens"]
         else:
             batch["token_embeddings"] = text["token_encodings"]
+        schedule = schedule_from_config(cfg)
+        var_type, stat = self._prior_variance(s)
+        eps_sq_norm, x0_range = None, None
+        if stat is not None:  # per training timestep -> the respaced steps'
+            eps_sq_norm = stat[0][np.asarray(diffusion.respace(
+                schedule, s.prior_steps).timestep_map)]
+            x0_range = stat[1]
         return sample_prior(self.prior.model, params, batch, rng,
-                            schedule=schedule_from_config(cfg), scaling=scaling_from_config(cfg),
+                            schedule=schedule, scaling=scaling_from_config(cfg),
                             steps=s.prior_steps, guidance_scale=s.prior_guidance,
-                            num_candidates=s.num_candidates, method=s.prior_method)
+                            num_candidates=s.num_candidates, method=s.prior_method,
+                            var_type=var_type, eps_sq_norm=eps_sq_norm, x0_range=x0_range)
+
+    def _prior_variance(self, s: SampleSettings):
+        """(var_type, None or (eps_sq_norm per training timestep, x0_range)) of the diffusion
+        prior."""
+        from unclip_jax.stages import prior_variance
+        v = s.prior_var_type
+        if v == "config":
+            v = prior_variance.configured_var_type(self.prior.config)
+        if v != "analytic" or s.prior_method != "ddpm":
+            return v, None
+        return v, prior_variance.eps_sq_norm_for(self.prior)
 
     def _ar_prior_fn(self, params, text, rng, s: SampleSettings):
         from unclip_jax.models.ar_prior import sample_ar_prior
@@ -237,7 +266,8 @@ class Pipeline:
             batch["token_embeddings"] = text["token_encodings"]
         toks = sample_ar_prior(self.ar_prior.model, params, batch, rng,
                                temperature=s.ar_temperature, top_k=s.ar_top_k, dot_top_half=True,
-                               guidance_scale=s.ar_guidance, text_scale=text_scale(cfg))
+                               guidance_scale=s.ar_guidance, text_scale=text_scale(cfg),
+                               kv_cache=s.ar_kv_cache)
         codec = get_codec(cfg)
         # Decode on device: bucket centres of the PCA coordinates, then inverse PCA.
         centres = jnp.asarray(codec.quantizer.centres, jnp.float32)          # [k, buckets]
@@ -337,6 +367,8 @@ class Pipeline:
     def _check_prior(self, s: SampleSettings):
         if s.prior == "diffusion" and self.prior is None:
             raise ValueError("settings.prior='diffusion' but no diffusion prior is loaded")
+        if s.prior == "diffusion":
+            self._prior_variance(s)  # a missing Analytic-DPM statistic: before any compile
         if s.prior == "ar" and self.ar_prior is None:
             raise ValueError("settings.prior='ar' but no AR prior is loaded")
 

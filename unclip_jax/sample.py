@@ -53,10 +53,17 @@ def define_flags(fv: flags.FlagValues) -> None:
                         "'ddim25').", **f)
     flags.DEFINE_enum("prior_method", "ddpm", ["ddpm", "ddim"], "Diffusion prior sampler.", **f)
     flags.DEFINE_float("prior_guidance", 1.0, "Diffusion prior guidance scale.", **f)
+    flags.DEFINE_enum("prior_var_type", "config", ["config", "fixed_small", "fixed_large",
+                                                   "analytic"],
+                      "Diffusion prior ddpm variance; 'config': the prior config's "
+                      "diffusion.var_type ('analytic' needs the prior's "
+                      "analytic_variance.json, written by its training).", **f)
     flags.DEFINE_integer("best_of", 2, "Diffusion prior candidates, the one closest to the text "
                          "embedding kept (paper: 2).", **f)
     flags.DEFINE_float("ar_temperature", 1.0, "AR prior sampling temperature.", **f)
     flags.DEFINE_integer("ar_top_k", 0, "AR prior top-k (0: all codes).", **f)
+    flags.DEFINE_bool("ar_kv_cache", True, "AR prior: key/value cache (--noar_kv_cache: re-run "
+                      "the decoder per token, the slower reference; same tokens).", **f)
     flags.DEFINE_string("decoder_steps", "50", "Decoder steps (a respacing: '50', 'ddim25').",
                         **f)
     flags.DEFINE_enum("decoder_sampler", "ddpm", ["ddpm", "ddim"], "Decoder sampler.", **f)
@@ -85,8 +92,10 @@ def _settings(a):
     from unclip_jax.inference import SampleSettings
     return SampleSettings(
         prior=a.prior, prior_steps=a.prior_steps, prior_method=a.prior_method,
-        prior_guidance=a.prior_guidance, num_candidates=a.best_of,
-        ar_temperature=a.ar_temperature, ar_top_k=a.ar_top_k, decoder_steps=a.decoder_steps,
+        prior_guidance=a.prior_guidance, prior_var_type=a.prior_var_type,
+        num_candidates=a.best_of,
+        ar_temperature=a.ar_temperature, ar_top_k=a.ar_top_k, ar_kv_cache=a.ar_kv_cache,
+        decoder_steps=a.decoder_steps,
         decoder_method=a.decoder_sampler, decoder_eta=a.decoder_eta,
         decoder_guidance=a.decoder_guidance, upsampler_steps=a.upsampler_steps,
         upsampler_eta=a.upsampler_eta)
