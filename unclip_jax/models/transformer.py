@@ -142,7 +142,7 @@ class _ScanBlock(nn.Module):
         block = _block_class(self.remat)(self.width, self.heads, self.mlp_ratio, self.causal,
                                          self.dropout, dtype=self.dtype,
                                          param_dtype=self.param_dtype, name="block")
-        return block(x, mask, self.train), None
+        return block(x, mask, self.train, False), None  # remat's static args are all passed
 
 
 class Transformer(nn.Module):
