@@ -12,8 +12,8 @@ Reach: synthetic: x0-MSE from ~1.0 to below ~0.1 in 2000 steps; shapes cache: sa
 from unclip_jax.configs import base_config
 from unclip_jax.data import default_data_config
 from unclip_jax.data.tokenizer import tokenizer_config
-from unclip_jax.diffusion import diffusion_config
 from unclip_jax.models import diffusion_prior_model_config
+from unclip_jax.stages.diffusion_prior import diffusion_config
 
 
 def get_config(arg=None):

@@ -10,7 +10,11 @@ manipulations in unclip_jax.manipulate.
 
 Workdir layout (what `python -m unclip_jax.main --config=experiments/shapes.py` writes): one
 training workdir per stage, `clip/` (with `clip/tokenizer/`), `diffusion_prior/`, `ar_prior/`
-(optional), `decoder/`, `upsampler/` (optional; more upsamplers as `upsampler_2/`, ...).
+(optional), `decoder/`, upsamplers (optional): `upsampler/` and any `upsampler_<suffix>/`,
+chained in the order of their numeric suffixes (`upsampler_2/`, `upsampler_3/` or
+`upsampler_256/`, `upsampler_1024/` for the paper's 64->256->1024), or as listed in
+`from_workdir(upsamplers=[...])`. Each upsampler's low_res_size must be the size the stage before
+it makes.
 """
 from __future__ import annotations
 
@@ -36,20 +40,27 @@ class SampleSettings:
     prior_steps: str = "64"           # respacing of the diffusion prior (paper: 64)
     prior_method: str = "ddpm"
     prior_guidance: float = 1.0
+    prior_var_type: str = "config"    # ddpm variance: the prior config's diffusion.var_type
+                                      # (paper: "analytic"), or "fixed_small" | "fixed_large" |
+                                      # "analytic" (needs the prior's analytic_variance.json)
     num_candidates: int = 2           # best-of-N by z_i . z_t (paper: 2)
     ar_temperature: float = 1.0
     ar_top_k: int = 0
     ar_guidance: float = 1.0
+    ar_kv_cache: bool = True          # False: re-run the decoder per token (the reference path)
     decoder_steps: str = "50"         # paper: 250 strided steps with learned sigma
     decoder_method: str = "ddpm"      # "ddpm" (learned variance, as the paper) | "ddim"
     decoder_eta: float = 0.0          # DDIM only
     decoder_guidance: float = 3.0
     decoder_clip: bool = True         # clip x0 to [-1, 1] while sampling; off when decoding an
                                       # inverted x_T (the inversion has no clipping)
-    upsampler_steps: str = "ddim15"   # paper: DDIM 27 (256) and 15 (1024)
+    upsampler_steps: str | tuple = "ddim15"  # one respacing for every upsampler, or one per
+                                      # upsampler in chain order (paper: ("ddim27", "ddim15"))
     upsampler_eta: float = 0.0
 
     def __post_init__(self):
+        if isinstance(self.upsampler_steps, list):   # hashable: settings key compiled programs
+            object.__setattr__(self, "upsampler_steps", tuple(self.upsampler_steps))
         if self.prior not in ("diffusion", "ar"):
             raise ValueError(f"prior must be 'diffusion' or 'ar', got {self.prior!r}")
         for f in ("prior_method", "decoder_method"):
@@ -57,6 +68,12 @@ class SampleSettings:
                 raise ValueError(f"{f} must be 'ddpm' or 'ddim', got {getattr(self, f)!r}")
         if self.num_candidates < 1:
             raise ValueError("num_candidates must be >= 1")
+        if self.prior_var_type not in ("config", "fixed_small", "fixed_large", "analytic"):
+            raise ValueError("prior_var_type must be 'config', 'fixed_small', 'fixed_large' or "
+                             f"'analytic', got {self.prior_var_type!r}")
+        if self.prior_var_type == "analytic" and self.prior_method != "ddpm":
+            raise ValueError("prior_var_type='analytic' is a variance of the ddpm sampler; "
+                             f"prior_method is {self.prior_method!r}")
 
 
 def slerp(a, b, theta):
@@ -104,6 +121,29 @@ def clip_image_fn(clip: Trained):
     return f
 
 
+def find_upsamplers(workdir: str) -> list[str]:
+    """The trained upsampler directories under `workdir` in chain order: `upsampler`, then
+    `upsampler_<suffix>` by numeric suffix (then by name)."""
+    names = [d for d in sorted(os.listdir(workdir)) if (d == "upsampler" or d.startswith(
+        "upsampler_")) and os.path.isdir(os.path.join(workdir, d, "checkpoints"))]
+
+    def order(d):
+        suffix = d[len("upsampler_"):] if d != "upsampler" else ""
+        return (0 if not suffix else 1, int(suffix) if suffix.isdigit() else float("inf"), d)
+    return [os.path.join(workdir, d) for d in sorted(names, key=order)]
+
+
+def _check_chain(decoder: Trained, upsamplers) -> None:
+    size = int(decoder.config.model.image_size)
+    for u in upsamplers:
+        low = int(u.config.model.low_res_size)
+        if low != size:
+            raise ValueError(f"upsampler {u.workdir} takes {low}x{low} images but the stage "
+                             f"before it makes {size}x{size}: chain the upsamplers in order "
+                             "(Pipeline.from_workdir(upsamplers=[...]), sample --upsamplers=...)")
+        size = int(u.config.model.image_size)
+
+
 class Pipeline:
     """Trained unCLIP stages and the compiled text -> image path between them."""
 
@@ -113,6 +153,7 @@ class Pipeline:
             raise ValueError("a pipeline needs a diffusion prior or an AR prior")
         self.clip, self.decoder, self.prior, self.ar_prior = clip, decoder, prior, ar_prior
         self.upsamplers = tuple(upsamplers)
+        _check_chain(decoder, self.upsamplers)
         self.tokenizer = _tokenizer_for(clip)
         self.mesh = mesh
         self._compiled: dict = {}
@@ -124,8 +165,11 @@ class Pipeline:
 
     # -- loading --------------------------------------------------------------------------
     @classmethod
-    def from_workdir(cls, workdir: str, *, ema: bool = True, mesh=None) -> "Pipeline":
-        """Load every stage found under `workdir` (see module docstring)."""
+    def from_workdir(cls, workdir: str, *, ema: bool = True, mesh=None,
+                     upsamplers=None) -> "Pipeline":
+        """Load every stage found under `workdir` (see module docstring). `upsamplers`: the
+        upsampler stage directories to chain, in order (names under `workdir` or paths; [] for
+        none); None: every upsampler found."""
         if not os.path.isdir(workdir):
             raise FileNotFoundError(f"workdir {workdir} does not exist")
         found = {d: os.path.join(workdir, d) for d in UNCLIP_STAGES
@@ -136,13 +180,14 @@ class Pipeline:
                                         f"missing); stages found: {sorted(found) or 'none'}")
         if "diffusion_prior" not in found and "ar_prior" not in found:
             raise FileNotFoundError(f"{workdir} has no trained prior (diffusion_prior/ or ar_prior/)")
-        ups = []
-        if "upsampler" in found:
-            ups.append(found["upsampler"])
-            i = 2
-            while os.path.isdir(os.path.join(workdir, f"upsampler_{i}", "checkpoints")):
-                ups.append(os.path.join(workdir, f"upsampler_{i}"))
-                i += 1
+        if upsamplers is None:
+            ups = find_upsamplers(workdir)
+        else:
+            ups = [os.path.join(workdir, u) for u in upsamplers]  # an absolute u stays itself
+            for u in ups:
+                if not os.path.isdir(os.path.join(u, "checkpoints")):
+                    raise FileNotFoundError(f"upsampler {u} has no checkpoints/ (not a trained "
+                                            f"stage); found: {find_upsamplers(workdir) or 'none'}")
         return cls.from_stage_dirs(clip=found["clip"], decoder=found["decoder"],
                                    prior=found.get("diffusion_prior"),
                                    ar_prior=found.get("ar_prior"), upsamplers=ups, ema=ema,
@@ -221,10 +266,29 @@ class Pipeline:
             batch["tokens"] = text["tokens"]
         else:
             batch["token_embeddings"] = text["token_encodings"]
+        schedule = schedule_from_config(cfg)
+        var_type, stat = self._prior_variance(s)
+        eps_sq_norm, x0_range = None, None
+        if stat is not None:  # per training timestep -> the respaced steps'
+            eps_sq_norm = stat[0][np.asarray(diffusion.respace(
+                schedule, s.prior_steps).timestep_map)]
+            x0_range = stat[1]
         return sample_prior(self.prior.model, params, batch, rng,
-                            schedule=schedule_from_config(cfg), scaling=scaling_from_config(cfg),
+                            schedule=schedule, scaling=scaling_from_config(cfg),
                             steps=s.prior_steps, guidance_scale=s.prior_guidance,
-                            num_candidates=s.num_candidates, method=s.prior_method)
+                            num_candidates=s.num_candidates, method=s.prior_method,
+                            var_type=var_type, eps_sq_norm=eps_sq_norm, x0_range=x0_range)
+
+    def _prior_variance(self, s: SampleSettings):
+        """(var_type, None or (eps_sq_norm per training timestep, x0_range)) of the diffusion
+        prior."""
+        from unclip_jax.stages import prior_variance
+        v = s.prior_var_type
+        if v == "config":
+            v = prior_variance.configured_var_type(self.prior.config)
+        if v != "analytic" or s.prior_method != "ddpm":
+            return v, None
+        return v, prior_variance.eps_sq_norm_for(self.prior)
 
     def _ar_prior_fn(self, params, text, rng, s: SampleSettings):
         from unclip_jax.models.ar_prior import sample_ar_prior
@@ -237,7 +301,8 @@ class Pipeline:
             batch["token_embeddings"] = text["token_encodings"]
         toks = sample_ar_prior(self.ar_prior.model, params, batch, rng,
                                temperature=s.ar_temperature, top_k=s.ar_top_k, dot_top_half=True,
-                               guidance_scale=s.ar_guidance, text_scale=text_scale(cfg))
+                               guidance_scale=s.ar_guidance, text_scale=text_scale(cfg),
+                               kv_cache=s.ar_kv_cache)
         codec = get_codec(cfg)
         # Decode on device: bucket centres of the PCA coordinates, then inverse PCA.
         centres = jnp.asarray(codec.quantizer.centres, jnp.float32)          # [k, buckets]
@@ -304,12 +369,22 @@ class Pipeline:
             guidance_scale=s.decoder_guidance, parameterization=d["parameterization"],
             learned_sigma=bool(m.learn_sigma))
 
+    def _upsampler_steps(self, s: SampleSettings) -> tuple:
+        steps = s.upsampler_steps
+        if isinstance(steps, str):
+            return (steps,) * len(self.upsamplers)
+        if len(steps) != len(self.upsamplers):
+            raise ValueError(f"settings.upsampler_steps gives {len(steps)} respacings "
+                             f"({', '.join(steps)}) for {len(self.upsamplers)} upsamplers "
+                             f"({', '.join(u.workdir for u in self.upsamplers) or 'none'})")
+        return tuple(steps)
+
     def _upsample_fn(self, params_list, images, rng, s: SampleSettings):
         from unclip_jax.stages.decoder import schedule_for
-        for i, (up, params) in enumerate(zip(self.upsamplers, params_list)):
+        for i, (up, params, steps) in enumerate(zip(self.upsamplers, params_list,
+                                                    self._upsampler_steps(s))):
             d = up.config.diffusion
-            sched = diffusion.respace(schedule_for(d["schedule"], d["num_timesteps"]),
-                                      s.upsampler_steps)
+            sched = diffusion.respace(schedule_for(d["schedule"], d["num_timesteps"]), steps)
             size = int(up.config.model.image_size)
             low = jax.image.resize(images, (images.shape[0], size, size, 3), "linear")
 
@@ -337,6 +412,8 @@ class Pipeline:
     def _check_prior(self, s: SampleSettings):
         if s.prior == "diffusion" and self.prior is None:
             raise ValueError("settings.prior='diffusion' but no diffusion prior is loaded")
+        if s.prior == "diffusion":
+            self._prior_variance(s)  # a missing Analytic-DPM statistic: before any compile
         if s.prior == "ar" and self.ar_prior is None:
             raise ValueError("settings.prior='ar' but no AR prior is loaded")
 

@@ -53,16 +53,28 @@ def define_flags(fv: flags.FlagValues) -> None:
                         "'ddim25').", **f)
     flags.DEFINE_enum("prior_method", "ddpm", ["ddpm", "ddim"], "Diffusion prior sampler.", **f)
     flags.DEFINE_float("prior_guidance", 1.0, "Diffusion prior guidance scale.", **f)
+    flags.DEFINE_enum("prior_var_type", "config", ["config", "fixed_small", "fixed_large",
+                                                   "analytic"],
+                      "Diffusion prior ddpm variance; 'config': the prior config's "
+                      "diffusion.var_type ('analytic' needs the prior's "
+                      "analytic_variance.json, written by its training).", **f)
     flags.DEFINE_integer("best_of", 2, "Diffusion prior candidates, the one closest to the text "
                          "embedding kept (paper: 2).", **f)
     flags.DEFINE_float("ar_temperature", 1.0, "AR prior sampling temperature.", **f)
     flags.DEFINE_integer("ar_top_k", 0, "AR prior top-k (0: all codes).", **f)
+    flags.DEFINE_bool("ar_kv_cache", True, "AR prior: key/value cache (--noar_kv_cache: re-run "
+                      "the decoder per token, the slower reference; same tokens).", **f)
     flags.DEFINE_string("decoder_steps", "50", "Decoder steps (a respacing: '50', 'ddim25').",
                         **f)
     flags.DEFINE_enum("decoder_sampler", "ddpm", ["ddpm", "ddim"], "Decoder sampler.", **f)
     flags.DEFINE_float("decoder_eta", 0.0, "Decoder DDIM eta.", **f)
     flags.DEFINE_float("decoder_guidance", 3.0, "Decoder classifier-free guidance scale.", **f)
-    flags.DEFINE_string("upsampler_steps", "ddim15", "Upsampler steps (a respacing).", **f)
+    flags.DEFINE_multi_string("upsampler_steps", ["ddim15"], "Upsampler steps (a respacing): "
+                              "once for every upsampler, or once per upsampler in chain order "
+                              "(paper: --upsampler_steps=ddim27 --upsampler_steps=ddim15).", **f)
+    flags.DEFINE_list("upsamplers", None, "Upsampler stage directories to chain, in order "
+                      "(names under --workdir or paths, e.g. upsampler_256,upsampler_1024; "
+                      "empty: none). Default: every upsampler* stage, by numeric suffix.", **f)
     flags.DEFINE_float("upsampler_eta", 0.0, "Upsampler DDIM eta.", **f)
     # Per command (COMMAND_FLAGS).
     flags.DEFINE_multi_string("prompt", [], "text: a prompt", **f)
@@ -85,10 +97,14 @@ def _settings(a):
     from unclip_jax.inference import SampleSettings
     return SampleSettings(
         prior=a.prior, prior_steps=a.prior_steps, prior_method=a.prior_method,
-        prior_guidance=a.prior_guidance, num_candidates=a.best_of,
-        ar_temperature=a.ar_temperature, ar_top_k=a.ar_top_k, decoder_steps=a.decoder_steps,
+        prior_guidance=a.prior_guidance, prior_var_type=a.prior_var_type,
+        num_candidates=a.best_of,
+        ar_temperature=a.ar_temperature, ar_top_k=a.ar_top_k, ar_kv_cache=a.ar_kv_cache,
+        decoder_steps=a.decoder_steps,
         decoder_method=a.decoder_sampler, decoder_eta=a.decoder_eta,
-        decoder_guidance=a.decoder_guidance, upsampler_steps=a.upsampler_steps,
+        decoder_guidance=a.decoder_guidance,
+        upsampler_steps=a.upsampler_steps[0] if len(a.upsampler_steps) == 1
+        else tuple(a.upsampler_steps),
         upsampler_eta=a.upsampler_eta)
 
 
@@ -152,12 +168,13 @@ def sample(command: str, a) -> dict:
     num = a.num if a.num is not None else (1 if command == "text" else 4)
     images = {k: read_image(getattr(a, k)) for k in ("image", "image2")
               if getattr(a, k, None)}
-    pipe = Pipeline.from_workdir(a.workdir, ema=not a.raw)
+    pipe = Pipeline.from_workdir(a.workdir, ema=not a.raw, upsamplers=a.upsamplers)
     os.makedirs(a.out, exist_ok=True)
     up = not a.no_upsample
     record = {"command": command, "workdir": os.path.abspath(a.workdir), "seed": a.seed,
               "out": os.path.abspath(a.out),
-              "ema": not a.raw, **dataclasses.asdict(settings)}
+              "ema": not a.raw, **dataclasses.asdict(settings),
+              "upsamplers": [u.workdir for u in pipe.upsamplers]}
     if command == "text":
         rows = [p for p in prompts for _ in range(num)]
         out = pipe.text_to_image(rows, seed=a.seed, settings=settings)["images"]

@@ -5,7 +5,9 @@ Run (accelerators): python -m unclip_jax.main --config=experiments/paper/diffusi
   CACHE is an embedding cache from `python -m unclip_jax.embed` with the ViT-H CLIP
   (`unclip_jax.models.clip_import:encoder`, embed.clip_dir=CLIP) holding token_embeddings.
 Reach (paper): MS-COCO zero-shot FID 10.39 with the 3.5B decoder, 64 sampling steps (analytic
-  variance), best of 2 by z_i . z_t.
+  variance), best of 2 by z_i . z_t. The analytic variance's statistic is estimated from the
+  final EMA weights on `diffusion.analytic_examples` training examples when training ends, into
+  WORKDIR/analytic_variance.json (stages/prior_variance.py); sampling reads it.
 
 How the table is read: one decoder-only causal transformer over [caption token encodings (CLIP's
 1024-wide, projected; 256 positions), z_t, timestep, noised z_i, query] - the table's "text
@@ -18,8 +20,8 @@ import ml_collections
 from unclip_jax.configs import base_config
 from unclip_jax.data import default_data_config
 from unclip_jax.data.tokenizer import tokenizer_config
-from unclip_jax.diffusion import diffusion_config
 from unclip_jax.models import diffusion_prior_model_config
+from unclip_jax.stages.diffusion_prior import diffusion_config
 
 
 def get_config(arg=None):

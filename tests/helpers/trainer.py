@@ -47,3 +47,22 @@ def snapshot(root):
             p = os.path.join(r, f)
             out.append((os.path.relpath(p, root), os.path.getsize(p), os.path.getmtime(p)))
     return sorted(out)
+
+
+def save_untrained(config, workdir, step=1, seed=0):
+    """A stage workdir as the trainer leaves it (checkpoint with params, EMA params and config)
+    holding freshly initialised weights: a loadable stage without a train-step compile."""
+    import flax.linen as nn
+    import jax.numpy as jnp
+
+    from unclip_jax.stages import get_stage
+    from unclip_jax.train.checkpoint import Checkpointer
+    stage = get_stage(config.stage)
+    model = stage.build_model(config)
+    ex = {k: jnp.asarray(v) for k, v in stage.example_batch(config, 1).items()}
+    params = nn.meta.unbox(jax.jit(lambda r: stage.init(model, r, ex))(
+        jax.random.key(seed, impl="rbg")))["params"]
+    ckpt = Checkpointer(workdir, async_save=False)
+    ckpt.save(step, {"params": params, "ema_params": params}, {}, config.to_json_best_effort(),
+              force=True)
+    ckpt.close()

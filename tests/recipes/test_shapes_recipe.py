@@ -169,6 +169,8 @@ def test_sample_cli_writes_images_and_leaves_workdir_alone(run, tmp_path):
     (["--prompts_file", "/nonexistent/prompts.txt"], "prompts file /nonexistent"),
     (["--prompt", "a red circle", "--prior", "ar", "--workdir", "/nonexistent/wd"],
      "does not exist"),
+    (["--prompt", "a red circle", "--prior_var_type", "analytic"],   # never estimated here
+     "no statistic file .*diffusion_prior/analytic_variance.json"),
 ])
 def test_sample_cli_bad_input(run, tmp_path, args, match):
     wd = run[1]

@@ -27,3 +27,17 @@ def test_unsupported_stage_is_named():
     cfg = load_config("toy.py")
     with pytest.raises(ValueError, match="toy"):
         bench_sampling.stage_sampler(cfg, steps=2, batch=1)
+
+
+def test_ar_prior_cache_speedup_figures():
+    cfg = load_config("ar_prior_shapes.py")
+    with cfg.unlocked():
+        cfg.model.update(pca_components=7, num_buckets=32, text_ctx=8, text_dim=16, enc_width=32,
+                         enc_depth=1, enc_heads=2, dec_width=32, dec_depth=2, dec_heads=2)
+    r = bench_sampling.benchmark_ar_sampling(cfg, batch=2, guidance=1.5, repeats=1)
+    assert r["tokens"] == 8 and r["guided"] and r["model_batch"] == 4
+    assert r["same_tokens"]   # the cache changes the cost, not the tokens
+    assert r["speedup"] == pytest.approx(r["uncached_s"] / r["cached_s"])
+    assert r["tokens_per_s_cached"] == pytest.approx(2 * 8 / r["cached_s"])
+    assert r["caption_encoder_s"] > 0 and r["params"] > 0
+    assert "speed-up" in bench_sampling.format_ar_result(r)

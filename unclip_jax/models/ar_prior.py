@@ -11,8 +11,10 @@ projected to the latent decoder's width as a prefix of its causal sequence (Tabl
 z_t) is dropped to learned nulls at `drop_prob` in training so guidance is available.
 Sampling: temperature / top-k, and the dot token drawn from the top half of its predicted
 distribution, i.e. at or above the model's median for the caption (paper: a high z_i . z_t gave
-better samples). No KV cache: each step re-runs the
-decoder (fine for tests and small models; a cache is the next step for 320-token sampling at 1.6B).
+better samples). With `kv_cache=True` (the default) the decoder keeps each layer's keys and
+values (models.transformer, decode=True): the prefix runs once, then each token costs one
+position; `kv_cache=False` re-runs the decoder over the whole sequence per token (the reference
+the cached path is tested against: same tokens for the same rng).
 """
 from __future__ import annotations
 
@@ -151,6 +153,26 @@ class ARPrior(nn.Module):
         prefix, mask = self.prefix(cond, train)
         return self.logits(prefix, mask, tokens, train)
 
+    # -- incremental decoding (key/value cache; see sample_ar_prior) -------------------------
+    def create_cache(self, prefix, full_mask):
+        """Called under jax.eval_shape with "cache" mutable: makes the cache's variables."""
+        x = jnp.zeros((prefix.shape[0], full_mask.shape[1], self.dec_width), self.dtype)
+        return self.decoder(x, full_mask, decode=True)
+
+    def decode_prefix(self, prefix, full_mask):
+        """Fill the cache with the prefix; logits [B, num_buckets] for token 0."""
+        x = prefix.astype(self.dtype) + self.dec_pos[None, :prefix.shape[1]].astype(self.dtype)
+        x = self.decoder(x, full_mask, decode=True)
+        return self.head(x[:, -1]).astype(jnp.float32)
+
+    def decode_token(self, token, j, full_mask):
+        """Append token j - 1 ([B] int) to the cache; logits [B, num_buckets] for token j."""
+        pos = full_mask.shape[1] - self.num_tokens + j   # = prefix length + j - 1
+        x = (jnp.take(self.token_embedding, token, axis=0).astype(self.dtype)
+             + jax.lax.dynamic_index_in_dim(self.dec_pos, pos, keepdims=False).astype(self.dtype))
+        x = self.decoder(x[:, None], full_mask, decode=True)
+        return self.head(x[:, 0]).astype(jnp.float32)
+
 
 def ar_loss(model, params, batch, rng, scaling_text=None, drop_prob: float = 0.1,
             train: bool = True):
@@ -198,9 +220,10 @@ def upper_half(logits):
 
 def sample_ar_prior(model: ARPrior, params, batch, rng, *, temperature: float = 1.0,
                     top_k: int = 0, dot_top_half: bool = True, guidance_scale: float = 1.0,
-                    text_scale=None):
+                    text_scale=None, kv_cache: bool = True):
     """Token sequences [B, k + 1] for the captions in `batch` (text_embedding, token_mask,
-    tokens or token_embeddings). Decode with ARCodec.decode. One lax.fori_loop over tokens."""
+    tokens or token_embeddings). Decode with ARCodec.decode. One lax.fori_loop over tokens;
+    kv_cache=False re-runs the decoder over the sequence for each token (the reference)."""
     cond = _cond(batch, text_scale)
     b = cond["z_t"].shape[0]
     t_len = model.num_tokens
@@ -211,16 +234,43 @@ def sample_ar_prior(model: ARPrior, params, batch, rng, *, temperature: float = 
         cond["drop"] = jnp.arange(2 * b) >= b
     apply = lambda method, *a: model.apply({"params": params}, *a, method=method)  # noqa: E731
     prefix, mask = apply(ARPrior.prefix, cond)
+    double = (lambda x: jnp.concatenate([x, x], 0)) if guided else (lambda x: x)  # noqa: E731
 
-    def body(j, tokens):
-        inp = jnp.concatenate([tokens, tokens], 0) if guided else tokens
-        lg = apply(ARPrior.logits, prefix, mask, inp)[:, j]
+    def pick(j, lg):
+        """Token j [B] from the logits for it (both halves when guided)."""
         if guided:
             lg = lg[b:] + guidance_scale * (lg[:b] - lg[b:])
         lg = filter_logits(lg, temperature, top_k)
         if dot_top_half:
             lg = jnp.where(j == 0, upper_half(lg), lg)
-        s = jax.random.categorical(jax.random.fold_in(rng, j), lg, axis=-1)
-        return tokens.at[:, j].set(s.astype(jnp.int32))
+        return jax.random.categorical(jax.random.fold_in(rng, j), lg, axis=-1).astype(jnp.int32)
 
-    return jax.lax.fori_loop(0, t_len, body, jnp.zeros((b, t_len), jnp.int32))
+    tokens = jnp.zeros((b, t_len), jnp.int32)
+    if not kv_cache:
+        def body(j, tokens):
+            return tokens.at[:, j].set(pick(j, apply(ARPrior.logits, prefix, mask,
+                                                     double(tokens))[:, j]))
+
+        return jax.lax.fori_loop(0, t_len, body, tokens)
+
+    full_mask = jnp.concatenate([mask, jnp.ones((mask.shape[0], t_len - 1), bool)], 1)
+    shapes = jax.eval_shape(lambda: model.apply({"params": params}, prefix, full_mask,
+                                                method=ARPrior.create_cache,
+                                                mutable=["cache"])[1]["cache"])
+    cache = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+
+    def step(method, cache, *a):
+        lg, v = model.apply({"params": params, "cache": cache}, *a, method=method,
+                            mutable=["cache"])
+        return lg, v["cache"]
+
+    lg, cache = step(ARPrior.decode_prefix, cache, prefix, full_mask)
+
+    def body(j, carry):   # token j from its logits, then the logits for token j + 1
+        tokens, lg, cache = carry
+        s = pick(j, lg)
+        lg, cache = step(ARPrior.decode_token, cache, double(s), j + 1, full_mask)
+        return tokens.at[:, j].set(s), lg, cache
+
+    tokens, lg, _ = jax.lax.fori_loop(0, t_len - 1, body, (tokens, lg, cache))
+    return tokens.at[:, t_len - 1].set(pick(t_len - 1, lg))

@@ -192,15 +192,30 @@ def best_of_n(candidates, z_t):
     return jnp.take_along_axis(candidates, best[None, :, None], axis=0)[0]
 
 
+def prior_eps_sq_norm(model, params, batch, rng, *, schedule, scaling: EmbeddingScaling):
+    """Analytic-DPM's statistic E ||eps_theta(x_n, n)||^2 / d [N] at every index of `schedule`,
+    averaged over this batch of data (the caption kept: the conditional model is what samples),
+    and the batch's per-dimension sums of the scaled x0 and x0^2 [D] (for the data-variance
+    bound on the optimal variance). The eps comes from the x0 prediction, as in sampling."""
+    x0 = scaling.image(batch["image_embedding"])
+    cond = make_cond(batch, scaling)
+    cond["drop"] = jnp.zeros((x0.shape[0],), bool)
+    eps = diffusion.estimate_eps_sq_norm(
+        lambda x, t, c: model.apply({"params": params}, x, t, c), schedule, x0, rng, cond,
+        parameterization="x0")
+    return eps, jnp.sum(x0, 0), jnp.sum(x0 ** 2, 0)
+
+
 def sample_prior(model, params, batch, rng, *, schedule, scaling: EmbeddingScaling,
                  steps: str = "64", guidance_scale: float = 1.0, num_candidates: int = 2,
                  method: str = "ddpm", var_type: str = "fixed_small", eps_sq_norm=None,
-                 return_candidates: bool = False):
+                 x0_range: float | None = None, return_candidates: bool = False):
     """Image embeddings [B, D] (unscaled) for the captions in `batch` (text_embedding,
     token_mask, tokens or token_embeddings). `schedule` is the training schedule; it is respaced
     to `steps` here. Guidance > 1 mixes in the learned-null (unconditional) prediction.
     For the paper's analytic variance pass var_type="analytic" and eps_sq_norm (one per step of
-    the respaced schedule, from diffusion.estimate_eps_sq_norm)."""
+    the respaced schedule, from diffusion.estimate_eps_sq_norm) and optionally x0_range (a
+    bound on the scaled data's spread, see diffusion.analytic_variance)."""
     fast = diffusion.respace(schedule, steps)
     cond = make_cond(batch, scaling)
     b = cond["z_t"].shape[0]
@@ -217,7 +232,7 @@ def sample_prior(model, params, batch, rng, *, schedule, scaling: EmbeddingScali
 
     x = diffusion.sample(model_fn, fast, (n * b, model.embed_dim), rng, cond, uncond=uncond,
                          guidance_scale=guidance_scale, method=method, var_type=var_type,
-                         parameterization="x0", eps_sq_norm=eps_sq_norm)
+                         parameterization="x0", eps_sq_norm=eps_sq_norm, x0_range=x0_range)
     cands = scaling.image_inverse(x).reshape(n, b, -1)
     best = best_of_n(cands, batch["text_embedding"])
     return (best, cands) if return_candidates else best

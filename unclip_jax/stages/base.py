@@ -58,3 +58,9 @@ class Stage:
     def make_data(self, config, *, split: str, process_index: int, process_count: int,
                   local_batch_size: int, seed: int) -> DataIterator:
         raise NotImplementedError
+
+    def after_training(self, config, workdir: str, bundle, state, step: int) -> None:
+        """Derive what sampling needs from the final weights (`bundle`: the trainer's
+        StepBundle, `state` its TrainState at `step` = num_steps), on every process. Called
+        whenever a run ends finished, also by a rerun with nothing left to train, so it must skip
+        work already done."""

@@ -6,6 +6,10 @@ Config (experiments/prior_shapes.py, experiments/paper/diffusion_prior.py):
   model.scale_mode "fixed" (model.scale, paper 17.2) | "standardize" (model.stats_path, an npz
          from models.prior.save_embedding_stats; written from the cache's train split if absent)
   diffusion.{schedule, num_timesteps}
+  diffusion.var_type "fixed_small" (default) | "fixed_large" | "analytic": the variance the prior
+         samples with (SampleSettings.prior_var_type="config"); "analytic" (the paper's) also
+         estimates its statistic from diffusion.analytic_examples (default 4096) training
+         examples at the end of training (stages/prior_variance.py)
   data.name "embed_cache" (an unclip_jax.data config; tokenizer.dir gives the eos id for the
          token mask) | "synthetic" (data.{num_examples, seed}: fixed random pairs, for tests)
 Batches: image_embedding, text_embedding, tokens or token_embeddings, token_mask.
@@ -21,6 +25,14 @@ from unclip_jax import diffusion
 from unclip_jax.models.prior import DiffusionPrior, EmbeddingScaling, prior_loss, \
     save_embedding_stats
 from unclip_jax.stages.base import Stage
+
+
+def diffusion_config(**kw):
+    """`config.diffusion` of the diffusion prior stage."""
+    return diffusion.diffusion_config(**dict(dict(
+        var_type="fixed_small",     # sampling variance: "fixed_small" | "fixed_large" | "analytic"
+        analytic_examples=4096,     # examples the Analytic-DPM statistic is estimated from
+    ), **kw))
 
 
 # ---------------------------------------------------------------------------- synthetic pairs
@@ -188,6 +200,11 @@ class DiffusionPriorStage(Stage):
                              "encodings from the cache)")
         if not 0.0 <= float(m.drop_prob) < 1.0:
             raise ValueError(f"config.model.drop_prob must be in [0, 1), got {m.drop_prob}")
+        from unclip_jax.stages.prior_variance import DEFAULT_EXAMPLES, configured_var_type
+        configured_var_type(config)
+        n = config.diffusion.get("analytic_examples", DEFAULT_EXAMPLES)  # older configs lack it
+        if int(n) < 1:
+            raise ValueError(f"config.diffusion.analytic_examples must be >= 1, got {n}")
 
     def build_model(self, config):
         return build_prior(config.model)
@@ -219,3 +236,8 @@ class DiffusionPriorStage(Stage):
         return prior_data(config, batch_keys(config), split=split, process_index=process_index,
                           process_count=process_count, local_batch_size=local_batch_size,
                           seed=seed)
+
+    def after_training(self, config, workdir, bundle, state, step):
+        from unclip_jax.stages import prior_variance
+        if prior_variance.configured_var_type(config) == "analytic":
+            prior_variance.estimate(config, workdir, bundle, state.ema_params, step)

@@ -13,6 +13,14 @@ stage's own init) and random conditioning, this times
 and reports overhead = loop / (steps x call) (1.0 = the loop costs only its model calls),
 images/s = batch / loop and s/image. Timings are per stage; a text->image pipeline timing can
 be added by handing `measure()` another (sample_fn, call_fn) pair.
+
+For the ar_prior stage it times the token sampler (`models.ar_prior.sample_ar_prior`, jitted)
+with the key/value cache and without it (the decoder re-run over the sequence per token), the
+median of --repeats runs after compilation each, and the caption encoder alone (run once by
+both); it reports the speed-up, tokens/s and whether both drew the same tokens. `--guidance`
+defaults to 1.0 there; fewer tokens than the config's: --config.model.pca_components=N-1.
+  python -m unclip_jax.tools.bench_sampling --config=experiments/paper/ar_prior.py --batch=1 \
+      --repeats=1 --config.model.pca_components=15 --config.model.dtype=float32
 """
 from __future__ import annotations
 
@@ -35,7 +43,7 @@ from absl import flags
 
 from unclip_jax import diffusion
 
-STAGES = ("decoder", "upsampler", "diffusion_prior")
+STAGES = ("decoder", "upsampler", "diffusion_prior", "ar_prior")
 
 
 @dataclasses.dataclass
@@ -104,9 +112,9 @@ def _upsampler_spec(stage, model, params, config, batch, rng, guidance):
                        dict(parameterization=d["parameterization"], clip_x0=1.0))
 
 
-def _prior_spec(stage, model, params, config, batch, rng, guidance):
-    from unclip_jax.models.prior import EmbeddingScaling, make_cond
-    from unclip_jax.stages.diffusion_prior import schedule_from_config
+def _caption_batch(stage, config, batch, rng):
+    """The stage's example batch with a random unit z_t and random caption tokens/encodings
+    (both priors)."""
     m = config.model
     ex = {k: jnp.asarray(v) for k, v in stage.example_batch(config, batch).items()}
     keys = jax.random.split(rng, 3)
@@ -117,6 +125,14 @@ def _prior_spec(stage, model, params, config, batch, rng, guidance):
                                           max(int(m.vocab_size), 2))
     else:
         ex["token_embeddings"] = jax.random.normal(keys[2], ex["token_embeddings"].shape)
+    return ex
+
+
+def _prior_spec(stage, model, params, config, batch, rng, guidance):
+    from unclip_jax.models.prior import EmbeddingScaling, make_cond
+    from unclip_jax.stages.diffusion_prior import schedule_from_config
+    m = config.model
+    ex = _caption_batch(stage, config, batch, rng)
     cond = make_cond(ex, EmbeddingScaling.fixed(float(m.scale)))
     cond["drop"] = jnp.zeros((batch,), bool)
     uncond = dict(cond, drop=jnp.ones((batch,), bool)) if guidance != 1.0 else None
@@ -134,8 +150,9 @@ def stage_sampler(config, *, steps: int, batch: int, guidance: float | None = No
                   seed: int = 0) -> SamplerSpec:
     """The DDIM sampler set-up of `config.stage` with random params and conditioning."""
     from unclip_jax.stages import get_stage
-    if config.stage not in STAGES:
-        raise ValueError(f"config.stage {config.stage!r}: sampling benchmarks support {STAGES}")
+    if config.stage not in STAGES or config.stage == "ar_prior":
+        raise ValueError(f"config.stage {config.stage!r}: diffusion sampling benchmarks support "
+                         f"{STAGES[:-1]} (ar_prior: benchmark_ar_sampling)")
     stage = get_stage(config.stage)
     model = stage.build_model(config)
     params = _init_params(stage, model, config, seed)
@@ -199,6 +216,66 @@ def benchmark_sampling(config, *, steps: int = 50, batch: int = 16,
     return r
 
 
+def benchmark_ar_sampling(config, *, batch: int = 1, guidance: float | None = None,
+                          repeats: int = 3) -> dict:
+    """AR prior token sampling with and without the key/value cache (module docstring)."""
+    from unclip_jax.models.ar_prior import ARPrior, _cond, sample_ar_prior
+    from unclip_jax.stages import get_stage
+    from unclip_jax.stages.ar_prior import text_scale
+    stage = get_stage("ar_prior")
+    stage.validate(config)
+    model = stage.build_model(config)
+    params = _init_params(stage, model, config)
+    ex = _caption_batch(stage, config, batch, jax.random.PRNGKey(1))
+    ex.pop("ar_tokens")
+    g = 1.0 if guidance is None else float(guidance)
+    ts = text_scale(config)
+    rng = jax.random.PRNGKey(3)
+    r = {"stage": "ar_prior", "batch": batch, "tokens": model.num_tokens, "guidance_scale": g,
+         "guided": g != 1.0, "model_batch": 2 * batch if g != 1.0 else batch}
+    out = {}
+    for name, cache in (("cached", True), ("uncached", False)):
+        fn = jax.jit(lambda p, b, k, cache=cache: sample_ar_prior(
+            model, p, b, k, guidance_scale=g, text_scale=ts, kv_cache=cache))
+        t = time.perf_counter()
+        out[name] = np.asarray(fn(params, ex, rng))
+        r[f"{name}_first_call_s"] = time.perf_counter() - t
+        r[f"{name}_s"] = _median_time(fn, (params, ex, rng), repeats)
+    cond = _cond(ex, ts)
+    cond["drop"] = jnp.zeros((batch,), bool)
+    prefix = jax.jit(lambda p, c: model.apply({"params": p}, c, method=ARPrior.prefix))
+    jax.block_until_ready(prefix(params, cond))
+    r["caption_encoder_s"] = _median_time(prefix, (params, cond), repeats)
+    r.update(speedup=r["uncached_s"] / r["cached_s"],
+             tokens_per_s_cached=batch * r["tokens"] / r["cached_s"],
+             tokens_per_s_uncached=batch * r["tokens"] / r["uncached_s"],
+             same_tokens=bool(np.array_equal(out["cached"], out["uncached"])),
+             device=jax.devices()[0].device_kind,
+             params=int(sum(np.prod(p.shape) for p in jax.tree.leaves(params))),
+             dec_width=int(model.dec_width), dec_depth=int(model.dec_depth),
+             text_ctx=int(model.text_ctx), dtype=str(np.dtype(model.dtype)))
+    return r
+
+
+def format_ar_result(r: dict) -> str:
+    rows = [
+        ("stage / device", f"ar_prior on {r['device']} ({r['params']:,} params, decoder "
+                           f"{r['dec_width']} wide x {r['dec_depth']}, {r['dtype']})"),
+        ("sampler", f"{r['tokens']} tokens after a {r['text_ctx'] + 1}-position prefix, batch "
+                    f"{r['batch']}" + (f", guided (scale {r['guidance_scale']:g})"
+                                       if r["guided"] else ", unguided")),
+        ("with kv cache", f"{r['cached_s']:.3f} s ({r['tokens_per_s_cached']:.2f} tokens/s; "
+                          f"first call incl. compile {r['cached_first_call_s']:.1f} s)"),
+        ("without (reference)", f"{r['uncached_s']:.3f} s ({r['tokens_per_s_uncached']:.2f} "
+                                f"tokens/s; first call {r['uncached_first_call_s']:.1f} s)"),
+        ("speed-up", f"{r['speedup']:.2f}x (caption encoder, run once by both: "
+                     f"{r['caption_encoder_s']:.3f} s)"),
+        ("same tokens", str(r["same_tokens"])),
+    ]
+    w = max(len(k) for k, _ in rows)
+    return "\n".join(f"{k:<{w}}  {v}" for k, v in rows)
+
+
 def format_result(r: dict) -> str:
     rows = [
         ("stage / device", f"{r['stage']} on {r['device']} ({r['params']:,} params)"),
@@ -218,6 +295,11 @@ def main(argv):
     del argv
     from unclip_jax import console
     console.quiet_terminal()  # library INFO logging (compiles, Orbax) is not for the terminal
+    if FLAGS.config.stage == "ar_prior":
+        r = benchmark_ar_sampling(FLAGS.config, batch=FLAGS.batch, guidance=FLAGS.guidance,
+                                  repeats=FLAGS.repeats)
+        console.report(format_ar_result(r), r, FLAGS.json)
+        return
     r = benchmark_sampling(FLAGS.config, steps=FLAGS.steps, batch=FLAGS.batch,
                            guidance=FLAGS.guidance, repeats=FLAGS.repeats)
     console.report(format_result(r), r, FLAGS.json)
@@ -227,7 +309,7 @@ if __name__ == "__main__":
     from unclip_jax import console
     FLAGS = flags.FLAGS
     console.define_tool_flags()
-    flags.DEFINE_integer("steps", 50, "DDIM steps.")
+    flags.DEFINE_integer("steps", 50, "DDIM steps (diffusion stages).")
     flags.DEFINE_integer("batch", 16, "Images (or embeddings) per sampler call.")
     flags.DEFINE_float("guidance", None, "Guidance scale (default: config.diffusion.guidance_scale "
                        "or 3.0; 1.0 turns guidance off).")

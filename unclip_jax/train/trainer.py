@@ -300,6 +300,8 @@ def train(config, workdir: str, *, stop_at: int | None = None) -> dict:
         preempt.restore()
         if pbar is not None:
             pbar.close()
+    if status == "done" and step >= num_steps:
+        stage.after_training(config, workdir, b, state, step)
     return {"step": step, "status": status, "metrics": last_metrics, "params": n_params,
             "state": state, "mesh": mesh, "resumed_from": start,
             "examples": examples}
