@@ -9,31 +9,15 @@ import pytest
 import torch  # the `test` extra installs torch (CPU) for this file
 import transformers
 
+from helpers.clip_tokenizer import write_tiny_tokenizer
 from unclip_jax.models import clip_import  # noqa: E402
 from unclip_jax.models.clip import CLIP, to_clip_pixels  # noqa: E402
-
-
-def _write_tiny_tokenizer(d):
-    """A byte-level CLIP vocabulary (every byte alone and word-final) plus two merges."""
-    from tokenizers.pre_tokenizers import ByteLevel
-
-    chars = ByteLevel.alphabet()
-    merges = [("r", "e"), ("re", "d</w>")]
-    vocab = sorted(chars) + [c + "</w>" for c in sorted(chars)] + [a + b for a, b in merges]
-    vocab += ["<|startoftext|>", "<|endoftext|>"]
-    with open(os.path.join(d, "vocab.json"), "w") as f:
-        json.dump({t: i for i, t in enumerate(vocab)}, f)
-    with open(os.path.join(d, "merges.txt"), "w") as f:
-        f.write("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges))
-    tok = transformers.CLIPTokenizer.from_pretrained(d)
-    assert len(tok) == len(vocab)  # guards against transformers' 2-token-vocabulary trap
-    return tok
 
 
 @pytest.fixture(scope="module")
 def hf_dir(tmp_path_factory):
     d = str(tmp_path_factory.mktemp("tiny_clip"))
-    tok = _write_tiny_tokenizer(d)
+    tok = write_tiny_tokenizer(d)
     cfg = transformers.CLIPConfig(
         text_config=dict(vocab_size=len(tok), hidden_size=32, intermediate_size=48,
                          num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=16,
