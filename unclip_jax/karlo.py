@@ -26,8 +26,13 @@ import numpy as np
 
 from unclip_jax import diffusion
 from unclip_jax.inference import SampleSettings
+from unclip_jax.models.prior import EmbeddingScaling
 
 WORKDIR_FILE = "karlo.json"
+# Compiled text -> image programs, shared by every KarloPipeline of the same architecture: the
+# program depends on the configs, dtype, settings and batch only (weights and the prior's CLIP
+# statistics are arguments), so reloading a workdir does not recompile.
+_COMPILED: dict = {}
 # Karlo's defaults (diffusers' UnCLIPPipeline.__call__): prior 25 steps at guidance 4, decoder
 # 25 at guidance 8, super-resolution 7; its scheduler's spacing ("karloN").
 PRESET = SampleSettings(prior_steps="karlo25", prior_guidance=4.0, num_candidates=1,
@@ -48,18 +53,13 @@ def _restore(path: str):
     return jax.tree.map(lambda a: jnp.asarray(a, jnp.float32), params)
 
 
-class KarloPipeline:
-    """The converted Karlo models, their schedules and the compiled text -> image path."""
+class _Program:
+    """The models (no weights) and schedules of one architecture, and its text -> image
+    function of (params, tokens, ...): what a compiled program depends on."""
 
-    def __init__(self, workdir: str, dtype=jnp.float32):
-        from unclip_jax.data.tokenizer import Tokenizer
+    def __init__(self, cfg: dict, schedulers: dict, dtype):
         from unclip_jax.models import karlo_import as ki
-        from unclip_jax.models.prior import EmbeddingScaling
 
-        with open(os.path.join(workdir, WORKDIR_FILE)) as f:
-            meta = json.load(f)
-        cfg = meta["configs"]
-        self.meta = meta
         self.prior = ki.prior_model(cfg["prior"], dtype)
         self.decoder = ki.decoder_model(cfg["decoder"], cfg["text_proj"], dtype)
         self.super_res = ki.upsampler_model(cfg["super_res_first"], "super_res_first", dtype)
@@ -68,24 +68,9 @@ class KarloPipeline:
             raise ValueError("karlo workdir: super_res_first and super_res_last differ in "
                              "architecture; one model definition serves both")
         self.clip = ki.text_encoder_model(cfg["text_encoder"], dtype)
-        self.params = {n: _restore(os.path.join(workdir, n))
-                       for n in ("prior", "decoder", "super_res_first", "super_res_last",
-                                 "text_encoder")}
-        with np.load(os.path.join(workdir, "prior_stats.npz")) as s:
-            self.scaling = EmbeddingScaling(image_mean=s["image_mean"], image_std=s["image_std"])
-        self.tokenizer = Tokenizer.from_hf(os.path.join(workdir, "tokenizer"),
-                                           context_length=self.prior.text_ctx)
-        self.schedulers = meta["schedulers"]
+        self.schedulers = schedulers
         self.image_size = int(cfg["decoder"]["sample_size"])
         self.out_size = int(cfg["super_res_first"]["sample_size"])
-        self._compiled: dict = {}
-
-    @classmethod
-    def from_workdir(cls, workdir: str, *, dtype=jnp.float32, **_) -> "KarloPipeline":
-        if not is_karlo_workdir(workdir):
-            raise FileNotFoundError(f"{workdir} is not a converted Karlo workdir "
-                                    f"({WORKDIR_FILE} missing)")
-        return cls(workdir, dtype)
 
     # -- pieces --------------------------------------------------------------------------
     def _schedule(self, which: str, steps: str):
@@ -103,16 +88,7 @@ class KarloPipeline:
         out = self.clip.apply({"params": params}, tokens, method=CLIP.encode_text)
         return out["features"], out["token_encodings"]
 
-    def _empty_prompt(self, n: int):
-        """The tokens of "" (bos, eos, padding), Karlo's unconditional caption."""
-        t = self.tokenizer
-        tokens = np.full((n, t.context_length), t.pad_id, np.int32)
-        tokens[:, 0], tokens[:, 1] = t.bos_id, t.eos_id
-        mask = np.zeros_like(tokens, bool)
-        mask[:, :2] = True
-        return tokens, mask
-
-    def _text_to_image_fn(self, params, tokens, mask, null_tokens, null_mask, rng,
+    def text_to_image_fn(self, params, tokens, mask, null_tokens, null_mask, rng,
                           s: SampleSettings):
         b = tokens.shape[0]
         emb, states = self._encode(params["text_encoder"], tokens)
@@ -125,7 +101,7 @@ class KarloPipeline:
         x = diffusion.sample(prior_fn, self._schedule("prior", s.prior_steps),
                              (b, self.prior.embed_dim), r_prior, cond, uncond=uncond,
                              guidance_scale=s.prior_guidance, **self._sample_kw("prior"))
-        z_i = self.scaling.image_inverse(x)
+        z_i = EmbeddingScaling(**params["prior_stats"]).image_inverse(x)
 
         def dec_fn(x, t, c):
             return self.decoder.apply({"params": params["decoder"]}, x, t, c["z"],
@@ -156,6 +132,45 @@ class KarloPipeline:
         return {"images": jnp.clip(images, -1.0, 1.0), "decoder_images": low,
                 "image_embedding": z_i, "text_embedding": emb}
 
+
+
+class KarloPipeline:
+    """The converted Karlo weights, tokenizer and the compiled text -> image path."""
+
+    def __init__(self, workdir: str, dtype=jnp.float32):
+        from unclip_jax.data.tokenizer import Tokenizer
+
+        with open(os.path.join(workdir, WORKDIR_FILE)) as f:
+            meta = json.load(f)
+        self.meta = meta
+        self.program = _Program(meta["configs"], meta["schedulers"], dtype)
+        self.params = {n: _restore(os.path.join(workdir, n))
+                       for n in ("prior", "decoder", "super_res_first", "super_res_last",
+                                 "text_encoder")}
+        with np.load(os.path.join(workdir, "prior_stats.npz")) as s:
+            self.params["prior_stats"] = {k: jnp.asarray(s[k]) for k in ("image_mean",
+                                                                        "image_std")}
+        self.tokenizer = Tokenizer.from_hf(os.path.join(workdir, "tokenizer"),
+                                           context_length=self.program.prior.text_ctx)
+        self._arch = (json.dumps([meta["configs"], meta["schedulers"]], sort_keys=True),
+                      jnp.dtype(dtype).name)
+
+    @classmethod
+    def from_workdir(cls, workdir: str, *, dtype=jnp.float32, **_) -> "KarloPipeline":
+        if not is_karlo_workdir(workdir):
+            raise FileNotFoundError(f"{workdir} is not a converted Karlo workdir "
+                                    f"({WORKDIR_FILE} missing)")
+        return cls(workdir, dtype)
+
+    def _empty_prompt(self, n: int):
+        """The tokens of "" (bos, eos, padding), Karlo's unconditional caption."""
+        t = self.tokenizer
+        tokens = np.full((n, t.context_length), t.pad_id, np.int32)
+        tokens[:, 0], tokens[:, 1] = t.bos_id, t.eos_id
+        mask = np.zeros_like(tokens, bool)
+        mask[:, :2] = True
+        return tokens, mask
+
     def text_to_image(self, prompts, *, seed: int = 0, settings: SampleSettings = PRESET) -> dict:
         """Images for the prompts: {"images" (256px), "decoder_images" (64px), "image_embedding",
         "text_embedding"}, numpy arrays with one row per prompt."""
@@ -165,11 +180,12 @@ class KarloPipeline:
                                  "ancestral (ddpm)")
         tokens, mask = self.tokenizer.encode(list(prompts))
         null_tokens, null_mask = self._empty_prompt(len(tokens))
-        key = (settings, len(tokens))
-        if key not in self._compiled:
-            self._compiled[key] = jax.jit(functools.partial(self._text_to_image_fn, s=settings))
-        out = self._compiled[key](self.params, tokens, mask, null_tokens, null_mask,
-                                  jax.random.PRNGKey(seed))
+        key = (self._arch, settings, len(tokens))
+        if key not in _COMPILED:
+            _COMPILED[key] = jax.jit(functools.partial(self.program.text_to_image_fn,
+                                                       s=settings))
+        out = _COMPILED[key](self.params, tokens, mask, null_tokens, null_mask,
+                             jax.random.PRNGKey(seed))
         return {k: np.asarray(v) for k, v in out.items()}
 
 
