@@ -30,8 +30,9 @@ def test_preset_is_karlos_and_explicit_flags_win():
 
 def test_text_to_image_through_cli_and_api(workdir, tmp_path):
     out = str(tmp_path / "out")
+    # A Karlo workdir samples with Karlo's preset (no --preset needed); the step flags win.
     res = sample.run(["--workdir", workdir, "--prompt", "a red", "--prompt", "red",
-                      "--preset=karlo", "--out", out, *FEW])
+                      "--out", out, *FEW])
     imgs = res["images"]
     assert imgs.shape == (2, 16, 16, 3)          # super_res_first/last's sample_size
     assert np.all(np.isfinite(imgs)) and np.abs(imgs).max() <= 1.0

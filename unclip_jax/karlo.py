@@ -1,4 +1,4 @@
-"""Sample from a converted Karlo workdir (`python -m unclip_jax.convert karlo`): text -> 256px image.
+"""Sample from a converted Karlo workdir (`python -m unclip_jax.convert karlo`): text -> image.
 
     pipe = KarloPipeline.from_workdir(WORKDIR)                # Pipeline.from_workdir does this too
     out = pipe.text_to_image(["a red frog on a leaf"], seed=0)   # settings default to PRESET
@@ -95,7 +95,8 @@ class _Program:
         null_emb, null_states = self._encode(params["text_encoder"], null_tokens)
         r_prior, r_dec, r_sr = jax.random.split(rng, 3)
 
-        prior_fn = lambda x, t, c: self.prior.apply({"params": params["prior"]}, x, t, c)  # noqa: E731
+        def prior_fn(x, t, c):
+            return self.prior.apply({"params": params["prior"]}, x, t, c)
         cond = {"z_t": emb, "token_embeddings": states, "token_mask": mask}
         uncond = {"z_t": null_emb, "token_embeddings": null_states, "token_mask": null_mask}
         x = diffusion.sample(prior_fn, self._schedule("prior", s.prior_steps),

@@ -49,8 +49,9 @@ def define_flags(fv: flags.FlagValues) -> None:
                       **f)
     # Sampling settings (unclip_jax.inference.SampleSettings).
     flags.DEFINE_enum("preset", "", ["", "karlo"], "Sampling settings preset: 'karlo' is "
-                      "Karlo's (prior 25 steps at guidance 4, decoder 25 at 8, super-res 7); "
-                      "flags given explicitly still apply.", **f)
+                      "Karlo's (prior 25 steps at guidance 4, decoder 25 at 8, super-res 7), "
+                      "the default for a converted Karlo workdir; flags given explicitly still "
+                      "apply.", **f)
     flags.DEFINE_enum("prior", "diffusion", ["diffusion", "ar"], "Which prior makes z_i.", **f)
     flags.DEFINE_string("prior_steps", "64", "Diffusion prior steps (a respacing: '64', "
                         "'ddim25').", **f)
@@ -93,9 +94,11 @@ _SETTING_FLAGS = {"prior_steps": "prior_steps", "prior_method": "prior_method",
 
 def _settings(a):
     s = _flag_settings(a)
-    if a.preset == "karlo":
-        from unclip_jax.karlo import preset_settings
-        s = preset_settings(s, keep={f for n, f in _SETTING_FLAGS.items() if a[n].present})
+    from unclip_jax import karlo
+    # A converted Karlo workdir samples with Karlo's settings unless told otherwise.
+    if a.preset == "karlo" or (not a["preset"].present and a.workdir
+                               and karlo.is_karlo_workdir(a.workdir)):
+        s = karlo.preset_settings(s, keep={f for n, f in _SETTING_FLAGS.items() if a[n].present})
     return s
 
 

@@ -96,7 +96,8 @@ def test_text_proj_and_decoder_match_diffusers(karlo):
     np.testing.assert_array_equal(ctx_mask, ref_mask.numpy())
     _close(out, ref)
     # The learned null image embedding is diffusers' classifier-free-guidance embedding.
-    _close(params["null_image_emb"], pipe.text_proj.learned_classifier_free_guidance_embeddings.detach())
+    _close(params["null_image_emb"],
+           pipe.text_proj.learned_classifier_free_guidance_embeddings.detach())
 
 
 @pytest.mark.parametrize("name", ["super_res_first", "super_res_last"])

@@ -1,4 +1,4 @@
-"""Import Karlo (kakaobrain/karlo-v1-alpha, diffusers' `UnCLIPPipeline` folder layout) into our models.
+"""Import Karlo (kakaobrain/karlo-v1-alpha, diffusers' UnCLIPPipeline layout) into our models.
 
     comps = read_pipeline("/path/to/karlo-v1-alpha")        # configs + safetensors, no torch
     prior, params, stats = convert_prior(comps["prior"])      # DiffusionPrior, clip_mean/std
@@ -374,7 +374,8 @@ def convert_decoder(comp: dict, proj: dict, dtype=jnp.float32):
     model = decoder_model(comp["config"], proj["config"], dtype)
     clash = set(comp["tensors"]) & set(proj["tensors"])
     if clash:
-        raise KarloFormatError(f"karlo: decoder and text_proj share tensor names {sorted(clash)[:3]}")
+        raise KarloFormatError(f"karlo: decoder and text_proj share tensor names "
+                               f"{sorted(clash)[:3]}")
     tensors = {**comp["tensors"], **proj["tensors"]}
     args, kw = decoder_inputs(model)
     mapping = _present(decoder_mapping(model), tensors)
@@ -425,7 +426,8 @@ def convert_text_encoder(comp: dict, dtype=jnp.float32):
     expected = {k: v for k, v in flatten_dict(nn.meta.unbox(shapes)["params"]).items()
                 if k[0] in ("text_model", "text_projection")}   # no logit_scale in Karlo
     mapping = {k: v for k, v in clip_import.param_map(model).items() if k in expected}
-    tensors = {k: v for k, v in comp["tensors"].items() if k != "text_model.embeddings.position_ids"}
+    tensors = {k: v for k, v in comp["tensors"].items()
+               if k != "text_model.embeddings.position_ids"}   # a buffer in older exports
     params = clip_import.map_tensors(expected, mapping, tensors, "karlo text_encoder")
     # CLIP's setup creates its temperature on every method; Karlo has none and never uses it.
     params["logit_scale"] = jnp.asarray(model.logit_scale_init, jnp.float32)
