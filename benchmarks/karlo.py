@@ -124,7 +124,7 @@ def main(argv):
     import torch
 
     from unclip_jax import convert
-    from unclip_jax.karlo import PRESET, KarloPipeline
+    from unclip_jax.karlo import KarloPipeline
 
     if _THREADS.value:
         torch.set_num_threads(_THREADS.value)
@@ -139,7 +139,7 @@ def main(argv):
                                            ref.text_encoder) for p in m.parameters())
 
         def run_ours(seed):
-            out = ours.text_to_image(prompts, seed=seed, settings=PRESET)["images"]
+            out = ours.text_to_image(prompts, seed=seed)["images"]  # Karlo's preset
             return jax.block_until_ready(out)
 
         def run_ref(seed):

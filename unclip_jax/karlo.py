@@ -19,13 +19,13 @@ import dataclasses
 import functools
 import json
 import os
+import types
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from unclip_jax import diffusion
-from unclip_jax.inference import SampleSettings
 from unclip_jax.models.prior import EmbeddingScaling
 
 WORKDIR_FILE = "karlo.json"
@@ -33,10 +33,13 @@ WORKDIR_FILE = "karlo.json"
 # program depends on the configs, dtype, settings and batch only (weights and the prior's CLIP
 # statistics are arguments), so reloading a workdir does not recompile.
 _COMPILED: dict = {}
-# Karlo's defaults (diffusers' UnCLIPPipeline.__call__): prior 25 steps at guidance 4, decoder
-# 25 at guidance 8, super-resolution 7; its scheduler's spacing ("karloN").
-PRESET = SampleSettings(prior_steps="karlo25", prior_guidance=4.0, num_candidates=1,
-                        decoder_steps="karlo25", decoder_guidance=8.0, upsampler_steps="karlo7")
+# Karlo's defaults (diffusers' UnCLIPPipeline.__call__) as `inference.SampleSettings` fields:
+# prior 25 steps at guidance 4, decoder 25 at guidance 8, super-resolution 7, all with its
+# scheduler's spacing ("karloN"); no best-of-N. (A dict: this module is imported by
+# inference.Pipeline.from_workdir, so it does not import inference.)
+PRESET = dict(prior_steps="karlo25", prior_guidance=4.0, num_candidates=1,
+              decoder_steps="karlo25", decoder_guidance=8.0, upsampler_steps="karlo7")
+_USED = ("prior_steps", "prior_guidance", "decoder_steps", "decoder_guidance", "upsampler_steps")
 
 
 def is_karlo_workdir(workdir: str) -> bool:
@@ -88,8 +91,8 @@ class _Program:
         out = self.clip.apply({"params": params}, tokens, method=CLIP.encode_text)
         return out["features"], out["token_encodings"]
 
-    def text_to_image_fn(self, params, tokens, mask, null_tokens, null_mask, rng,
-                          s: SampleSettings):
+    def text_to_image_fn(self, params, tokens, mask, null_tokens, null_mask, rng, s):
+        """s: the settings' fields of _USED (a namespace)."""
         b = tokens.shape[0]
         emb, states = self._encode(params["text_encoder"], tokens)
         null_emb, null_states = self._encode(params["text_encoder"], null_tokens)
@@ -172,27 +175,26 @@ class KarloPipeline:
         mask[:, :2] = True
         return tokens, mask
 
-    def text_to_image(self, prompts, *, seed: int = 0, settings: SampleSettings = PRESET) -> dict:
+    def text_to_image(self, prompts, *, seed: int = 0, settings=None) -> dict:
         """Images for the prompts: {"images" (256px), "decoder_images" (64px), "image_embedding",
-        "text_embedding"}, numpy arrays with one row per prompt."""
+        "text_embedding"}, numpy arrays with one row per prompt. `settings`: an
+        `inference.SampleSettings` (its steps and guidance are used), None for PRESET."""
         for f in ("prior_method", "decoder_method"):
-            if getattr(settings, f) != "ddpm":
+            if getattr(settings, f, "ddpm") != "ddpm":
                 raise ValueError(f"karlo: {f}={getattr(settings, f)!r}; Karlo's schedulers are "
                                  "ancestral (ddpm)")
+        used = tuple((f, PRESET[f] if settings is None else getattr(settings, f)) for f in _USED)
         tokens, mask = self.tokenizer.encode(list(prompts))
         null_tokens, null_mask = self._empty_prompt(len(tokens))
-        key = (self._arch, settings, len(tokens))
+        key = (self._arch, used, len(tokens))
         if key not in _COMPILED:
             _COMPILED[key] = jax.jit(functools.partial(self.program.text_to_image_fn,
-                                                       s=settings))
+                                                       s=types.SimpleNamespace(**dict(used))))
         out = _COMPILED[key](self.params, tokens, mask, null_tokens, null_mask,
                              jax.random.PRNGKey(seed))
         return {k: np.asarray(v) for k, v in out.items()}
 
 
-def preset_settings(settings: SampleSettings, keep=frozenset()) -> SampleSettings:
-    """`settings` with the fields Karlo's preset sets, except those named in `keep`."""
-    default = SampleSettings()
-    return dataclasses.replace(settings, **{
-        f.name: getattr(PRESET, f.name) for f in dataclasses.fields(PRESET)
-        if f.name not in keep and getattr(PRESET, f.name) != getattr(default, f.name)})
+def preset_settings(settings, keep=frozenset()):
+    """A SampleSettings with Karlo's preset in the fields it sets, except those in `keep`."""
+    return dataclasses.replace(settings, **{k: v for k, v in PRESET.items() if k not in keep})
