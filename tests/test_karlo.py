@@ -5,8 +5,10 @@ import os
 import numpy as np
 import pytest
 
+import jax
+
 from helpers.karlo_pipeline import build_tiny_karlo
-from unclip_jax import convert, karlo, sample
+from unclip_jax import convert, karlo, parallel, sample
 from unclip_jax.inference import Pipeline, SampleSettings
 
 FEW = ["--prior_steps=karlo3", "--decoder_steps=karlo3", "--upsampler_steps=karlo2"]
@@ -52,3 +54,8 @@ def test_text_to_image_through_cli_and_api(workdir, tmp_path):
     assert api["decoder_images"].shape == (2, 8, 8, 3)
     other = pipe.text_to_image(["a red", "red"], seed=1, settings=s)
     assert np.abs(other["images"] - api["images"]).max() > 1e-3
+    # Sharded over a 2-device mesh (batch split, weights replicated): the same images.
+    mesh = parallel.make_mesh({"data": 2}, jax.devices()[:2])
+    sharded = Pipeline.from_workdir(workdir, mesh=mesh).text_to_image(["a red", "red"], seed=0,
+                                                                       settings=s)
+    np.testing.assert_allclose(sharded["images"], api["images"], atol=1e-4)

@@ -24,6 +24,7 @@ import types
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec as P
 
 from unclip_jax import diffusion
 from unclip_jax.models.prior import EmbeddingScaling
@@ -141,7 +142,7 @@ class _Program:
 class KarloPipeline:
     """The converted Karlo weights, tokenizer and the compiled text -> image path."""
 
-    def __init__(self, workdir: str, dtype=jnp.float32):
+    def __init__(self, workdir: str, dtype=jnp.float32, mesh=None):
         from unclip_jax.data.tokenizer import Tokenizer
 
         with open(os.path.join(workdir, WORKDIR_FILE)) as f:
@@ -158,13 +159,19 @@ class KarloPipeline:
                                            context_length=self.program.prior.text_ctx)
         self._arch = (json.dumps([meta["configs"], meta["schedulers"]], sort_keys=True),
                       jnp.dtype(dtype).name)
+        # With a mesh the batch is split over all its devices and the weights replicated (as
+        # inference.Pipeline samples).
+        self.mesh = mesh
+        if mesh is not None:
+            self.params = jax.device_put(self.params, NamedSharding(mesh, P()))
 
     @classmethod
-    def from_workdir(cls, workdir: str, *, dtype=jnp.float32, **_) -> "KarloPipeline":
+    def from_workdir(cls, workdir: str, *, dtype=jnp.float32, mesh=None,
+                     **_) -> "KarloPipeline":
         if not is_karlo_workdir(workdir):
             raise FileNotFoundError(f"{workdir} is not a converted Karlo workdir "
                                     f"({WORKDIR_FILE} missing)")
-        return cls(workdir, dtype)
+        return cls(workdir, dtype, mesh)
 
     def _empty_prompt(self, n: int):
         """The tokens of "" (bos, eos, padding), Karlo's unconditional caption."""
@@ -185,14 +192,23 @@ class KarloPipeline:
                                  "ancestral (ddpm)")
         used = tuple((f, PRESET[f] if settings is None else getattr(settings, f)) for f in _USED)
         tokens, mask = self.tokenizer.encode(list(prompts))
+        n = len(tokens)
+        if self.mesh is not None:   # pad to a multiple of the devices, repeating the last row
+            m = -(-n // self.mesh.devices.size) * self.mesh.devices.size
+            tokens, mask = (np.concatenate([a, np.repeat(a[-1:], m - n, 0)]) for a in (tokens,
+                                                                                     mask))
         null_tokens, null_mask = self._empty_prompt(len(tokens))
+        if self.mesh is not None:
+            rows = NamedSharding(self.mesh, P(("data", "fsdp")))
+            tokens, mask, null_tokens, null_mask = (jax.device_put(a, rows) for a in (
+                tokens, mask, null_tokens, null_mask))
         key = (self._arch, used, len(tokens))
         if key not in _COMPILED:
             _COMPILED[key] = jax.jit(functools.partial(self.program.text_to_image_fn,
                                                        s=types.SimpleNamespace(**dict(used))))
         out = _COMPILED[key](self.params, tokens, mask, null_tokens, null_mask,
                              jax.random.PRNGKey(seed))
-        return {k: np.asarray(v) for k, v in out.items()}
+        return {k: np.asarray(v)[:n] for k, v in out.items()}
 
 
 def preset_settings(settings, keep=frozenset()):
