@@ -11,7 +11,8 @@ and guidance against the encoding of "" (not a learned null); the decoder (learn
 variance) is guided against the learned null z_i plus the "" encoding; the 64px image, clamped,
 is resized (antialiased bicubic) and super-resolved with `super_res_first` for all steps but
 the last, which uses `super_res_last`. Each stage is one `lax.scan` (ancestral DDPM over
-Karlo's step spacing), and the whole path is one jitted program per batch size.
+Karlo's step spacing), and the whole path is one jitted program per batch size; with a `mesh`
+the batch is split over its devices and the weights are replicated.
 """
 from __future__ import annotations
 
