@@ -45,6 +45,10 @@ setup(
             # benchmarks.torch_unet the PyTorch U-Net of the CPU speed check; 2.13.0 is the
             # CPU build this project's machines carry.
             "torch==2.13.0",
+            # diffusers' UnCLIPPipeline (Karlo) is the reference of the Karlo import parity
+            # test and of benchmarks.karlo; it keeps UnCLIP under pipelines/deprecated, which a
+            # 1.x may drop. 0.42.1 is tested (with transformers 5.25, torch 2.13).
+            "diffusers>=0.42,<0.43",
         ],
     },
 )

@@ -64,6 +64,7 @@ COMMANDS = {
     "sample": "Sample from the main job's trained stages",
     "evaluate": "Evaluate a trained unCLIP run",
     "embed": "Write a CLIP embedding cache",
+    "convert": "Convert released weights into an unclip-jax workdir",
     "bench": "Training throughput of any stage's real sharded train step",
     "aot": "Ahead-of-time plan of a sharded train step",
     "tools.bench_conv": "Where a stage's train step spends its convolution time",

@@ -172,6 +172,9 @@ class Pipeline:
         none); None: every upsampler found."""
         if not os.path.isdir(workdir):
             raise FileNotFoundError(f"workdir {workdir} does not exist")
+        from unclip_jax import karlo
+        if karlo.is_karlo_workdir(workdir):   # converted released weights, their own sampler
+            return karlo.KarloPipeline.from_workdir(workdir, mesh=mesh)
         found = {d: os.path.join(workdir, d) for d in UNCLIP_STAGES
                  if os.path.isdir(os.path.join(workdir, d, "checkpoints"))}
         for need in ("clip", "decoder"):

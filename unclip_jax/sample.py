@@ -48,6 +48,10 @@ def define_flags(fv: flags.FlagValues) -> None:
     flags.DEFINE_bool("no_upsample", False, "Manipulations: stop at the decoder's resolution.",
                       **f)
     # Sampling settings (unclip_jax.inference.SampleSettings).
+    flags.DEFINE_enum("preset", "", ["", "karlo"], "Sampling settings preset: 'karlo' is "
+                      "Karlo's (prior 25 steps at guidance 4, decoder 25 at 8, super-res 7), "
+                      "the default for a converted Karlo workdir; flags given explicitly still "
+                      "apply.", **f)
     flags.DEFINE_enum("prior", "diffusion", ["diffusion", "ar"], "Which prior makes z_i.", **f)
     flags.DEFINE_string("prior_steps", "64", "Diffusion prior steps (a respacing: '64', "
                         "'ddim25').", **f)
@@ -93,7 +97,24 @@ def define_flags(fv: flags.FlagValues) -> None:
     flags.DEFINE_float("max_theta", 0.5, "textdiff: the largest interpolation weight.", **f)
 
 
+# flag -> SampleSettings field, for the flags a --preset leaves to the user.
+_SETTING_FLAGS = {"prior_steps": "prior_steps", "prior_method": "prior_method",
+                  "prior_guidance": "prior_guidance", "best_of": "num_candidates",
+                  "decoder_steps": "decoder_steps", "decoder_sampler": "decoder_method",
+                  "decoder_guidance": "decoder_guidance", "upsampler_steps": "upsampler_steps"}
+
+
 def _settings(a):
+    s = _flag_settings(a)
+    from unclip_jax import karlo
+    # A converted Karlo workdir samples with Karlo's settings unless told otherwise.
+    if a.preset == "karlo" or (not a["preset"].present and a.workdir
+                               and karlo.is_karlo_workdir(a.workdir)):
+        s = karlo.preset_settings(s, keep={f for n, f in _SETTING_FLAGS.items() if a[n].present})
+    return s
+
+
+def _flag_settings(a):
     from unclip_jax.inference import SampleSettings
     return SampleSettings(
         prior=a.prior, prior_steps=a.prior_steps, prior_method=a.prior_method,

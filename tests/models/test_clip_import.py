@@ -9,21 +9,15 @@ import pytest
 import torch  # the `test` extra installs torch (CPU) for this file
 import transformers
 
+from helpers.clip_tokenizer import write_tiny_tokenizer
 from unclip_jax.models import clip_import  # noqa: E402
 from unclip_jax.models.clip import CLIP, to_clip_pixels  # noqa: E402
-
-
-def _write_tiny_tokenizer(d):
-    clip_import._write_bpe_vocab(d, ["red"])  # bytes, word-final bytes, and "red" as one token
-    tok = transformers.CLIPTokenizer.from_pretrained(d)
-    assert len(tok) == 2 * 256 + 2 + 2  # guards against transformers' 2-token-vocabulary trap
-    return tok
 
 
 @pytest.fixture(scope="module")
 def hf_dir(tmp_path_factory):
     d = str(tmp_path_factory.mktemp("tiny_clip"))
-    tok = _write_tiny_tokenizer(d)
+    tok = write_tiny_tokenizer(d)
     cfg = transformers.CLIPConfig(
         text_config=dict(vocab_size=len(tok), hidden_size=32, intermediate_size=48,
                          num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=16,

@@ -2,7 +2,7 @@
 
 Schedules and respacing (call outside jit; the result is a pytree of float32 arrays):
   schedule = make_schedule("cosine" | "linear", num_timesteps=1000)
-  fast = respace(schedule, "250" | "ddim50" | "10,10,3,2,2")   # IDDPM space_timesteps
+  fast = respace(schedule, "250" | "ddim50" | "karlo25" | "10,10,3,2,2")  # IDDPM spacing
   schedule.timestep_map[n]: training timestep of index n (identity unless respaced)
 
 Training (stages call their model themselves; `t` indexes the training schedule):
@@ -24,6 +24,7 @@ Sampling (one lax.scan; jit it with model params closed over or inside `cond`):
   model_fn(x, t, cond) gets t = the TRAINING timestep (int32 [batch]) even when respaced.
   Guidance: uncond + s * (cond - uncond) by batch doubling (one model call per step); with a
   learned sigma only the prediction channels are guided, v comes from the conditional half.
+  x_prev, x0 = ddpm_step(schedule, x, n, output, noise, ...)   # one step of the above
   x_T = ddim_invert(model_fn, fast, x0, cond, uncond=None, guidance_scale=1.0,
                     parameterization="eps", learned_sigma=False)
 
@@ -65,7 +66,7 @@ from unclip_jax.diffusion.losses import (
     sample_timesteps,
 )
 from unclip_jax.diffusion.respace import respace, space_timesteps
-from unclip_jax.diffusion.sampler import ddim_invert, sample
+from unclip_jax.diffusion.sampler import ddim_invert, ddpm_step, sample
 from unclip_jax.diffusion.schedules import (
     Schedule,
     cosine_betas,
@@ -90,7 +91,7 @@ def diffusion_config(**kw) -> ml_collections.ConfigDict:
 
 
 __all__ = [
-    "Schedule", "analytic_variance", "cosine_betas", "ddim_invert", "diffusion_loss",
+    "Schedule", "analytic_variance", "cosine_betas", "ddim_invert", "ddpm_step", "diffusion_loss",
     "diffusion_config", "discretized_gaussian_log_likelihood", "eps_from_v", "estimate_eps_sq_norm", "extract",
     "fixed_log_variance", "guided_output", "learned_range_log_variance", "linear_betas",
     "make_schedule", "mean_flat", "min_snr_weight", "normal_kl", "predict_eps_from_x0",

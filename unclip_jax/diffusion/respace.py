@@ -17,6 +17,7 @@ def space_timesteps(num_timesteps: int, section_counts: str | int | Sequence[int
     """Sorted training timesteps to keep.
 
     "ddimN": the integer stride giving exactly N steps, starting at 0 (DDIM's spacing).
+    "karloN": N steps round(i (T-1) / (N-1)), i < N (Karlo; diffusers' UnCLIPScheduler).
     "N" / N: one section, N steps evenly strided from 0 to T-1 (rounded).
     "a,b,c" / [a, b, c]: split [0, T) into equal sections (earlier ones get the remainder) and
     stride each section with its own count, e.g. "10,10,3,2,2" spends more steps near t = 0.
@@ -29,6 +30,13 @@ def space_timesteps(num_timesteps: int, section_counts: str | int | Sequence[int
                     return list(range(0, num_timesteps, stride))
             raise ValueError(f"cannot get exactly {desired} steps from {num_timesteps} "
                              "with an integer stride")
+        if section_counts.startswith("karlo"):
+            n = int(section_counts[len("karlo"):])
+            if not 2 <= n <= num_timesteps:
+                raise ValueError(f"karlo spacing needs 2..{num_timesteps} steps, got {n}")
+            # numpy's round (half to even) on the float64 products, as the scheduler does.
+            return sorted(set(np.round(np.arange(n) * ((num_timesteps - 1) / (n - 1)))
+                              .astype(int).tolist()))
         section_counts = [int(x) for x in section_counts.split(",")]
     elif isinstance(section_counts, int):
         section_counts = [section_counts]

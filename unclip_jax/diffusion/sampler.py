@@ -31,6 +31,31 @@ def _denoise(model_fn, schedule, x, n, cond, uncond, guidance_scale, parameteriz
     return x0, eps, v, idx
 
 
+def _ancestral(schedule, x0, x, idx, logvar, noise):
+    mean, _, _ = g.q_posterior(schedule, x0, x, idx)
+    return mean + jnp.exp(0.5 * logvar) * noise
+
+
+def ddpm_step(schedule: Schedule, x, n, output, noise, *, parameterization: str = "eps",
+              var_type: str = "fixed_small", clip_x0: float | None = None):
+    """One ancestral step of `sample(method="ddpm")` from schedule index n (an int) given the
+    model's (guided) output: returns (x at index n-1, x0 prediction). No noise at n = 0.
+    For Karlo's UnCLIPScheduler: fixed_small_log is "fixed_small", learned_range is
+    "learned_range" (output [..., 2C]), clip_sample_range is `clip_x0`."""
+    if var_type not in ("fixed_small", "fixed_large", "learned_range"):
+        raise ValueError(f"ddpm_step: var_type {var_type!r} is not fixed_small, fixed_large or "
+                         "learned_range")
+    idx = jnp.full((x.shape[0],), n, jnp.int32)
+    v = None
+    if var_type == "learned_range":
+        output, v = g.split_learned_sigma(output)
+    x0, _ = g.prediction_to_x0_eps(schedule, x, idx, output, parameterization)
+    x0 = threshold_x0(x0, clip_x0)
+    logvar = (g.learned_range_log_variance(schedule, idx, v) if v is not None
+              else var.fixed_log_variance(schedule, var_type)[n])
+    return _ancestral(schedule, x0, x, idx, logvar, float(n > 0) * noise), x0
+
+
 def sample(model_fn: Callable, schedule: Schedule, shape: Sequence[int], rng, cond=None, *,
            uncond=None, guidance_scale=1.0, method: str = "ddim", eta=0.0,
            parameterization: str = "eps", var_type: str = "fixed_small",
@@ -107,10 +132,9 @@ def sample(model_fn: Callable, schedule: Schedule, shape: Sequence[int], rng, co
                  jax.random.normal(jax.random.fold_in(rng_steps, n), shape, jnp.float32))
         not_last = (n > 0).astype(jnp.float32)  # no noise on the final step (IDDPM)
         if method == "ddpm":
-            mean, _, _ = g.q_posterior(schedule, x0, x, idx)
             logvar = (g.learned_range_log_variance(schedule, idx, v) if step_logvar is None
                       else step_logvar[n])
-            x = mean + not_last * jnp.exp(0.5 * logvar) * noise
+            x = _ancestral(schedule, x0, x, idx, logvar, not_last * noise)
         else:
             ab, ab_prev = schedule.alphas_cumprod[n], schedule.alphas_cumprod_prev[n]
             sigma = eta * jnp.sqrt((1 - ab_prev) / (1 - ab)) * jnp.sqrt(1 - ab / ab_prev)

@@ -109,7 +109,7 @@ def param_map(model: CLIP) -> dict:
 
 def convert_state_dict(model: CLIP, tensors: dict[str, np.ndarray]) -> dict:
     """HF tensors (name -> numpy) -> our params tree; errors name the offending HF tensor."""
-    from flax.traverse_util import flatten_dict, unflatten_dict
+    from flax.traverse_util import flatten_dict
     from flax import linen as nn
 
     t = model.text
@@ -117,29 +117,42 @@ def convert_state_dict(model: CLIP, tensors: dict[str, np.ndarray]) -> dict:
     size = int(model.vision["image_size"])
     dummy_img = jnp.zeros((1, size, size, 3), jnp.float32)
     shapes = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), dummy_img, dummy_tok))
-    expected = flatten_dict(nn.meta.unbox(shapes)["params"])
-    mapping = param_map(model)
+    return map_tensors(flatten_dict(nn.meta.unbox(shapes)["params"]), param_map(model), tensors)
+
+
+def map_tensors(expected: dict, mapping: dict, tensors: dict[str, np.ndarray],
+                who: str = "clip_import") -> dict:
+    """Our params tree from checkpoint tensors: `expected` maps each flattened param path to its
+    shape/dtype, `mapping` the path to ([tensor names], converter or None). A missing tensor
+    raises KeyError and a mis-shaped one ValueError, both naming the tensor."""
+    from flax.traverse_util import unflatten_dict
+
     unmapped = set(expected) - set(mapping)
     if unmapped:
-        raise RuntimeError(f"clip_import: no mapping for our params {sorted(unmapped)[:5]}")
+        raise RuntimeError(f"{who}: no mapping for our params {sorted(unmapped)[:5]}")
     out = {}
     for path, spec in expected.items():
         names, conv = mapping[path]
         arrays = []
         for n in names:
             if n not in tensors:
-                raise KeyError(f"clip_import: tensor {n!r} missing from the checkpoint "
+                raise KeyError(f"{who}: tensor {n!r} missing from the checkpoint "
                                f"(needed for {'/'.join(path)})")
             arrays.append(np.asarray(tensors[n], np.float32))
         shapes = [a.shape for a in arrays]
         bad = [n for n, s in zip(names, shapes) if shapes.count(s) == 1] if len(set(shapes)) > 1 \
             else names  # q/k/v must agree: the odd one out is the bad tensor
-        value = conv(*arrays) if conv is not None and len(set(shapes)) == 1 else None
-        if value is None and conv is None:
+        value = None
+        if conv is not None and len(set(shapes)) == 1:
+            try:
+                value = conv(*arrays)
+            except ValueError:   # e.g. a reshape that the tensor's size does not allow
+                value = None
+        elif conv is None:
             value = arrays[0]
         if value is None or tuple(value.shape) != tuple(spec.shape):
             got = ", ".join(f"{n} {s}" for n, s in zip(names, shapes))
-            raise ValueError(f"clip_import: tensor {' / '.join(map(repr, bad))} has the wrong "
+            raise ValueError(f"{who}: tensor {' / '.join(map(repr, bad))} has the wrong "
                              f"shape (got {got}); {'/'.join(path)} needs {tuple(spec.shape)} "
                              "after conversion")
         out[path] = jnp.asarray(value, spec.dtype)

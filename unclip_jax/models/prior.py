@@ -85,6 +85,8 @@ class DiffusionPrior(nn.Module):
     mlp_ratio: float = 4.0
     dropout: float = 0.0
     remat: bool = False
+    # False: exact GELU in the MLPs, as diffusers' PriorTransformer (Karlo) computes it.
+    gelu_approximate: bool = True
     dtype: Dtype = jnp.float32
 
     @nn.compact
@@ -105,8 +107,9 @@ class DiffusionPrior(nn.Module):
         x = x + pos[None].astype(self.dtype)
         mask = jnp.concatenate([mask, jnp.ones((b, 4), bool)], axis=1)
         x = Transformer(self.width, self.depth, self.heads, self.mlp_ratio, causal=True,
-                        dropout=self.dropout, final_norm=True, remat=self.remat, name="transformer",
-                        **kw)(x, mask, train)
+                        dropout=self.dropout, final_norm=True, remat=self.remat,
+                        gelu_approximate=self.gelu_approximate, name="transformer", **kw)(
+                            x, mask, train)
         return Dense(self.embed_dim, axes=("embed", None), name="out", **kw)(x[:, -1]).astype(
             jnp.float32)
 

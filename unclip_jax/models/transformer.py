@@ -88,6 +88,7 @@ class SelfAttention(nn.Module):
 class MLP(nn.Module):
     width: int
     hidden: int
+    gelu_approximate: bool = True   # False: exact erf GELU (diffusers' PriorTransformer)
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
@@ -95,7 +96,7 @@ class MLP(nn.Module):
     def __call__(self, x):
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         h = Dense(self.hidden, axes=("embed", "mlp"), name="fc", **kw)(x)
-        h = nn.gelu(h, approximate=True)
+        h = nn.gelu(h, approximate=self.gelu_approximate)
         return Dense(self.width, axes=("mlp", "embed"), name="proj", **kw)(h)
 
 
@@ -105,6 +106,7 @@ class Block(nn.Module):
     mlp_ratio: float = 4.0
     causal: bool = False
     dropout: float = 0.0
+    gelu_approximate: bool = True
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
@@ -114,7 +116,8 @@ class Block(nn.Module):
         h = SelfAttention(self.width, self.heads, self.causal, name="attn", **kw)(
             LayerNorm(name="ln_1", **kw)(x), mask, decode)
         x = x + nn.Dropout(self.dropout)(h, deterministic=not train)
-        h = MLP(self.width, int(self.width * self.mlp_ratio), name="mlp", **kw)(
+        h = MLP(self.width, int(self.width * self.mlp_ratio), self.gelu_approximate, name="mlp",
+                **kw)(
             LayerNorm(name="ln_2", **kw)(x))
         x = x + nn.Dropout(self.dropout)(h, deterministic=not train)
         return constrain(x, ACT)
@@ -134,13 +137,14 @@ class _ScanBlock(nn.Module):
     dropout: float
     train: bool
     remat: bool
+    gelu_approximate: bool
     dtype: Dtype
     param_dtype: Dtype
 
     @nn.compact
     def __call__(self, x, mask):
         block = _block_class(self.remat)(self.width, self.heads, self.mlp_ratio, self.causal,
-                                         self.dropout, dtype=self.dtype,
+                                         self.dropout, self.gelu_approximate, dtype=self.dtype,
                                          param_dtype=self.param_dtype, name="block")
         return block(x, mask, self.train, False), None  # remat's static args are all passed
 
@@ -160,6 +164,7 @@ class Transformer(nn.Module):
     final_norm: bool = False
     remat: bool = False
     scan: bool = False
+    gelu_approximate: bool = True
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
@@ -176,12 +181,12 @@ class Transformer(nn.Module):
                             in_axes=nn.broadcast, length=self.depth,
                             metadata_params={nn.PARTITION_NAME: "layers"})
             x, _ = stack(self.width, self.heads, self.mlp_ratio, self.causal, self.dropout, train,
-                         self.remat, name="blocks", **kw)(x, mask)
+                         self.remat, self.gelu_approximate, name="blocks", **kw)(x, mask)
         else:
             block = _block_class(self.remat)
             for i in range(self.depth):
                 x = block(self.width, self.heads, self.mlp_ratio, self.causal, self.dropout,
-                          name=f"block_{i}", **kw)(x, mask, train, decode)
+                          self.gelu_approximate, name=f"block_{i}", **kw)(x, mask, train, decode)
         if self.final_norm:
             x = LayerNorm(name="ln_final", **kw)(x)
         return x

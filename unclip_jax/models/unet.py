@@ -13,8 +13,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from unclip_jax.models.layers import (Conv, Dense, GroupNorm, avg_pool2, constrain, dtype_of,
-                                      timestep_embedding, upsample_nearest2)
+from unclip_jax.models.layers import (Conv, Dense, GroupNorm, LayerNorm, avg_pool2, constrain,
+                                      dtype_of, timestep_embedding, upsample_nearest2)
 from unclip_jax.models.text_encoder import TextEncoder
 
 Dtype = Any
@@ -22,11 +22,14 @@ IMG = ("batch", "height", "width", "act_embed")
 
 
 class ResBlock(nn.Module):
-    """ADM res block: GN-SiLU-(resample)-conv, AdaGN(emb), SiLU, dropout, zero-init conv; skip."""
+    """ADM res block: GN-SiLU-(resample)-conv, AdaGN(emb), SiLU, dropout, zero-init conv; skip.
+    `scale_shift=False`: the projected emb is added before the second GN instead of AdaGN
+    (ADM without use_scale_shift_norm; diffusers' resnet_time_scale_shift="default")."""
     out_channels: int
     resample: str | None = None       # None, "up" or "down" (BigGAN: on both paths)
     dropout: float = 0.0
     norm_groups: int = 32
+    scale_shift: bool = True
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
@@ -42,10 +45,14 @@ class ResBlock(nn.Module):
         elif self.resample == "up":
             x = upsample_nearest2(x)     # h is upsampled inside conv_in (same result, fewer FLOPs)
         h = Conv(self.out_channels, 3, upsample=self.resample == "up", name="conv_in", **kw)(h)
-        ss = Dense(2 * self.out_channels, axes=("embed", "mlp"), name="emb_proj", **kw)(
-            nn.silu(emb))
-        scale, shift = jnp.split(ss, 2, axis=-1)
-        h = nn.silu(GroupNorm(self.norm_groups, name="norm_out", **kw)(h, scale, shift))
+        ss = Dense((2 if self.scale_shift else 1) * self.out_channels, axes=("embed", "mlp"),
+                   name="emb_proj", **kw)(nn.silu(emb))
+        if self.scale_shift:
+            scale, shift = jnp.split(ss, 2, axis=-1)
+            h = nn.silu(GroupNorm(self.norm_groups, name="norm_out", **kw)(h, scale, shift))
+        else:
+            h = h + ss[:, None, None, :].astype(h.dtype)
+            h = nn.silu(GroupNorm(self.norm_groups, name="norm_out", **kw)(h))
         h = nn.Dropout(self.dropout)(h, deterministic=not train)
         h = Conv(self.out_channels, 3, zero_init=True, name="conv_out", **kw)(h)
         if x.shape[-1] != self.out_channels:
@@ -55,14 +62,15 @@ class ResBlock(nn.Module):
 
 class AttentionBlock(nn.Module):
     """Multi-head self-attention over pixels; `context` [B, Lc, Wc] is projected to K/V and put in
-    front of the image K/V (GLIDE). Zero-initialised output projection."""
+    front of the image K/V (GLIDE); `context_mask` [B, Lc] (True = attend) masks context keys
+    (Karlo's padded caption tokens). Zero-initialised output projection."""
     head_channels: int = 64
     norm_groups: int = 32
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, x, context=None):
+    def __call__(self, x, context=None, context_mask=None):
         b, hgt, wid, c = x.shape
         if c % self.head_channels:
             raise ValueError(f"attention: {c} channels not divisible by "
@@ -78,7 +86,11 @@ class AttentionBlock(nn.Module):
                 context.astype(self.dtype))
             ek, ev = jnp.split(ekv.reshape(b, context.shape[1], heads, 2 * hd), 2, axis=-1)
             k, v = jnp.concatenate([ek, k], axis=1), jnp.concatenate([ev, v], axis=1)
-        out = jax.nn.dot_product_attention(q, k, v).reshape(b, hgt * wid, c)
+        mask = None
+        if context is not None and context_mask is not None:
+            keys = jnp.concatenate([context_mask.astype(bool), jnp.ones((b, hgt * wid), bool)], 1)
+            mask = keys[:, None, None, :]
+        out = jax.nn.dot_product_attention(q, k, v, mask=mask).reshape(b, hgt * wid, c)
         out = Dense(c, axes=("heads", "embed"), zero_init=True, name="proj_out", **kw)(out)
         return constrain(x + out.reshape(x.shape), IMG)
 
@@ -97,21 +109,24 @@ class _ScanBlock(nn.Module):
     head_channels: int
     dropout: float
     norm_groups: int
+    scale_shift: bool
     train: bool
     remat: bool
     dtype: Dtype
     param_dtype: Dtype
 
     @nn.compact
-    def __call__(self, h, skip, emb, context):
+    def __call__(self, h, skip, emb, context, context_mask):
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         if self.concat:
             h = jnp.concatenate([h, skip], axis=-1)
         res = _res_class(self.remat)(self.channels, dropout=self.dropout,
-                                     norm_groups=self.norm_groups, name="res", **kw)
+                                     norm_groups=self.norm_groups, scale_shift=self.scale_shift,
+                                     name="res", **kw)
         h = res(h, emb, self.train)
         if self.attention:
-            h = AttentionBlock(self.head_channels, self.norm_groups, name="attn", **kw)(h, context)
+            h = AttentionBlock(self.head_channels, self.norm_groups, name="attn", **kw)(
+                h, context, context_mask)
         return h, h
 
 
@@ -133,7 +148,8 @@ class UNet(nn.Module):
     """ADM U-Net backbone: x [B, H, W, Cin], t [B] -> [B, H, W, out_channels (x2 if learn_sigma)].
 
     `emb_add` [B, 4*base] is added to the timestep embedding (GLIDE/unCLIP conditioning);
-    `context` [B, Lc, Wc] is attended to by every attention layer.
+    `context` [B, Lc, Wc] is attended to by every attention layer (keys masked by
+    `context_mask` [B, Lc] when given).
     """
     base_channels: int = 128
     channel_mult: Sequence[int] = (1, 2, 3, 4)
@@ -144,6 +160,7 @@ class UNet(nn.Module):
     out_channels: int = 3
     learn_sigma: bool = False
     norm_groups: int = 32
+    scale_shift: bool = True           # False: additive time embedding in the res blocks
     remat: bool = False
     # Run each level's same-shaped res blocks (+ attention) as one nn.scan over stacked params
     # ("layers" axis): a smaller program to compile at paper scale, the same function.
@@ -155,15 +172,16 @@ class UNet(nn.Module):
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         stack = nn.scan(_ScanBlock, variable_axes={"params": 0},
                         split_rngs={"params": True, "dropout": True},
-                        in_axes=(0, nn.broadcast, nn.broadcast), length=n,
+                        in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast), length=n,
                         metadata_params={nn.PARTITION_NAME: "layers"})
         return stack(channels, attention, concat, self.head_channels, self.dropout,
-                     self.norm_groups, train, self.remat, name=name, **kw)
+                     self.norm_groups, self.scale_shift, train, self.remat, name=name, **kw)
 
     @nn.compact
-    def __call__(self, x, t, emb_add=None, context=None, train: bool = False):
+    def __call__(self, x, t, emb_add=None, context=None, train: bool = False, context_mask=None):
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-        rb = dict(dropout=self.dropout, norm_groups=self.norm_groups, **kw)
+        rb = dict(dropout=self.dropout, norm_groups=self.norm_groups,
+                  scale_shift=self.scale_shift, **kw)
         Res = _res_class(self.remat)
         attn = lambda name: AttentionBlock(self.head_channels, self.norm_groups,  # noqa: E731
                                            name=name, **kw)
@@ -185,13 +203,13 @@ class UNet(nn.Module):
             while i < n:
                 if i == a and b > a:
                     h, hs = self._scan(b - a, ch, ds in self.attention_ds, False, train,
-                                       f"down_{level}_scan")(h, None, emb, context)
+                                       f"down_{level}_scan")(h, None, emb, context, context_mask)
                     skips.extend(hs)   # one skip per scanned block
                     i = b
                     continue
                 h = Res(ch, name=f"down_{level}_{i}", **rb)(h, emb, train)
                 if ds in self.attention_ds:
-                    h = attn(f"down_{level}_{i}_attn")(h, context)
+                    h = attn(f"down_{level}_{i}_attn")(h, context, context_mask)
                 skips.append(h)
                 i += 1
             if level != len(self.channel_mult) - 1:
@@ -200,7 +218,7 @@ class UNet(nn.Module):
                 ds *= 2
         h = Res(h.shape[-1], name="mid_0", **rb)(h, emb, train)
         if self.attention_ds:
-            h = attn("mid_attn")(h, context)
+            h = attn("mid_attn")(h, context, context_mask)
         h = Res(h.shape[-1], name="mid_1", **rb)(h, emb, train)
         for level, mult in reversed(list(enumerate(self.channel_mult))):
             ch, n = base * mult, self.num_res_blocks + 1
@@ -212,13 +230,13 @@ class UNet(nn.Module):
                 if i == a and b > a:
                     xs = jnp.stack([skips.pop() for _ in range(b - a)])
                     h, _ = self._scan(b - a, ch, ds in self.attention_ds, True, train,
-                                      f"up_{level}_scan")(h, xs, emb, context)
+                                      f"up_{level}_scan")(h, xs, emb, context, context_mask)
                     i = b
                     continue
                 h = jnp.concatenate([h, skips.pop()], axis=-1)
                 h = Res(ch, name=f"up_{level}_{i}", **rb)(h, emb, train)
                 if ds in self.attention_ds:
-                    h = attn(f"up_{level}_{i}_attn")(h, context)
+                    h = attn(f"up_{level}_{i}_attn")(h, context, context_mask)
                 i += 1
             if level:
                 h = Res(h.shape[-1], "up", name=f"up_{level}_resample", **rb)(h, emb, train)
@@ -241,7 +259,8 @@ def _unet_kwargs(m, dtype, param_dtype) -> dict:
         attention_ds=tuple(image_size // int(r) for r in m.attention_resolutions),
         head_channels=int(m.head_channels), dropout=float(m.dropout),
         out_channels=int(m.out_channels), learn_sigma=bool(m.learn_sigma),
-        norm_groups=int(m.norm_groups), remat=bool(m.remat),
+        norm_groups=int(m.norm_groups), scale_shift=bool(m.get("scale_shift", True)),
+        remat=bool(m.remat),
         scan_blocks=bool(m.scan_blocks),
         dtype=dtype, param_dtype=param_dtype)
 
@@ -254,6 +273,12 @@ class Decoder(nn.Module):
     the caption encoder's output sequence. A dropped (or absent) caption is the all-padding
     caption, whose padding embeddings are learned (GLIDE's null caption). `clip_dim=0` or
     `text_depth=0` disable either branch.
+
+    `clip_text_width > 0` replaces the caption encoder by a frozen CLIP text encoder's outputs
+    (Karlo; diffusers' UnCLIPTextProjModel): `text_emb` [B, clip_dim] is projected and added to
+    the timestep embedding, and `text_states` [B, L, clip_text_width] are projected to
+    `context_dim` and layer-normed behind the CLIP tokens; `token_mask` masks their padding.
+    The unconditional input is then given explicitly (null z_i and the encoding of "").
     """
     unet: dict
     clip_dim: int = 0
@@ -264,15 +289,19 @@ class Decoder(nn.Module):
     text_depth: int = 0
     text_heads: int = 1
     text_scan: bool = False
+    clip_text_width: int = 0
+    context_dim: int = 0       # attention context width; 0: text_width or 4 * base_channels
 
     @nn.compact
     def __call__(self, x, t, image_emb=None, tokens=None, token_mask=None, drop_image_emb=None,
-                 drop_text=None, train: bool = False):
+                 drop_text=None, train: bool = False, text_emb=None, text_states=None,
+                 conditioning_only: bool = False):
+        """`conditioning_only`: return (emb_add, context, context_mask) without the U-Net."""
         u = self.unet
         kw = dict(dtype=u["dtype"], param_dtype=u["param_dtype"])
         b, ed = x.shape[0], 4 * u["base_channels"]
-        ctx_width = self.text_width if self.text_depth else ed
-        emb_add, ctx = [], []
+        ctx_width = self.context_dim or (self.text_width if self.text_depth else ed)
+        emb_add, ctx, ctx_mask = [], [], None
         if self.clip_dim:
             null = self.param("null_image_emb", nn.with_logical_partitioning(
                 nn.initializers.normal(1.0), (None,)), (self.clip_dim,), u["param_dtype"])
@@ -284,7 +313,18 @@ class Decoder(nn.Module):
             tok = Dense(self.clip_tokens * ctx_width, axes=("embed", "mlp"),
                         name="clip_tok_proj", **kw)(z)
             ctx.append(tok.reshape(b, self.clip_tokens, ctx_width))
-        if self.text_depth:
+        if self.clip_text_width:
+            if text_emb is None or text_states is None or token_mask is None:
+                raise ValueError("decoder: clip_text_width > 0 needs text_emb, text_states and "
+                                 "token_mask (the CLIP text encoder's outputs)")
+            emb_add.append(Dense(ed, axes=("embed", "mlp"), name="clip_text_emb_proj", **kw)(
+                text_emb.astype(u["dtype"])))
+            seq = Dense(ctx_width, axes=("embed", "mlp"), name="clip_text_seq_proj", **kw)(
+                text_states.astype(u["dtype"]))
+            ctx.append(LayerNorm(name="clip_text_seq_norm", **kw)(seq))
+            ctx_mask = jnp.concatenate([jnp.ones((b, self.clip_tokens if self.clip_dim else 0),
+                                                 bool), token_mask.astype(bool)], axis=1)
+        elif self.text_depth:
             if tokens is None:
                 tokens = jnp.zeros((b, self.text_ctx), jnp.int32)
                 token_mask = jnp.zeros((b, self.text_ctx), bool)
@@ -298,21 +338,27 @@ class Decoder(nn.Module):
                                           tokens, token_mask, train)
             emb_add.append(Dense(ed, axes=("embed", "mlp"), name="text_emb_proj", **kw)(pooled))
             ctx.append(seq)
-        return UNet(**u, name="unet")(
-            x, t, sum(emb_add) if emb_add else None,
-            jnp.concatenate(ctx, axis=1) if ctx else None, train)
+        emb_add = sum(emb_add) if emb_add else None
+        ctx = jnp.concatenate(ctx, axis=1) if ctx else None
+        if conditioning_only:
+            return emb_add, ctx, ctx_mask
+        return UNet(**u, name="unet")(x, t, emb_add, ctx, train, ctx_mask)
 
 
 class Upsampler(nn.Module):
     """Convolution-only super-resolution U-Net: x [B, H, W, 3] and low_res [B, h, w, 3] (any
-    size; bilinearly resized to H x W, as ADM/GLIDE) concatenated on channels; timestep only.
+    size; resized to H x W: bilinearly as ADM/GLIDE, or `resize="cubic"` with antialiasing as
+    Karlo / torch's bicubic antialias=True) concatenated on channels; timestep only.
     Fully convolutional: the same params apply to crops and to full-size images."""
     unet: dict
+    resize: str = "linear"
 
     @nn.compact
     def __call__(self, x, t, low_res, train: bool = False):
         if low_res.shape[1:3] != x.shape[1:3]:
-            low_res = jax.image.resize(low_res, x.shape[:3] + low_res.shape[3:], "linear")
+            # jax's antialiased cubic is torch's bicubic with antialias=True (Keys a = -0.5,
+            # weights renormalised at the border), not torch's plain bicubic (a = -0.75).
+            low_res = jax.image.resize(low_res, x.shape[:3] + low_res.shape[3:], self.resize)
         h = jnp.concatenate([x, low_res.astype(x.dtype)], axis=-1)
         return UNet(**self.unet, name="unet")(h, t, None, None, train)
 

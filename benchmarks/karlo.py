@@ -1,0 +1,176 @@
+"""Karlo text -> image: ours (converted workdir) against diffusers' UnCLIPPipeline, same weights.
+
+  python -m benchmarks.karlo --size=tiny|small|full [--batch=1] [--rounds=3] [--json=out.json]
+
+Builds a randomly initialised diffusers UnCLIPPipeline (Karlo's block types; `full` is
+kakaobrain/karlo-v1-alpha's architecture, ~3.3B parameters, `small` the same layout at about a
+fifth of the widths, `tiny` the test suite's), saves it, converts it with `unclip_jax.convert`
+and times the whole text -> 256px (tiny: 16px) path with Karlo's preset (prior 25 steps at
+guidance 4, decoder 25 at 8, super-res 7) on both sides in float32, in interleaved rounds.
+Our compile time (the first call) is reported apart from the timed rounds. Needs torch and
+diffusers (the test extra); not used by the package.
+"""
+from __future__ import annotations
+
+import json
+import statistics
+import tempfile
+import time
+
+from absl import app, flags
+
+_SIZE = flags.DEFINE_enum("size", "tiny", ["tiny", "small", "full"], "Architecture.")
+_BATCH = flags.DEFINE_integer("batch", 1, "Prompts per call.")
+_ROUNDS = flags.DEFINE_integer("rounds", 3, "Interleaved timed rounds (median reported).")
+_THREADS = flags.DEFINE_integer("threads", 0, "torch threads (0: torch's default).")
+_JSON = flags.DEFINE_string("json", None, "Write the figures to this JSON file.")
+
+DOWN = ("ResnetDownsampleBlock2D", "SimpleCrossAttnDownBlock2D", "SimpleCrossAttnDownBlock2D",
+        "SimpleCrossAttnDownBlock2D")
+UP = ("SimpleCrossAttnUpBlock2D", "SimpleCrossAttnUpBlock2D", "SimpleCrossAttnUpBlock2D",
+      "ResnetUpsampleBlock2D")
+
+
+def configs(size: str) -> dict:
+    """diffusers constructor arguments per component (`full`: diffusers' conversion script)."""
+    if size == "tiny":
+        unet = dict(layers_per_block=1, block_out_channels=(16, 32), norm_num_groups=8)
+        return dict(
+            text=dict(hidden_size=16, intermediate_size=24, num_hidden_layers=1,
+                      num_attention_heads=2, max_position_embeddings=8, projection_dim=16),
+            prior=dict(num_attention_heads=2, attention_head_dim=8, num_layers=2,
+                       embedding_dim=16, num_embeddings=8, additional_embeddings=4),
+            text_proj=dict(clip_extra_context_tokens=2, clip_embeddings_dim=16,
+                           time_embed_dim=64, cross_attention_dim=24),
+            decoder=dict(sample_size=8, cross_attention_dim=24, attention_head_dim=8,
+                         down_block_types=(DOWN[0], DOWN[1]), up_block_types=(UP[2], UP[3]),
+                         **unet),
+            super_res=dict(sample_size=16, down_block_types=(DOWN[0],) * 2,
+                           up_block_types=(UP[3],) * 2, **unet))
+    w = 64 if size == "small" else 320
+    width, emb = (256, 128) if size == "small" else (2048, 768)
+    return dict(
+        text=dict(hidden_size=emb, intermediate_size=4 * emb,
+                  num_hidden_layers=2 if size == "small" else 12,
+                  num_attention_heads=emb // 64, max_position_embeddings=77,
+                  projection_dim=emb),
+        prior=dict(num_attention_heads=width // 64, attention_head_dim=64,
+                   num_layers=4 if size == "small" else 20, embedding_dim=emb,
+                   num_embeddings=77, additional_embeddings=4),
+        text_proj=dict(clip_extra_context_tokens=4, clip_embeddings_dim=emb,
+                       time_embed_dim=4 * w, cross_attention_dim=w * 24 // 5),
+        decoder=dict(sample_size=64, cross_attention_dim=w * 24 // 5, attention_head_dim=64,
+                     layers_per_block=3, block_out_channels=(w, 2 * w, 3 * w, 4 * w),
+                     down_block_types=DOWN, up_block_types=UP),
+        super_res=dict(sample_size=256, layers_per_block=3,
+                       block_out_channels=(w, 2 * w, 3 * w, 4 * w),
+                       down_block_types=(DOWN[0],) * 4, up_block_types=(UP[3],) * 4))
+
+
+def build(size: str, directory: str):
+    """A random diffusers UnCLIPPipeline of `size`, saved under directory/src."""
+    import os
+
+    import diffusers
+    import torch
+    import transformers
+    from diffusers.pipelines.deprecated.unclip.text_proj import UnCLIPTextProjModel
+    from tokenizers.pre_tokenizers import ByteLevel
+
+    c = configs(size)
+    # A byte-level CLIP vocabulary written here (nothing downloads); ids stay below its size.
+    tok_dir = os.path.join(directory, "tok")
+    os.makedirs(tok_dir)
+    chars = sorted(ByteLevel.alphabet())
+    vocab = chars + [ch + "</w>" for ch in chars] + ["<|startoftext|>", "<|endoftext|>"]
+    with open(os.path.join(tok_dir, "vocab.json"), "w") as f:
+        json.dump({t: i for i, t in enumerate(vocab)}, f)
+    with open(os.path.join(tok_dir, "merges.txt"), "w") as f:
+        f.write("#version: 0.2\n")
+    tok = transformers.CLIPTokenizer.from_pretrained(
+        tok_dir, model_max_length=c["text"]["max_position_embeddings"])
+    torch.manual_seed(0)
+    text = transformers.CLIPTextModelWithProjection(transformers.CLIPTextConfig(
+        vocab_size=len(tok), bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id, **c["text"]))
+    prior = diffusers.PriorTransformer(**c["prior"])
+    with torch.no_grad():
+        prior.clip_std.fill_(1.0)
+    sched = lambda **kw: diffusers.UnCLIPScheduler(num_train_timesteps=1000, **kw)  # noqa: E731
+    sr = dict(in_channels=6, out_channels=3, add_attention=False, **c["super_res"])
+    pipe = diffusers.UnCLIPPipeline(
+        prior=prior, text_proj=UnCLIPTextProjModel(**c["text_proj"]),
+        decoder=diffusers.UNet2DConditionModel(
+            in_channels=3, out_channels=6, mid_block_type="UNetMidBlock2DSimpleCrossAttn",
+            resnet_time_scale_shift="scale_shift", class_embed_type="identity",
+            **c["decoder"]),
+        text_encoder=text, tokenizer=tok, super_res_first=diffusers.UNet2DModel(**sr),
+        super_res_last=diffusers.UNet2DModel(**sr),
+        prior_scheduler=sched(variance_type="fixed_small_log", prediction_type="sample",
+                              clip_sample_range=5.0),
+        decoder_scheduler=sched(variance_type="learned_range", prediction_type="epsilon"),
+        super_res_scheduler=sched(variance_type="fixed_small_log", prediction_type="epsilon"))
+    src = os.path.join(directory, "src")
+    pipe.save_pretrained(src)
+    return pipe, src
+
+
+def main(argv):
+    del argv
+    import os
+
+    import jax
+    import numpy as np
+    import torch
+
+    from unclip_jax import convert
+    from unclip_jax.karlo import KarloPipeline
+
+    if _THREADS.value:
+        torch.set_num_threads(_THREADS.value)
+    prompts = ["a red frog on a green leaf"] * _BATCH.value
+    with tempfile.TemporaryDirectory() as d:
+        ref, src = build(_SIZE.value, d)
+        wd = os.path.join(d, "wd")
+        convert.convert_karlo(src, wd)
+        ours = KarloPipeline.from_workdir(wd)
+        n_params = sum(p.numel() for m in (ref.prior, ref.text_proj, ref.decoder,
+                                           ref.super_res_first, ref.super_res_last,
+                                           ref.text_encoder) for p in m.parameters())
+
+        def run_ours(seed):
+            out = ours.text_to_image(prompts, seed=seed)["images"]  # Karlo's preset
+            return jax.block_until_ready(out)
+
+        def run_ref(seed):
+            with torch.no_grad():
+                return ref(prompts, generator=torch.Generator().manual_seed(seed),
+                           output_type="np").images
+
+        t0 = time.perf_counter()
+        first = run_ours(0)
+        first_call = time.perf_counter() - t0
+        times = {"ours": [], "diffusers": []}
+        for r in range(_ROUNDS.value):
+            for name, fn in (("ours", run_ours), ("diffusers", run_ref)):
+                t0 = time.perf_counter()
+                out = fn(r + 1)
+                times[name].append(time.perf_counter() - t0)
+            print(f"round {r}: ours {times['ours'][-1]:.2f} s, "
+                  f"diffusers {times['diffusers'][-1]:.2f} s", flush=True)
+        ours_s, ref_s = (statistics.median(times[k]) for k in ("ours", "diffusers"))
+        res = {"size": _SIZE.value, "batch": _BATCH.value, "params": n_params,
+               "dtype": "float32", "devices": str(jax.devices()[0].device_kind),
+               "torch_threads": torch.get_num_threads(), "ours_s": ours_s,
+               "diffusers_s": ref_s, "ours_over_diffusers": ours_s / ref_s,
+               "ours_first_call_s": first_call, "ours_compile_s": first_call - ours_s,
+               "rounds": times, "image_shape": list(np.shape(out)),
+               "finite": bool(np.all(np.isfinite(first)))}
+    print(json.dumps(res, indent=1))
+    if _JSON.value:
+        with open(_JSON.value, "w") as f:
+            json.dump(res, f, indent=1)
+
+
+if __name__ == "__main__":
+    app.run(main)

@@ -1,0 +1,126 @@
+"""Convert released weights into an unclip-jax workdir: `karlo` (kakaobrain/karlo-v1-alpha).
+
+  python -m unclip_jax.convert karlo --src=DIR --out=WORKDIR [--dtype=bfloat16]
+
+DIR is a local copy of Karlo in diffusers' UnCLIPPipeline layout (download it yourself, e.g.
+`huggingface-cli download kakaobrain/karlo-v1-alpha --local-dir DIR`); nothing is fetched here.
+WORKDIR receives prior/, decoder/ (with the text projection), super_res_first/, super_res_last/
+and text_encoder/ as Orbax checkpoints of our models' params (float32 or bfloat16), tokenizer/,
+prior_stats.npz (the prior's clip_mean / clip_std), karlo.json (the source configs, from which
+the models are rebuilt, the scheduler settings and Karlo's sampling preset) and manifest.json
+(the source and every converted tensor's name and shape). Input that is not Karlo's layout (a
+missing component, an unknown block type, a tensor of the wrong shape) is reported in one line
+naming the folder or tensor, and WORKDIR is not created: the conversion is written to a
+temporary folder beside it and renamed at the end.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+import tempfile
+
+from absl import app, flags
+
+COMMANDS = ("karlo",)
+CHECKPOINTED = ("prior", "decoder", "super_res_first", "super_res_last", "text_encoder")
+WORKDIR_FILE = "karlo.json"
+# Karlo's defaults (diffusers' UnCLIPPipeline.__call__): prior 25 steps at guidance 4, decoder
+# 25 at guidance 8, super-resolution 7 (super_res_first for all but the last step).
+PRESET = {"prior_steps": 25, "prior_guidance": 4.0, "decoder_steps": 25,
+          "decoder_guidance": 8.0, "super_res_steps": 7}
+
+
+def define_flags(fv: flags.FlagValues) -> None:
+    f = dict(flag_values=fv)
+    flags.DEFINE_string("src", None, "The local diffusers-layout folder to convert.", **f)
+    flags.DEFINE_string("out", None, "The workdir to write (must not exist).", **f)
+    flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Stored weights' dtype.", **f)
+
+
+def _save_params(path: str, params) -> None:
+    import orbax.checkpoint as ocp
+    ckpt = ocp.StandardCheckpointer()
+    ckpt.save(os.path.abspath(path), params)
+    ckpt.wait_until_finished()
+
+
+def convert_karlo(src: str, out: str, dtype: str = "float32") -> dict:
+    """Convert the Karlo folder `src` into the new workdir `out`; returns the manifest."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from unclip_jax.models import karlo_import as ki
+
+    if os.path.exists(out):
+        raise FileExistsError(f"convert: --out {out!r} exists; give a new workdir")
+    comps = ki.read_pipeline(src)   # every folder and config checked before anything converts
+    store = jnp.dtype(dtype)
+    converted, manifest = {}, {"source": os.path.abspath(src), "dtype": dtype, "tensors": {}}
+    _, converted["prior"], scaling, manifest["tensors"]["prior"] = ki.convert_prior(
+        comps["prior"])
+    _, converted["decoder"], man = ki.convert_decoder(comps["decoder"], comps["text_proj"])
+    manifest["tensors"]["decoder+text_proj"] = man
+    for name in ("super_res_first", "super_res_last"):
+        _, converted[name], manifest["tensors"][name] = ki.convert_upsampler(comps[name], name)
+    _, converted["text_encoder"], manifest["tensors"]["text_encoder"] = \
+        ki.convert_text_encoder(comps["text_encoder"])
+    schedulers = {name: ki.scheduler_settings(comps[f"{name}_scheduler"]["config"],
+                                              f"{name}_scheduler")
+                  for name in ("prior", "decoder", "super_res")}
+    from unclip_jax.data.tokenizer import Tokenizer
+    Tokenizer.from_hf(comps["tokenizer"]["dir"])   # fails here, not at sampling time
+
+    parent = os.path.dirname(os.path.abspath(out))
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=".convert-", dir=parent)
+    try:
+        for name in CHECKPOINTED:
+            params = jax.tree.map(lambda a: jnp.asarray(a, store), converted[name])
+            _save_params(os.path.join(tmp, name), params)
+        with open(os.path.join(tmp, "prior_stats.npz"), "wb") as f:
+            np.savez(f, image_mean=np.asarray(scaling.image_mean, np.float32),
+                     image_std=np.asarray(scaling.image_std, np.float32))
+        shutil.copytree(comps["tokenizer"]["dir"], os.path.join(tmp, "tokenizer"))
+        configs = {n: comps[n]["config"] for n in ("prior", "text_proj", "decoder",
+                                                   "super_res_first", "super_res_last",
+                                                   "text_encoder")}
+        with open(os.path.join(tmp, WORKDIR_FILE), "w") as f:
+            json.dump({"kind": "karlo", "source": manifest["source"], "dtype": dtype,
+                       "configs": configs, "schedulers": schedulers, "preset": PRESET}, f,
+                      indent=1)
+        with open(os.path.join(tmp, "manifest.json"), "w") as f:
+            json.dump(manifest, f, indent=1)
+        os.rename(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return manifest
+
+
+def main(argv):
+    command = argv[1] if len(argv) > 1 else None
+    if len(argv) != 2 or command not in COMMANDS:
+        raise app.UsageError(f"expected one command of {', '.join(COMMANDS)}, got "
+                             f"{' '.join(argv[1:]) or 'none'}")
+    fv = flags.FLAGS
+    if not fv.src or not fv.out:
+        raise app.UsageError("--src and --out are required")
+    from unclip_jax import console
+    console.quiet_terminal()
+    from unclip_jax.models.karlo_import import KarloFormatError
+    try:
+        manifest = convert_karlo(fv.src, fv.out, fv.dtype)
+    except (KarloFormatError, FileNotFoundError, FileExistsError, KeyError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    n = sum(len(v) for v in manifest["tensors"].values())
+    print(f"wrote {fv.out}: {n} tensors from {fv.src} ({fv.dtype})")
+
+
+if __name__ == "__main__":
+    define_flags(flags.FLAGS)
+    from unclip_jax import console
+    console.run_app(main)
