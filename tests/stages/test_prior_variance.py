@@ -21,7 +21,8 @@ from unclip_jax import diffusion as D
 from unclip_jax.diffusion.toy import gaussian_mixture_denoiser
 from unclip_jax.models.prior import EmbeddingScaling, sample_prior
 from unclip_jax.stages import prior_variance
-from unclip_jax.stages.diffusion_prior import ArrayIterator
+from unclip_jax.stages.diffusion_prior import (ArrayIterator, scaling_from_config,
+                                               schedule_from_config)
 
 MU = np.array([1.0, -0.5, 0.25, 0.0, 0.5, -1.0, 0.3, 0.1], np.float32)
 S, T, GB = 0.5, 1000, 2048
@@ -62,6 +63,13 @@ def _bundle():
                                  batch_sharding=NamedSharding(mesh, P("data")))
 
 
+def _estimate(config, workdir, step):
+    """The stage's after-training call (stages.diffusion_prior.DiffusionPriorStage)."""
+    return prior_variance.estimate(config, workdir, _bundle(), {}, step,
+                                   schedule=schedule_from_config(config),
+                                   scaling=scaling_from_config(config))
+
+
 def _ideal_gamma(ab):
     return (1 - ab) / (ab * S ** 2 + 1 - ab)
 
@@ -69,7 +77,7 @@ def _ideal_gamma(ab):
 @pytest.fixture(scope="module")
 def estimated(tmp_path_factory):
     wd = tmp_path_factory.mktemp("prior")
-    rec = prior_variance.estimate(_config(2 * GB), str(wd), _bundle(), {}, step=7)
+    rec = _estimate(_config(2 * GB), str(wd), step=7)
     return wd, rec
 
 
@@ -116,7 +124,7 @@ def test_rerun_skips_and_an_interrupted_estimate_resumes(estimated, tmp_path, mo
     wd, rec = estimated
     path = wd / prior_variance.STAT_FILE
     before = path.read_bytes()
-    assert prior_variance.estimate(_config(2 * GB), str(wd), _bundle(), {}, step=7) == rec
+    assert _estimate(_config(2 * GB), str(wd), step=7) == rec
     assert path.read_bytes() == before   # done: nothing recomputed or rewritten
 
     real_write, calls = prior_variance._write, []
@@ -128,17 +136,17 @@ def test_rerun_skips_and_an_interrupted_estimate_resumes(estimated, tmp_path, mo
 
     monkeypatch.setattr(prior_variance, "_write", write_then_die)
     with pytest.raises(KeyboardInterrupt):
-        prior_variance.estimate(_config(2 * GB), str(tmp_path), _bundle(), {}, step=7)
+        _estimate(_config(2 * GB), str(tmp_path), step=7)
     monkeypatch.setattr(prior_variance, "_write", real_write)
     part = json.loads((tmp_path / prior_variance.STAT_FILE).read_text())
     assert not part["complete"] and part["batches"] == 1 and part["num_examples"] == GB
     with pytest.raises(ValueError, match="incomplete"):  # refused for sampling meanwhile
         prior_variance.eps_sq_norm_for(types.SimpleNamespace(
             workdir=str(tmp_path), step=7, config=_config(2 * GB)))
-    resumed = prior_variance.estimate(_config(2 * GB), str(tmp_path), _bundle(), {}, step=7)
+    resumed = _estimate(_config(2 * GB), str(tmp_path), step=7)
     np.testing.assert_allclose(resumed["eps_sq_norm"], rec["eps_sq_norm"], rtol=1e-12)
     # a prior trained further (another step) is re-estimated, not served the stale statistic
-    newer = prior_variance.estimate(_config(GB), str(tmp_path), _bundle(), {}, step=9)
+    newer = _estimate(_config(GB), str(tmp_path), step=9)
     assert newer["step"] == 9 and newer["num_examples"] == GB
 
 

@@ -240,4 +240,6 @@ class DiffusionPriorStage(Stage):
     def after_training(self, config, workdir, bundle, state, step):
         from unclip_jax.stages import prior_variance
         if prior_variance.configured_var_type(config) == "analytic":
-            prior_variance.estimate(config, workdir, bundle, state.ema_params, step)
+            prior_variance.estimate(config, workdir, bundle, state.ema_params, step,
+                                    schedule=schedule_from_config(config),
+                                    scaling=scaling_from_config(config))

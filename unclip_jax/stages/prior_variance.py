@@ -62,14 +62,14 @@ def _write(path: str, record: dict) -> None:
     os.replace(tmp, path)   # readers never see half a file
 
 
-def estimate(config, workdir: str, bundle, params, step: int) -> dict:
+def estimate(config, workdir: str, bundle, params, step: int, *, schedule, scaling) -> dict:
     """Estimate and store the statistic for the checkpoint at `step` (every process runs the
-    sharded model calls; process 0 writes). Returns the record; a complete one for this step
+    sharded model calls; process 0 writes); `schedule`/`scaling` are the prior's, from
+    stages.diffusion_prior (passed in: that module calls this one). Returns the record; a complete one for this step
     with enough examples is returned as is."""
     import jax
 
     from unclip_jax.models.prior import prior_eps_sq_norm
-    from unclip_jax.stages.diffusion_prior import scaling_from_config, schedule_from_config
     from unclip_jax.train.trainer import _global_batch, _numeric
 
     path = stat_path(workdir)
@@ -82,8 +82,6 @@ def estimate(config, workdir: str, bundle, params, step: int) -> dict:
             return rec
     else:   # none yet, or made from other weights (a prior trained further): start afresh
         rec = None
-    schedule = schedule_from_config(config)
-    scaling = scaling_from_config(config)
     data = bundle.stage.make_data(config, split="train", process_index=jax.process_index(),
                                   process_count=jax.process_count(), local_batch_size=gb //
                                   jax.process_count(), seed=int(config.seed) + 1)
