@@ -123,6 +123,9 @@ def get_config(arg=None):
         c.data.num_threads = 2
         for st in s.values():
             st.train.update(num_steps=1, log_every=1, ckpt_every=1, batch_size=8)
+            # One device: a one-step run gains nothing from a mesh, and saving replicated
+            # params from many (fake CPU) devices costs Orbax a slice per replica.
+            st.mesh.num_devices = 1
         s.diffusion_prior.model.update(width=32, depth=1, heads=2)
         s.ar_prior.model.update(pca_components=8, num_buckets=16, enc_width=32, enc_depth=1,
                                 enc_heads=2, dec_width=32, dec_depth=1, dec_heads=2)

@@ -128,16 +128,29 @@ def test_evaluation_scores_with_the_same_clip(run, hf):
 def test_sample_cli_text_and_variation(run, tmp_path):
     wd = run[0]
     before = snapshot(wd)
+    # The samples step's settings and batch (4), so the text -> image program is compiled once.
     fast = ["--prior_steps=2", "--decoder_steps=2", "--upsampler_steps=ddim2"]
-    res = sample.run(["--workdir", wd, "--prompt", "a red circle", "--num", "2",
+    res = sample.run(["--workdir", wd, "--prompt", "a red circle", "--num", "4",
                       "--out", str(tmp_path / "t")] + fast)
-    assert res["images"].shape == (2, 32, 32, 3) and np.isfinite(res["images"]).all()
+    assert res["images"].shape == (4, 32, 32, 3) and np.isfinite(res["images"]).all()
+    assert res["images"].std() > 0
     png = np.asarray(Image.open(tmp_path / "t" / "0000.png"))
     assert png.shape == (32, 32, 3)
     res = sample.run(["variations", "--workdir", wd, "--image", str(tmp_path / "t" / "0000.png"),
-                      "--num", "2", "--out", str(tmp_path / "v"), "--decoder_steps=ddim2"])
-    assert res["images"].shape == (2, 32, 32, 3) and np.isfinite(res["images"]).all()
+                      "--num", "2", "--no_upsample", "--out", str(tmp_path / "v"),
+                      "--decoder_steps=2"])
+    assert res["images"].shape == (2, 16, 16, 3) and np.isfinite(res["images"]).all()
     assert snapshot(wd) == before   # sampling only reads the workdir
+
+
+def test_clip_stage_linked_to_a_missing_folder(tmp_path):
+    from unclip_jax.inference import load_clip
+    stage = tmp_path / "clip"
+    stage.mkdir()
+    (stage / "hf_clip.json").write_text(json.dumps({"hf_dir": str(tmp_path / "gone")}))
+    with pytest.raises(FileNotFoundError, match=f"CLIP stage {stage} imports .*gone.* does not "
+                       "exist"):
+        load_clip(str(stage))
 
 
 # ------------------------------------------------------------------------------ bad input
