@@ -24,10 +24,10 @@ Inputs (nothing is downloaded):
                       any HF CLIP works: the stages' embedding width (projection_dim), caption
                       length (77 tokens), token encoding width, caption vocabulary and pad id
                       follow the folder (recipes/webdata.py adapt_stage).
-  data                img2dataset webdataset shards (data.name="webdataset", data.path a glob
-                      with "{split}": splits "train" and, for the evaluation, "test"), or
-                      data.name="folder" (a folder with captions.jsonl per split) or "tfds"
-                      (unclip_jax/data/config.py lists the fields).
+  data                img2dataset webdataset shards (data.path a glob with "{split}": splits
+                      "train" and, for the evaluation, "test"); the `:folder` variant reads a
+                      folder with captions.jsonl per split (data.path), `:tfds` a tfds dataset
+                      (data.tfds_name, data.caption_key; unclip_jax/data/config.py).
 Steps (one sub-workdir each, resumable; finished ones are skipped on re-runs):
   clip             clip/hf_clip.json links the HF folder: the run's CLIP (nothing trained)
   embed            CLIP image/text embeddings and token encodings of every example (embed/)
@@ -52,8 +52,9 @@ from unclip_jax.eval.config import eval_config
 
 
 def get_config(arg=None):
-    if arg not in (None, "", "smoke"):
-        raise ValueError(f"experiments/webdata.py: unknown variant {arg!r} (use :smoke)")
+    if arg not in (None, "", "smoke", "folder", "tfds"):
+        raise ValueError(f"experiments/webdata.py: unknown variant {arg!r} (use :folder, :tfds "
+                         "or :smoke)")
     smoke = arg == "smoke"
     c = ml_collections.ConfigDict()
     c.pipeline = "unclip"       # marks a whole-stack config for unclip_jax.main
@@ -62,8 +63,11 @@ def get_config(arg=None):
     c.order = ("clip", "embed", "diffusion_prior", "ar_prior", "decoder", "upsampler",
                "samples", "evaluate")
     c.clip_import = ml_collections.ConfigDict(dict(hf_dir=""))
-    c.data = default_data_config("webdataset")
-    c.data.path = ""            # e.g. "/data/cc3m/{split}/*.tar"
+    c.data = default_data_config(arg if arg in ("folder", "tfds") else "webdataset")
+    if arg == "tfds":
+        c.data.tfds_name = ""   # e.g. "coco_captions" (prepared as array_record)
+    else:
+        c.data.path = ""        # e.g. "/data/cc3m/{split}/*.tar" or "/data/imgs/{split}"
     c.data.num_threads = 16
     # :smoke makes its inputs under <workdir>/inputs (shards, random HF CLIP) with these sizes.
     c.make_inputs = smoke

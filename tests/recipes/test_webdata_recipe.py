@@ -22,6 +22,15 @@ from unclip_jax.recipes.runner import run_pipeline
 
 from helpers.trainer import snapshot
 
+# A CLIP config.json's fields that the importer reads (sizes of the smoke CLIP).
+_TINY_CFG = {"model_type": "clip", "projection_dim": 16,
+             "text_config": {"vocab_size": 100, "max_position_embeddings": 77, "hidden_size": 32,
+                             "num_hidden_layers": 1, "num_attention_heads": 2,
+                             "intermediate_size": 64},
+             "vision_config": {"image_size": 32, "patch_size": 8, "hidden_size": 24,
+                               "num_hidden_layers": 1, "num_attention_heads": 2,
+                               "intermediate_size": 96}}
+
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
@@ -227,3 +236,17 @@ def test_tokenizer_that_does_not_match_the_cache(run, tmp_path):
                                      vision_heads=2, image_size=32, patch=8, projection_dim=16)
     _refused(_config(run, other), str(wd), f"tokenizer in {other} does not give the token ids "
              f"cached in {wd}/embed/train")
+
+
+def test_evaluating_on_the_runs_data_needs_a_trained_clip():
+    """data_source='run' reads the data the run's CLIP trained on: an imported CLIP has none."""
+    import types
+
+    from unclip_jax.eval.config import eval_config
+    from unclip_jax.eval.dataset import data_config
+    from unclip_jax.eval.plan import EvalError
+    clip = types.SimpleNamespace(config=clip_import.clip_stage_config("hf", _TINY_CFG),
+                                 workdir="runs/w/clip")
+    assert clip.config.model.embed_dim == 16 and clip.config.tokenizer.dir == "hf"
+    with pytest.raises(EvalError, match="runs/w/clip.*imported.*set config.data"):
+        data_config(eval_config(data_source="run"), types.SimpleNamespace(clip=clip), 32)
