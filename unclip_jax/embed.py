@@ -120,6 +120,39 @@ def write_cache(encoder: Encoder, data_config, *, split: str, out_dir: str, proc
     return manifest
 
 
+def check_cache_tokens(cache_dir: str, tokenizer, tokenizer_dir: str, *, split: str = "train",
+                       n: int = 16) -> None:
+    """Raise unless `tokenizer` gives the cached token ids for the first n cached captions:
+    stages that read the cache's tokens (the priors' token mask, the decoder's caption) and
+    sampling (which tokenises prompts) must use the tokenizer the cache was written with."""
+    import warnings
+
+    from unclip_jax.data.cache import load_manifests
+    split_dir, manifests = load_manifests(cache_dir, split)
+    shard = next((s["name"] for m in manifests for s in m["shards"] if s["count"]), None)
+    if shard is None:
+        return
+    cached = np.load(os.path.join(split_dir, f"tokens.{shard}.npy"), mmap_mode="r")[:n]
+    with open(os.path.join(split_dir, f"caption.{shard}.json")) as f:
+        captions = json.load(f)[:len(cached)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")   # truncation is checked by the comparison itself
+        tokens, _ = tokenizer.encode(captions)
+    if tokens.shape[1] != cached.shape[1]:
+        raise ValueError(f"the embedding cache {split_dir} holds {cached.shape[1]}-token captions "
+                         f"but the tokenizer in {tokenizer_dir} makes {tokens.shape[1]}: the cache "
+                         "was written with another CLIP; delete the cache to re-embed, or use "
+                         "the CLIP it was made with")
+    bad = np.flatnonzero((tokens != cached).any(1))
+    if len(bad):
+        i = int(bad[0])
+        raise ValueError(f"the tokenizer in {tokenizer_dir} does not give the token ids cached in "
+                         f"{split_dir} (caption {captions[i]!r}: cached "
+                         f"{cached[i][:8].tolist()}..., tokenizer {tokens[i][:8].tolist()}...): "
+                         "the cache was written with another CLIP; delete the cache to re-embed, "
+                         "or use the CLIP it was made with")
+
+
 def build_encoder(config):
     """The encoder named by config.embed.encoder ("module:factory")."""
     spec = config.embed.encoder

@@ -15,6 +15,9 @@ chained in the order of their numeric suffixes (`upsampler_2/`, `upsampler_3/` o
 `upsampler_256/`, `upsampler_1024/` for the paper's 64->256->1024), or as listed in
 `from_workdir(upsamplers=[...])`. Each upsampler's low_res_size must be the size the stage before
 it makes.
+The CLIP stage may instead be a pretrained Hugging Face CLIP: then `clip/` holds `hf_clip.json`
+naming its folder (models/clip_import.py; what experiments/webdata.py writes), and the prompts
+are tokenised with that folder's tokenizer.
 """
 from __future__ import annotations
 
@@ -92,6 +95,21 @@ def slerp(a, b, theta):
     return (wa * ua + wb * ub) * ((1.0 - theta) * na + theta * nb)
 
 
+def is_clip_stage(stage_dir: str) -> bool:
+    """A CLIP stage directory: trained here (checkpoints/) or importing a HF CLIP."""
+    from unclip_jax.models.clip_import import LINK_FILE
+    return (os.path.isdir(os.path.join(stage_dir, "checkpoints"))
+            or os.path.isfile(os.path.join(stage_dir, LINK_FILE)))
+
+
+def load_clip(stage_dir: str, *, ema: bool = True) -> Trained:
+    """The CLIP stage in `stage_dir`: trained here, or an imported HF CLIP (hf_clip.json)."""
+    from unclip_jax.models.clip_import import LINK_FILE, load_clip_stage
+    if os.path.isfile(os.path.join(stage_dir, LINK_FILE)):
+        return load_clip_stage(stage_dir)
+    return load_trained(stage_dir, ema=ema)
+
+
 def _tokenizer_for(clip: Trained):
     from unclip_jax.data.tokenizer import Tokenizer
     path = str(clip.config.tokenizer.dir)
@@ -113,10 +131,11 @@ def clip_image_fn(clip: Trained):
     """(params, images in [-1, 1], any size) -> CLIP image outputs (embedding = z_i)."""
     from unclip_jax.models.clip import CLIP
     size = int(clip.config.model.image_size)
+    method = clip.config.model.get("resize", "linear")   # imported CLIPs: bicubic, as HF's
 
     def f(params, images):
         if images.shape[1:3] != (size, size):
-            images = jax.image.resize(images, (images.shape[0], size, size, 3), "linear")
+            images = jax.image.resize(images, (images.shape[0], size, size, 3), method)
         return clip.model.apply({"params": params}, images, method=CLIP.encode_image)
     return f
 
@@ -177,10 +196,13 @@ class Pipeline:
             return karlo.KarloPipeline.from_workdir(workdir, mesh=mesh)
         found = {d: os.path.join(workdir, d) for d in UNCLIP_STAGES
                  if os.path.isdir(os.path.join(workdir, d, "checkpoints"))}
+        if "clip" not in found and is_clip_stage(os.path.join(workdir, "clip")):
+            found["clip"] = os.path.join(workdir, "clip")
         for need in ("clip", "decoder"):
             if need not in found:
                 raise FileNotFoundError(f"{workdir} has no trained '{need}' stage ({need}/checkpoints "
-                                        f"missing); stages found: {sorted(found) or 'none'}")
+                                        + ("or clip/hf_clip.json " if need == "clip" else "")
+                                        + f"missing); stages found: {sorted(found) or 'none'}")
         if "diffusion_prior" not in found and "ar_prior" not in found:
             raise FileNotFoundError(f"{workdir} has no trained prior (diffusion_prior/ or ar_prior/)")
         if upsamplers is None:
@@ -201,7 +223,7 @@ class Pipeline:
                         ar_prior: str | None = None, upsamplers=(), ema: bool = True,
                         mesh=None) -> "Pipeline":
         load = functools.partial(load_trained, ema=ema)
-        return cls(load(clip), load(decoder), load(prior) if prior else None,
+        return cls(load_clip(clip, ema=ema), load(decoder), load(prior) if prior else None,
                    load(ar_prior) if ar_prior else None, [load(u) for u in upsamplers], mesh)
 
     def _trained(self):
@@ -506,10 +528,11 @@ def default_mesh():
 
 
 class ClipEncoder:
-    """`unclip_jax.embed` encoder backed by a CLIP trained here (config.embed.clip_workdir)."""
+    """`unclip_jax.embed` encoder backed by a run's CLIP stage (config.embed.clip_workdir):
+    trained here or imported (`load_clip`)."""
 
     def __init__(self, workdir: str):
-        self.clip = load_trained(workdir)
+        self.clip = load_clip(workdir)
         self.tokenizer = _tokenizer_for(self.clip)
         self._text, self._image = jax.jit(clip_text_fn(self.clip)), jax.jit(clip_image_fn(self.clip))
 

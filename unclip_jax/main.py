@@ -2,8 +2,9 @@
 
   python -m unclip_jax.main --config=experiments/<file>.py[:arg] --workdir=DIR [--config.x.y=v]
 
-A config with a `pipeline` field (experiments/shapes.py) trains every stage in order, then
-samples and writes a report; any other config trains its one stage. Re-running the same command
+A config with a `pipeline` field (experiments/shapes.py, experiments/webdata.py) trains every
+stage in order, then samples and writes a report or an evaluation (unclip_jax/recipes/runner.py,
+with the config's `recipe`); any other config trains its one stage. Re-running the same command
 on the same workdir resumes from its latest checkpoint. The terminal shows one line per stage, a
 progress bar per training stage and the final report; library logging goes to DIR/log.txt, the
 metrics to DIR/metrics.jsonl and DIR/tensorboard. Multi-host: TPU pods and SLURM are detected;
@@ -32,7 +33,7 @@ def run(config, workdir: str):
                              "tokenizer and samples to local or shared (NFS) paths only; train "
                              "its stages one by one to reach object storage, or give a local "
                              "workdir")
-        from unclip_jax.recipes.shapes import run_pipeline
+        from unclip_jax.recipes.runner import run_pipeline
         return run_pipeline(config, workdir)
     from unclip_jax.train.trainer import train
     from unclip_jax import console

@@ -12,6 +12,10 @@ def data_config(config, pipe, resolution: int):
     trained on (the main job gives every image stage the same source; for shapes that is the
     built-in dataset, whose test split is held out)."""
     if config.data_source == "run":
+        if pipe.clip.config.get("data") is None:
+            from unclip_jax.eval.plan import EvalError
+            raise EvalError(f"data_source='run' but the run's CLIP ({pipe.clip.workdir}) is "
+                            "imported, not trained on the run's data: set config.data")
         d = pipe.clip.config.data.copy_and_resolve_references()
     else:
         d = config.data.copy_and_resolve_references()

@@ -10,6 +10,7 @@ def stage_dirs(config, workdir: str) -> dict | None:
     """Stage directories from config.stages overriding <workdir>/<stage>; None when nothing is
     overridden (then Pipeline.from_workdir, with its own messages, does the work)."""
     from unclip_jax.eval.plan import EvalError
+    from unclip_jax.inference import is_clip_stage
     stages = config.stages
     given = {k: str(v) for k, v in (stages.items() if stages else []) if v}
     if not given:
@@ -22,11 +23,14 @@ def stage_dirs(config, workdir: str) -> dict | None:
         if k in given:
             dirs = [d.strip() for d in given[k].split(",") if d.strip()]
             for d in dirs:
+                if k == "clip" and is_clip_stage(d):
+                    continue   # trained here, or an imported HF CLIP (clip/hf_clip.json)
                 if not os.path.isdir(os.path.join(d, "checkpoints")):
                     raise FileNotFoundError(f"config.stages.{k}: {d} has no checkpoints/ "
                                             "(not a trained stage workdir)")
             out[k] = dirs if k == "upsampler" else dirs[0]
-        elif os.path.isdir(os.path.join(workdir, k, "checkpoints")):
+        elif os.path.isdir(os.path.join(workdir, k, "checkpoints")) or (
+                k == "clip" and is_clip_stage(os.path.join(workdir, k))):
             out[k] = [os.path.join(workdir, k)] if k == "upsampler" else os.path.join(workdir, k)
     for need in ("clip", "decoder"):
         if need not in out:

@@ -10,6 +10,12 @@ both naming the Hugging Face tensor. Images are mapped from our [-1, 1] to CLIP'
 inside `CLIP.encode_image` (`clip.to_clip_pixels`), nowhere else.
 
 `encoder(config)` is an `unclip_jax.embed` encoder factory (config.embed.clip_dir).
+
+An imported CLIP as a run's CLIP stage (what `Pipeline`, `sample`, `evaluate` and the
+manipulations load): the stage directory (`<workdir>/clip/`) holds `hf_clip.json`,
+{"hf_dir": "/abs/path/to/the/HF/folder"}, instead of `checkpoints/`; `link_clip_stage` writes it
+after `check_hf_clip_dir`, `load_clip_stage` loads it as a `train.checkpoint.Trained` (step 0)
+with the folder's own tokenizer (77 tokens and CLIP's pad id for OpenAI's checkpoints).
 """
 from __future__ import annotations
 
@@ -171,10 +177,47 @@ def read_safetensors(directory: str) -> dict[str, np.ndarray]:
     return tensors
 
 
+LINK_FILE = "hf_clip.json"   # in a run's clip/ stage directory: the imported HF folder
+_TOKENIZER_FILES = (("vocab.json", "merges.txt"), ("tokenizer.json",))
+
+
+def check_hf_clip_dir(directory: str) -> dict:
+    """The folder's config.json after checking, without reading weights, that the folder is a
+    Hugging Face CLIP checkpoint: errors name the folder and the missing file or field."""
+    where = f"Hugging Face CLIP folder {directory!r}"
+    if not directory:
+        raise ValueError("no Hugging Face CLIP folder given (empty path)")
+    if not os.path.isdir(directory):
+        raise FileNotFoundError(f"{where} does not exist")
+    path = os.path.join(directory, "config.json")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{where} has no config.json ({path})")
+    try:
+        with open(path) as f:
+            cfg = json.load(f)
+    except ValueError as e:
+        raise ValueError(f"{path} is not valid JSON: {e}") from None
+    kind = cfg.get("model_type") if isinstance(cfg, dict) else None
+    if kind != "clip" or not all(isinstance(cfg.get(k), dict)
+                                 for k in ("text_config", "vision_config")):
+        arch = cfg.get("architectures") if isinstance(cfg, dict) else None
+        raise ValueError(f"{path} is not a CLIP model: model_type {kind!r}, architectures "
+                         f"{arch!r} (expected model_type 'clip' with text_config and "
+                         "vision_config, as transformers.CLIPModel saves it)")
+    if "projection_dim" not in cfg:
+        raise ValueError(f"{path} has no projection_dim")
+    if not any(f.endswith(".safetensors") for f in os.listdir(directory)):
+        raise FileNotFoundError(f"{where} has no *.safetensors weights (model.safetensors)")
+    if not any(all(os.path.isfile(os.path.join(directory, f)) for f in files)
+               for files in _TOKENIZER_FILES):
+        raise FileNotFoundError(f"{where} has no tokenizer: expected vocab.json and merges.txt "
+                                "(or tokenizer.json)")
+    return cfg
+
+
 def load_hf_clip(directory: str, dtype=jnp.float32):
     """(CLIP module, params, Tokenizer) from a local HF CLIP directory; nothing is downloaded."""
-    with open(os.path.join(directory, "config.json")) as f:
-        cfg = json.load(f)
+    cfg = check_hf_clip_dir(directory)
     model = model_from_hf_config(cfg, dtype)
     params = convert_state_dict(model, read_safetensors(directory))
     tok = Tokenizer.from_hf(directory, context_length=int(model.text["ctx"]))
@@ -208,6 +251,71 @@ class HFClipEncoder:
 
 def encoder(config):
     return HFClipEncoder(str(config.embed.clip_dir))
+
+
+# ------------------------------------------------------------------ an imported CLIP as a stage
+def linked_hf_dir(stage_dir: str) -> str | None:
+    """The HF folder a CLIP stage directory imports (its hf_clip.json), or None."""
+    path = os.path.join(stage_dir, LINK_FILE)
+    if not os.path.isfile(path):
+        return None
+    with open(path) as f:
+        try:
+            hf_dir = json.load(f)["hf_dir"]
+        except (ValueError, KeyError, TypeError):
+            raise ValueError(f"{path} must hold {{\"hf_dir\": \"/path/to/hf/clip\"}}") from None
+    return str(hf_dir)
+
+
+def link_clip_stage(stage_dir: str, hf_dir: str) -> None:
+    """Make `stage_dir` a CLIP stage that imports the HF folder `hf_dir` (checked first).
+    A stage directory already linked to another folder is an error, not silently re-pointed:
+    the run's embedding cache and priors were made with the first one."""
+    hf_dir = os.path.abspath(hf_dir)
+    check_hf_clip_dir(hf_dir)
+    old = linked_hf_dir(stage_dir)
+    if old is not None:
+        if os.path.abspath(old) != hf_dir:
+            raise ValueError(f"{os.path.join(stage_dir, LINK_FILE)} imports {old}, not {hf_dir}: "
+                             "this run's cache and stages were made with that CLIP; use a new "
+                             "workdir for another")
+        return
+    if os.path.isdir(os.path.join(stage_dir, "checkpoints")):
+        raise ValueError(f"{stage_dir} holds a CLIP trained here (checkpoints/); it cannot also "
+                         "import a Hugging Face CLIP")
+    os.makedirs(stage_dir, exist_ok=True)
+    tmp = os.path.join(stage_dir, LINK_FILE + ".tmp")
+    with open(tmp, "w") as f:
+        json.dump({"hf_dir": hf_dir}, f, indent=1)
+    os.replace(tmp, os.path.join(stage_dir, LINK_FILE))
+
+
+def clip_stage_config(hf_dir: str, cfg: dict | None = None):
+    """The config of an imported CLIP stage: the fields the pipeline and the recipes read
+    (model sizes, tokenizer.dir = the HF folder, whose tokenizer files it uses)."""
+    import ml_collections
+    cfg = cfg or check_hf_clip_dir(hf_dir)
+    t, v = cfg["text_config"], cfg["vision_config"]
+    model = model_from_hf_config(cfg)
+    return ml_collections.ConfigDict(dict(
+        stage="clip", hf_dir=hf_dir, data=None,
+        model=dict(embed_dim=int(cfg["projection_dim"]), image_size=int(v["image_size"]),
+                   text_ctx=int(model.text["ctx"]), text_width=int(t["hidden_size"]),
+                   resize="bicubic"),   # as CLIPImageProcessor resizes
+        tokenizer=dict(dir=hf_dir)))
+
+
+def load_clip_stage(stage_dir: str):
+    """An imported CLIP stage (hf_clip.json) as a `Trained` (step 0, the HF weights)."""
+    from unclip_jax.train.checkpoint import Trained
+    hf_dir = linked_hf_dir(stage_dir)
+    if hf_dir is None:
+        raise FileNotFoundError(f"{stage_dir} has no {LINK_FILE}")
+    try:
+        model, params, _ = load_hf_clip(hf_dir)
+    except (OSError, ValueError, KeyError) as e:
+        raise type(e)(f"the CLIP stage {stage_dir} imports {hf_dir}: {e}") from None
+    return Trained(clip_stage_config(hf_dir), None, model, params, 0, os.path.abspath(stage_dir))
 
 
 def _hf_tensor_shapes(t: dict, v: dict, projection_dim: int) -> dict[str, tuple]:
@@ -269,12 +377,14 @@ def write_random_hf_clip(directory: str, *, words: Sequence[str] = (), text_widt
                          text_depth: int = 2, text_heads: int = 4, context_length: int = 77,
                          image_size: int = 32, patch: int = 8, vision_width: int = 24,
                          vision_depth: int = 2, vision_heads: int = 3, projection_dim: int = 16,
-                         seed: int = 0) -> None:
+                         init_std: float = 0.02, seed: int = 0) -> None:
     """Write a random-weight CLIP in the Hugging Face layout (config.json, model.safetensors,
     tokenizer files), as `transformers.CLIPModel.save_pretrained` would, without torch.
 
     For smoke runs and tests that need "a pretrained HF CLIP" and may not download one; its
-    embeddings mean nothing. `words` get single-token merges in the BPE vocabulary."""
+    embeddings mean nothing. `words` get single-token merges in the BPE vocabulary. `init_std`:
+    the weights' scale (transformers' 0.02 gives image embeddings that hardly depend on the
+    image; larger ones make them differ, which tests comparing embeddings need)."""
     import transformers
     from safetensors.numpy import save_file
 
@@ -304,6 +414,6 @@ def write_random_hf_clip(directory: str, *, words: Sequence[str] = (), text_widt
         elif "norm" in name or "layrnorm" in name:  # affine around identity, as trained CLIPs
             value = float(name.endswith(".weight")) + 0.1 * rng.standard_normal(shape)
         else:
-            value = 0.02 * rng.standard_normal(shape)
+            value = init_std * rng.standard_normal(shape)
         tensors[name] = np.asarray(value, np.float32)
     save_file(tensors, os.path.join(directory, "model.safetensors"), metadata={"format": "pt"})

@@ -1,13 +1,11 @@
-"""The main job: train every unCLIP stage in order on one dataset, then sample and report.
+"""The shapes recipe of the whole-stack runner (recipes/runner.py): every stage trained on the
+built-in shapes dataset, CLIP included, then samples and a pixel report.
 
     python -m unclip_jax.main --config=experiments/shapes.py --workdir=runs/shapes
 
 Order: clip -> embed (CLIP embedding cache) -> diffusion_prior -> ar_prior -> decoder ->
-upsampler -> samples (a PNG grid for fixed prompts) -> report (JSON + markdown).
-Each stage trains in its own sub-workdir with the generic trainer, so re-running the command
-resumes an interrupted stage and skips finished ones; the cache, samples and report are written
-once (delete them to redo). The config's `stages.<name>` are ordinary stage configs; this module
-only wires paths between them (tokenizer, cache, codec) so they can't disagree.
+upsampler -> samples (a PNG grid for fixed prompts) -> report (JSON + markdown). What is here
+is the report (STEPS["report"]); the rest is the runner's.
 """
 from __future__ import annotations
 
@@ -16,138 +14,15 @@ import os
 import time
 
 import jax
-import ml_collections
 import numpy as np
 
 from unclip_jax.console import say
 from unclip_jax.eval.sampling import check_prompts
 from unclip_jax.images import from_uint8, save_grid
 from unclip_jax.inference import Pipeline, SampleSettings
+from unclip_jax.recipes.runner import dataclass_dict, run_pipeline, stage_configs  # noqa: F401
+from unclip_jax.recipes.runner import settings_from_config as _settings
 from unclip_jax.stages import UNCLIP_STAGES
-
-
-def stage_configs(config, workdir: str) -> dict[str, ml_collections.ConfigDict]:
-    """Each stage's training config with the paths between stages filled in (absolute)."""
-    w = os.path.abspath(workdir)
-    tok_dir = os.path.join(w, "clip", "tokenizer")
-    cache_dir = os.path.join(w, "embed")
-    out = {}
-    for name in UNCLIP_STAGES:
-        if name not in config.stages:
-            continue
-        c = config.stages[name].copy_and_resolve_references()
-        with c.unlocked():
-            c.seed = int(config.seed)
-            if name == "clip":
-                c.data = _shapes_data(config, int(c.model.image_size))
-                c.tokenizer.dir = tok_dir
-            elif name in ("diffusion_prior", "ar_prior"):
-                c.data = _cache_data(cache_dir, config, None)
-                c.tokenizer.dir = tok_dir
-                if name == "ar_prior":
-                    c.model.codec_path = os.path.join(w, "ar_prior", "codec.npz")
-            elif name == "decoder":
-                c.data = _cache_data(cache_dir, config, int(c.model.image_size))
-            elif name == "upsampler":
-                c.data = _shapes_data(config, int(c.model.image_size))
-        out[name] = c
-    return out
-
-
-def _shapes_data(config, resolution: int):
-    d = config.data.copy_and_resolve_references()
-    with d.unlocked():
-        d.resolution = resolution
-    return d
-
-
-def _cache_data(cache_dir: str, config, image_resolution: int | None):
-    from unclip_jax.data import default_data_config
-    d = default_data_config("embed_cache")
-    d.cache_dir = cache_dir
-    d.num_threads = int(config.data.num_threads)
-    if image_resolution:
-        # The decoder trains on the cached embeddings joined with the images at its own size.
-        d.join_images = True
-        d.resolution = image_resolution
-        d.source = _shapes_data(config, image_resolution)
-    return d
-
-
-def _finished(workdir: str, num_steps: int) -> bool:
-    d = os.path.join(workdir, "checkpoints")
-    if not os.path.isdir(d):
-        return False
-    steps = [int(n) for n in os.listdir(d) if n.isdigit()]
-    return bool(steps) and max(steps) >= num_steps
-
-
-def _train_stage(name: str, cfg, workdir: str, timings: dict):
-    from unclip_jax.train.trainer import train
-    sub = os.path.join(workdir, name)
-    if _finished(sub, int(cfg.train.num_steps)):
-        say(f"[{name}] finished earlier ({cfg.train.num_steps} steps): skipped")
-        return
-    say(f"[{name}] training {cfg.train.num_steps} steps in {sub}")
-    t = time.perf_counter()
-    out = train(cfg, sub)
-    timings[name] = timings.get(name, 0.0) + time.perf_counter() - t
-    if out["status"] != "done":
-        raise SystemExit(f"[{name}] stopped ({out['status']}) at step {out['step']}; re-run the "
-                         "same command to resume")
-
-
-def _embed(config, cfgs, workdir: str, timings: dict):
-    from unclip_jax import embed as embed_lib
-    out = os.path.join(workdir, "embed")
-    marker = os.path.join(out, "complete.json")
-    if os.path.exists(marker):
-        say("[embed] cache complete: skipped")
-        return
-    say(f"[embed] writing CLIP embeddings of the dataset to {out}")
-    t = time.perf_counter()
-    e = ml_collections.ConfigDict(dict(
-        data=cfgs["clip"].data,
-        embed=dict(config.embed.to_dict(), encoder="unclip_jax.inference:clip_encoder",
-                   clip_workdir=os.path.join(workdir, "clip"))))
-    manifests = embed_lib.embed(e, out, process_index=jax.process_index(),
-                                process_count=jax.process_count(), log=lambda s: None)
-    if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
-        multihost_utils.sync_global_devices("embed_done")
-    if jax.process_index() == 0:
-        with open(marker, "w") as f:
-            json.dump({s: m["num_examples"] for s, m in manifests.items()}, f)
-    timings["embed"] = time.perf_counter() - t
-
-
-def _settings(config) -> SampleSettings:
-    fields = {f.name for f in SampleSettings.__dataclass_fields__.values()}
-    return SampleSettings(**{k: v for k, v in config.sample.settings.items() if k in fields})
-
-
-def _samples(config, workdir: str, pipe: Pipeline, timings: dict):
-    out = os.path.join(workdir, "samples")
-    path = os.path.join(out, "grid.png")
-    if os.path.exists(path):
-        say(f"[samples] {path} exists: skipped")
-        return
-    os.makedirs(out, exist_ok=True)
-    s = config.sample
-    prompts = [p for p in s.prompts for _ in range(int(s.per_prompt))]
-    t = time.perf_counter()
-    res = pipe.text_to_image(prompts, seed=int(s.seed), settings=_settings(config))
-    timings["samples"] = time.perf_counter() - t
-    save_grid(res["images"], path, int(s.per_prompt), labels=list(s.prompts))
-    with open(os.path.join(out, "settings.json"), "w") as f:
-        json.dump({"prompts": list(s.prompts), "per_prompt": int(s.per_prompt),
-                   "seed": int(s.seed), **dataclass_dict(_settings(config))}, f, indent=2)
-    say(f"[samples] wrote {path} (one row per prompt: {', '.join(s.prompts)})")
-
-
-def dataclass_dict(d) -> dict:
-    import dataclasses
-    return dataclasses.asdict(d)
 
 
 def evaluate_true_embeddings(pipe: Pipeline, prompts, per_prompt: int, seed: int,
@@ -340,28 +215,5 @@ def _markdown(r: dict) -> str:
     return "\n".join(lines)
 
 
-def run_pipeline(config, workdir: str) -> dict:
-    os.makedirs(workdir, exist_ok=True)
-    tfile = os.path.join(workdir, "timings.json")
-    timings = json.load(open(tfile)) if os.path.exists(tfile) else {}
-    cfgs = stage_configs(config, workdir)
-    t0 = time.perf_counter()
-    pipe = None
-    for name in config.order:
-        if name in cfgs:
-            _train_stage(name, cfgs[name], workdir, timings)
-        elif name == "embed":
-            _embed(config, cfgs, workdir, timings)
-        elif name in ("samples", "report"):
-            pipe = pipe or Pipeline.from_workdir(workdir)
-            (_samples if name == "samples" else _report)(config, workdir, pipe, timings)
-        else:
-            raise ValueError(f"config.order: unknown step {name!r}")
-        if jax.process_index() == 0:
-            with open(tfile, "w") as f:
-                json.dump(timings, f, indent=2)
-    total = time.perf_counter() - t0
-    report = os.path.join(workdir, "report.md")
-    say(f"[done] {', '.join(config.order)} in {total:.0f} s"
-         + (f"; report in {report}" if os.path.exists(report) else ""))
-    return {"workdir": workdir, "timings": timings, "seconds": total}
+# The runner's hooks (recipes/runner.py): the shapes recipe adds the pixel report.
+STEPS = {"report": lambda run: _report(run.config, run.workdir, run.pipe(), run.timings)}
