@@ -243,7 +243,8 @@ class WebDatasetSource:
 
 # ---------------------------------------------------------------------------------------- folder
 class FolderSource:
-    """A folder of images listed in `captions.jsonl` ({"file": ..., "caption": ...} per line).
+    """A folder of images listed in `captions.jsonl` ({"file": ..., "caption": ...} per line;
+    {"file", "captions": [...]}, the COCO evaluation layout, gives the first caption).
 
     Files are relative to the folder. Example i (global) is line i; process p reads lines
     p, p + count, ...; malformed lines are kept and reported as corrupt when read.
@@ -284,7 +285,8 @@ class FolderSource:
 
     def read(self, index: int) -> dict:
         entry = self._entries[index]
-        out = {"index": index, "image": None, "caption": _as_text(entry.get("caption"))}
+        out = {"index": index, "image": None,
+               "caption": _as_text(entry.get("caption", entry.get("captions")))}
         name = entry.get("file")
         if not isinstance(name, str):
             out["missing"] = "corrupt"
