@@ -96,3 +96,20 @@ def load_field(cache_dir: str, split: str, field: str, mmap: bool = True) -> np.
     if not parts:
         raise ValueError(f"embedding cache {split_dir!r} holds no examples")
     return decode(np.concatenate(parts), dtype)
+
+
+def iter_rows(cache_dir: str, split: str, fields, process_index: int = 0,
+              process_count: int = 1, batch: int = 65536):
+    """This process's part of a split, streamed: (first global row, {field: decoded [b, ...]})
+    per chunk of at most `batch` rows. Shard j (in row order) is read by process
+    j % process_count, so the processes together read every row exactly once."""
+    split_dir, manifests = load_manifests(cache_dir, split)
+    dtypes = {f: field_dtype(manifests[0], f, split_dir) for f in fields}
+    start = 0
+    for j, s in enumerate(sh for m in manifests for sh in m["shards"]):
+        if j % process_count == process_index:
+            arrays = {f: load_shard(split_dir, f, s["name"], dtypes[f]) for f in fields}
+            for i in range(0, int(s["count"]), batch):
+                yield start + i, {f: decode(np.array(a[i:i + batch]), dtypes[f])
+                                  for f, a in arrays.items()}
+        start += int(s["count"])
