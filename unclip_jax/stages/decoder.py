@@ -13,8 +13,9 @@ present, or the stand-in):
             L2-normalised like a CLIP embedding. It is not CLIP: it carries layout and colour only.
   "bytes"   tokens = the caption's UTF-8 bytes + 1 (0 = padding), truncated to text_ctx; needs
             text_vocab >= 257.
-`config.model.image_emb_scale` multiplies z_i (either source). Cached tokens are masked where
-they differ from `config.model.text_pad_id`.
+`config.model.image_emb_scale` multiplies z_i (either source). Cached tokens are masked after
+their first eos when `config.tokenizer.dir` names the tokenizer that wrote them (a pretrained
+CLIP's), else where they equal `config.model.text_pad_id`; padding to text_ctx uses that id.
 """
 from __future__ import annotations
 
@@ -102,6 +103,19 @@ def byte_tokenize(captions, ctx: int) -> tuple[np.ndarray, np.ndarray]:
     return tokens, tokens != 0
 
 
+@functools.lru_cache(maxsize=4)
+def _tokenizer_eos(directory: str) -> int:
+    from unclip_jax.data.tokenizer import Tokenizer
+    return Tokenizer.load(directory).eos_id
+
+
+def _eos_id(config) -> int | None:
+    """The eos id of config.tokenizer.dir (the tokenizer that wrote the cached tokens), if set."""
+    if "tokenizer" not in config or not config.tokenizer.dir:
+        return None
+    return _tokenizer_eos(str(config.tokenizer.dir))
+
+
 def decoder_batch(config, b: dict) -> dict:
     """A data batch -> the decoder's: adds image_emb / tokens / token_mask, drops strings."""
     m = config.model
@@ -122,8 +136,15 @@ def decoder_batch(config, b: dict) -> dict:
     if int(m.text_depth) > 0:
         if m.tokens_source != "bytes" and "tokens" in b:
             tok = np.asarray(b["tokens"], np.int32)[:, :ctx]
-            tok = np.pad(tok, ((0, 0), (0, ctx - tok.shape[1])), constant_values=pad_id)
-            mask = tok != pad_id
+            eos = _eos_id(config)
+            if eos is None:
+                mask = tok != pad_id
+            else:   # up to the eos: CLIP pads with its eos or "!" (id 0), not a pad id
+                from unclip_jax.stages.diffusion_prior import token_mask_from_tokens
+                mask = token_mask_from_tokens(tok, eos)
+            extra = ((0, 0), (0, ctx - tok.shape[1]))
+            tok = np.pad(tok, extra, constant_values=pad_id)
+            mask = np.pad(mask, extra, constant_values=False)
         elif m.tokens_source == "cache":
             raise ValueError("config.model.tokens_source='cache' but the data has no "
                              "'tokens' column (use data.name='embed_cache')")
