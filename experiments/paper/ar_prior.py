@@ -22,7 +22,7 @@ Deviation: text_ctx is 77, CLIP's context (the encoder reads CLIP's per-token en
 How the table is read: the text encoder (2048 wide, 24 deep, bidirectional over the 77 caption
 token encodings and z_t) is projected to 1664 and prefixes the latent decoder's causal sequence;
 "ctx 384" is the latent budget (1 dot token + 319 PC tokens = 320 fit), the 78 prefix positions
-come on top. Count (jax.eval_shape, tests/stages/test_prior_paper_config.py): 2,019,595,136
+come on top. Count (jax.eval_shape, tests/stages/test_prior_paper_config.py): 2,018,564,096
 parameters (~2.02B: encoder ~1.21B + decoder ~0.80B + embeddings and projections), twice the
 table's "1B": the table evidently counts the latent decoder only (24 * 12 * 1664^2 = 0.80B).
 """

@@ -20,7 +20,7 @@ Deviation: text_ctx is 77, CLIP's context (the prior reads CLIP's per-token enco
 How the table is read: one decoder-only causal transformer over [caption token encodings (CLIP's
 1024-wide, projected; 77 positions), z_t, timestep, noised z_i, query] - the table's "text
 encoder" row is that transformer. Count (jax.eval_shape, tests/stages/test_prior_paper_config.py):
-1,226,451,968 parameters (~1.23B), 12 * 2048^2 * 24 = 1.208B of it in the blocks. That is GLIDE's
+1,225,718,784 parameters (~1.23B), 12 * 2048^2 * 24 = 1.208B of it in the blocks. That is GLIDE's
 own figure for this shape (1.2B), ~23% above the table's rounded "1B".
 """
 import ml_collections

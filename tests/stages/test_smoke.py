@@ -57,13 +57,33 @@ def _check_cache(root, config):
                                   tok.encode(captions)[0])
 
 
+@pytest.fixture(scope="module")
+def clip_smoke_data(tmp_path_factory):
+    """The smoke data of the configs that read a CLIP cache: the same spec for all three, so it
+    is made once (by the diffusion prior's config) and copied into each workdir, where
+    `prepare` finds it written and reuses it."""
+    from unclip_jax.stages.smoke import prepare
+    specs = {n: load_config(f"paper/{n}.py", "smoke").smoke_data.to_dict()
+             for n in ("diffusion_prior", "ar_prior", "decoder_64")}
+    assert specs["diffusion_prior"] == specs["ar_prior"] == specs["decoder_64"]
+    wd = tmp_path_factory.mktemp("clip_smoke")
+    prepare(load_config("paper/diffusion_prior.py", "smoke"), str(wd))
+    return str(wd / "smoke_data")
+
+
 @pytest.mark.parametrize("name", PAPER)
-def test_paper_smoke_trains_two_steps(name, tmp_path):
+def test_paper_smoke_trains_two_steps(name, tmp_path, request):
+    import shutil
+
     from unclip_jax.main import run
     from unclip_jax.stages.smoke import prepare
 
     wd = str(tmp_path / "w")
     config = load_config(f"paper/{name}.py", "smoke")
+    if config.smoke_data.clip.to_dict():
+        shared = request.getfixturevalue("clip_smoke_data")
+        # Absolute paths inside the cache manifest point at the shared shards: fine for a copy.
+        shutil.copytree(shared, os.path.join(wd, "smoke_data"))
     out = run(config, wd)
     assert out["status"] == "done" and out["step"] == 2
     assert os.path.isdir(os.path.join(wd, "checkpoints", "2"))
@@ -104,3 +124,14 @@ def test_paper_smoke_trains_two_steps(name, tmp_path):
         for row, mask in zip(d["tokens"], d["token_mask"]):
             last = int(np.argmax(row == eos))
             assert mask[:last + 1].all() and not mask[last + 1:].any()
+        # Tokens written by another tokenizer (no eos of this one): named, not masked wrongly.
+        other = dict(b, tokens=np.where(b["tokens"] == eos, eos - 1, b["tokens"]))
+        with pytest.raises(ValueError, match=f"4 of 4 cached captions have no eos id {eos} of "
+                                             f"the tokenizer in '{prepared.tokenizer.dir}'"):
+            decoder_batch(prepared, other)
+        # Sampling (inference.Pipeline, traced) builds the same mask as training.
+        import jax.numpy as jnp
+        from unclip_jax.stages.decoder import decoder_tokens
+        tok, mask = decoder_tokens(prepared, jnp.asarray(b["tokens"]), jnp)
+        np.testing.assert_array_equal(tok, d["tokens"])
+        np.testing.assert_array_equal(mask, d["token_mask"])

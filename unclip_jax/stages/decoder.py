@@ -116,10 +116,30 @@ def _eos_id(config) -> int | None:
     return _tokenizer_eos(str(config.tokenizer.dir))
 
 
+def decoder_tokens(config, tokens, xp=np):
+    """Tokenizer output [B, L] -> the decoder's (tokens, mask) [B, text_ctx] (cut or padded with
+    model.text_pad_id). The mask ends at the first eos of config.tokenizer.dir's tokenizer when
+    set (CLIP pads with its eos or "!", id 0, not a pad id), else at the pad id. `xp`: np, or
+    jnp inside a traced sampler."""
+    m = config.model
+    ctx, pad_id = int(m.text_ctx), int(m.text_pad_id)
+    tokens = tokens[:, :ctx]
+    eos = _eos_id(config)
+    if eos is None:
+        mask = tokens != pad_id
+    else:
+        is_eos = tokens == eos
+        first = xp.where(is_eos.any(1), xp.argmax(is_eos, 1), tokens.shape[1] - 1)
+        mask = xp.arange(tokens.shape[1])[None] <= first[:, None]
+    extra = ((0, 0), (0, ctx - tokens.shape[1]))
+    return (xp.pad(tokens, extra, constant_values=pad_id),
+            xp.pad(mask, extra, constant_values=False))
+
+
 def decoder_batch(config, b: dict) -> dict:
     """A data batch -> the decoder's: adds image_emb / tokens / token_mask, drops strings."""
     m = config.model
-    clip_dim, ctx, pad_id = int(m.clip_dim), int(m.text_ctx), int(m.text_pad_id)
+    clip_dim, ctx = int(m.clip_dim), int(m.text_ctx)
     out = {"image": np.asarray(b["image"], np.float32)}
     if clip_dim:
         if m.image_emb_source != "pixels" and "image_embedding" in b:
@@ -135,16 +155,11 @@ def decoder_batch(config, b: dict) -> dict:
         out["image_emb"] = z * float(m.image_emb_scale)
     if int(m.text_depth) > 0:
         if m.tokens_source != "bytes" and "tokens" in b:
-            tok = np.asarray(b["tokens"], np.int32)[:, :ctx]
-            eos = _eos_id(config)
-            if eos is None:
-                mask = tok != pad_id
-            else:   # up to the eos: CLIP pads with its eos or "!" (id 0), not a pad id
-                from unclip_jax.stages.diffusion_prior import token_mask_from_tokens
-                mask = token_mask_from_tokens(tok, eos)
-            extra = ((0, 0), (0, ctx - tok.shape[1]))
-            tok = np.pad(tok, extra, constant_values=pad_id)
-            mask = np.pad(mask, extra, constant_values=False)
+            tok = np.asarray(b["tokens"], np.int32)
+            if _eos_id(config) is not None:
+                from unclip_jax.stages.diffusion_prior import check_eos
+                check_eos(tok, _eos_id(config), str(config.tokenizer.dir))
+            tok, mask = decoder_tokens(config, tok)
         elif m.tokens_source == "cache":
             raise ValueError("config.model.tokens_source='cache' but the data has no "
                              "'tokens' column (use data.name='embed_cache')")
