@@ -46,6 +46,13 @@ def _stage_configs(config) -> dict:
 @pytest.mark.parametrize("module,arg", list(_cases()))
 def test_experiment_config_validates(module, arg):
     config = importlib.import_module(module).get_config(arg)
+    if "embed" in config and "stage" not in config and "pipeline" not in config:
+        # an embedding-cache job (python -m unclip_jax.embed): its data and encoder factory
+        from unclip_jax.data import NAMES
+        assert config.data.name in NAMES
+        module_name, factory = config.embed.encoder.split(":")
+        assert callable(getattr(importlib.import_module(module_name), factory))
+        return
     stages = _stage_configs(config)
     if not stages:  # an evaluation config: its checks and sampling settings
         from unclip_jax.eval import plan

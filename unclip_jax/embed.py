@@ -10,6 +10,7 @@ The config has `data` (the source dataset, see unclip_jax.data.config) and `embe
   embed.splits      splits to encode
   embed.batch_size  examples per encoder call
   embed.shard_size  rows per written shard
+  embed.token_dtype what token_embeddings are stored in: "bfloat16" (half the disk) or "float32"
 (defaults in `embed_config()`).
 Each process encodes its own slice (--process_index / --process_count, default: jax's) and
 writes its own shards under DIR/<split>/ (layout in unclip_jax.data.cache). Read the result
@@ -34,7 +35,7 @@ import numpy as np
 def embed_config(**kw) -> ml_collections.ConfigDict:
     """`config.embed`: what `python -m unclip_jax.embed` encodes, and how."""
     c = ml_collections.ConfigDict(dict(encoder="", splits=("train", "test"), batch_size=64,
-                                       shard_size=8192))
+                                       shard_size=8192, token_dtype="bfloat16"))
     c.update(kw)
     return c
 
@@ -50,14 +51,16 @@ def _shard_name(process_index: int, shard: int) -> str:
 
 def write_cache(encoder: Encoder, data_config, *, split: str, out_dir: str, process_index: int = 0,
                 process_count: int = 1, batch_size: int = 64, shard_size: int = 8192,
-                log: Callable[[str], None] | None = None) -> dict:
+                token_dtype: str = "bfloat16", log: Callable[[str], None] | None = None) -> dict:
     """Encode this process's examples of `split` and write them as shards; returns the manifest.
 
     Rows keep the source order (no shuffling, one pass); skipped source examples (corrupt,
     no caption) are absent and counted in the manifest's "source_stats".
     """
-    from unclip_jax.data import make_iterator  # imports JAX
+    from unclip_jax.data import cache, make_iterator  # imports JAX
 
+    if token_dtype not in cache.TOKEN_DTYPES:
+        raise ValueError(f"embed.token_dtype {token_dtype!r} must be one of {cache.TOKEN_DTYPES}")
     split_dir = os.path.join(out_dir, split)
     os.makedirs(split_dir, exist_ok=True)
     it = make_iterator(data_config, split=split, process_index=process_index,
@@ -78,7 +81,8 @@ def write_cache(encoder: Encoder, data_config, *, split: str, out_dir: str, proc
                     json.dump([c for chunk in chunks for c in chunk], f)
                 continue
             arr = np.concatenate(chunks)
-            fields[key] = {"shape": list(arr.shape[1:]), "dtype": str(arr.dtype)}
+            dtype = token_dtype if key == "token_embeddings" else str(arr.dtype)
+            fields[key] = {"shape": list(arr.shape[1:]), "dtype": dtype}
             np.save(os.path.join(split_dir, f"{key}.{name}.npy"), arr)
             count = len(arr)
         shards.append({"name": name, "count": count})
@@ -94,7 +98,8 @@ def write_cache(encoder: Encoder, data_config, *, split: str, out_dir: str, proc
         out["text_embedding"] = np.asarray(texts["text_embedding"], np.float32)
         out["tokens"] = np.asarray(texts["tokens"], np.int32)
         if texts.get("token_embeddings") is not None:
-            out["token_embeddings"] = np.asarray(texts["token_embeddings"], np.float32)
+            # Rounded as they arrive: the buffered shard is then held at the stored width too.
+            out["token_embeddings"] = cache.encode(texts["token_embeddings"], token_dtype)
         out["index"] = batch["index"]
         n = len(batch["index"])
         for key, arr in out.items():
@@ -174,7 +179,8 @@ def embed(config, out_dir: str, *, process_index: int = 0, process_count: int = 
     return {split: write_cache(
                 encoder, config.data, split=split, out_dir=out_dir, process_index=process_index,
                 process_count=process_count, batch_size=int(e.batch_size),
-                shard_size=int(e.shard_size), log=log)
+                shard_size=int(e.shard_size), token_dtype=str(e.get("token_dtype", "bfloat16")),
+                log=log)
             for split in tuple(e.splits)}
 
 

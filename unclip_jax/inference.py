@@ -340,11 +340,8 @@ class Pipeline:
         m = self.decoder.config.model
         if not int(m.text_depth):
             return None, None
-        ctx, pad = int(m.text_ctx), int(m.text_pad_id)
-        tokens = tokens[:, :ctx]
-        if tokens.shape[1] < ctx:
-            tokens = jnp.pad(tokens, ((0, 0), (0, ctx - tokens.shape[1])), constant_values=pad)
-        return tokens, tokens != pad
+        from unclip_jax.stages.decoder import decoder_tokens
+        return decoder_tokens(self.decoder.config, tokens, jnp)   # the mask it trained with
 
     def _decoder_model_fn(self, params):
         def model_fn(x, t, c):

@@ -4,7 +4,8 @@
 
 A config with a `pipeline` field (experiments/shapes.py, experiments/webdata.py) trains every
 stage in order, then samples and writes a report or an evaluation (unclip_jax/recipes/runner.py,
-with the config's `recipe`); any other config trains its one stage. Re-running the same command
+with the config's `recipe`); any other config trains its one stage (a `:smoke` variant with
+`smoke_data` first makes its tiny input under DIR: unclip_jax.stages.smoke). Re-running the same command
 on the same workdir resumes from its latest checkpoint. The terminal shows one line per stage, a
 progress bar per training stage and the final report; library logging goes to DIR/log.txt, the
 metrics to DIR/metrics.jsonl and DIR/tensorboard. Multi-host: TPU pods and SLURM are detected;
@@ -37,6 +38,9 @@ def run(config, workdir: str):
         return run_pipeline(config, workdir)
     from unclip_jax.train.trainer import train
     from unclip_jax import console
+    if config.get("smoke_data"):   # a :smoke variant makes its own tiny input first
+        from unclip_jax.stages import smoke
+        config = smoke.prepare(config, workdir)
     console.say(f"[{config.stage}] training {config.train.num_steps} steps in {workdir}")
     return train(config, workdir)
 

@@ -33,8 +33,8 @@ prepared locally as array_record; nothing is downloaded at evaluation time):
 Reference statistics of the drawn validation images are computed once into `reference_stats`
 (mu, sigma, n and the features, which KID needs; default <out>/reference_stats.npz) and reused;
 a pytorch-fid .npz (mu, sigma) of the same images works too for FID.
-The `:folder` variant evaluates the first `num_samples` images of the folder with the first
-caption of each (no random caption draw: that needs the tfds records).
+The `:folder` variant draws the same way from the folder (images in captions.jsonl order, a
+seeded random caption of each), so one seed gives one set of (image, caption) pairs.
 """
 from unclip_jax.data import default_data_config
 from unclip_jax.eval.config import eval_config
@@ -63,8 +63,7 @@ def get_config(arg=None):
     elif arg == "folder":
         c.data = default_data_config("folder")
         c.data.path = ""                     # folder with captions.jsonl ("captions" lists)
-        c.protocol.split = "val2014"
-        c.protocol.order = "first"
+        c.protocol.split = "val2014"         # replaces "{split}" in data.path, if present
     else:
         raise ValueError(f"coco_zero_shot: unknown variant {arg!r}; use tfds, folder, smoke")
     c.data.resolution = 256

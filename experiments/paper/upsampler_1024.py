@@ -1,8 +1,12 @@
 """unCLIP upsampler 256 -> 1024, paper scale (Table 3 of Ramesh et al. 2022).
 
-Run (accelerators):
+Run (accelerators), on img2dataset webdataset shards (images only are read; a folder with
+captions.jsonl works too: --config.data.name=folder --config.data.path=DIR):
   python -m unclip_jax.main --config=experiments/paper/upsampler_1024.py --workdir=runs/up1024 \
-      --config.data.name=... --config.mesh.fsdp=-1 --config.mesh.data=1
+      --config.data.path='/data/web/{split}/*.tar'
+Smoke (CPU, no input): --config=experiments/paper/upsampler_1024.py:smoke --workdir=W writes
+  1024px webdataset shards under W/smoke_data (unclip_jax.stages.smoke), then trains 2 steps at
+  tiny widths.
 Table 3: linear schedule, T=1000, DDIM sampling with 15 steps, base 192, channel mult
 1,1,2,2,4,4, 2 res blocks, no attention (convolution only), no dropout listed, trained on random
 crops of 1/4 of the target size (256x256 crops of 1024x1024 images) and applied at full size,
@@ -18,17 +22,20 @@ import ml_collections
 from unclip_jax.configs import base_config
 from unclip_jax.data import default_data_config
 from unclip_jax.models import upsampler_model_config
+from unclip_jax.stages.smoke import smoke_variant
 from unclip_jax.stages.upsampler import diffusion_config
 
 
 def get_config(arg=None):
+    if arg not in (None, "", "smoke"):
+        raise ValueError(f"experiments/paper/upsampler_1024.py: unknown variant {arg!r} (use :smoke)")
     c = base_config()
     c.stage = "upsampler"
     c.model = upsampler_model_config(
         dtype="bfloat16", param_dtype="float32", remat=True,
         image_size=1024, low_res_size=256, base_channels=192, channel_mult=(1, 1, 2, 2, 4, 4),
         num_res_blocks=2, attention_resolutions=(), norm_groups=32, dropout=0.0)
-    c.data = default_data_config("tfds")
+    c.data = default_data_config("webdataset")   # data.path: the shards' glob
     c.data.resolution = 1024
     c.diffusion = diffusion_config(
         schedule="linear", num_timesteps=1000, parameterization="eps", degrade="bsr",
@@ -40,4 +47,8 @@ def get_config(arg=None):
     # Ahead-of-time plan (python -m unclip_jax.tools.aot --config=THIS): 64 v5p chips, all fsdp,
     # 8 crops per chip, bf16 compute, res blocks rematerialised.
     c.aot = ml_collections.ConfigDict(dict(topology="v5p:4x4x4"))
+    if arg == "smoke":
+        # Two levels, not the paper's 6: XLA's compile time grows with every level.
+        c.model.update(base_channels=8, channel_mult=(1, 2), num_res_blocks=1, norm_groups=8)
+        smoke_variant(c, image_size=1024, num_examples=16)
     return c

@@ -1,4 +1,5 @@
 """CLIP embedding caches: written aligned with the dataset, split across processes, read back."""
+import glob
 import json
 import os
 import subprocess
@@ -95,7 +96,7 @@ def test_each_process_writes_its_own_shards(written):
         assert list(idx) == list(range(m["process_index"], NUM_TRAIN, 2))  # source order
         assert [s["count"] for s in m["shards"]] == [10, 10]  # flushed at >= 7 rows, batch 5
     assert manifests[0]["fields"]["token_embeddings"] == {"shape": [TOKENS, 16],
-                                                          "dtype": "float32"}
+                                                          "dtype": "bfloat16"}
 
 
 def test_embed_cache_iterator_joins_images_and_resumes(written):
@@ -121,6 +122,56 @@ def test_embed_cache_iterator_joins_images_and_resumes(written):
     c.join_images = False
     b = next(make_iterator(c, **kw))
     assert "image" not in b and b["tokens"].dtype == np.int32
+
+
+def test_token_embeddings_stored_in_bfloat16(tmp_path, written):
+    """The default cache holds the bf16 rounding of the encoder's token embeddings, in half the
+    bytes of a float32 cache of the same rows; readers get float32 and check the dtype."""
+    import ml_dtypes
+    src, out = written
+    f32 = str(tmp_path / "f32")
+    for p in range(2):
+        embed.write_cache(StandInEncoder(), src, split="train", out_dir=f32, process_index=p,
+                          process_count=2, batch_size=5, shard_size=7, token_dtype="float32")
+    exact = cache.load_field(f32, "train", "token_embeddings")
+    got = cache.load_field(out, "train", "token_embeddings")
+    assert got.dtype == np.float32 and exact.dtype == np.float32
+    rounded = exact.astype(ml_dtypes.bfloat16).astype(np.float32)
+    np.testing.assert_array_equal(got, rounded)
+    assert not np.array_equal(got, exact)     # the rounding happened (the test can fail)
+
+    def size(d):
+        return sum(os.path.getsize(p) - 128   # .npy header
+                   for p in glob.glob(os.path.join(d, "train", "token_embeddings.*.npy")))
+    assert size(out) * 2 == size(f32)
+
+    c = default_data_config("embed_cache")
+    c.cache_dir, c.num_threads = out, 0
+    kw = dict(split="train", process_index=0, process_count=1, local_batch_size=40, seed=0,
+              shuffle=False, num_epochs=1)
+    b = next(make_iterator(c, **kw))
+    assert b["token_embeddings"].dtype == np.float32
+    row = {int(i): r for r, i in enumerate(cache.load_field(out, "train", "index"))}
+    rows = [row[int(i)] for i in b["index"]]
+    np.testing.assert_array_equal(b["token_embeddings"], got[rows])
+    # A float32 cache read by a config expecting bfloat16: named, with the flag that reads it.
+    c.cache_dir = f32
+    with pytest.raises(ValueError, match="stores token_embeddings as float32.*"
+                                         "token_dtype=float32"):
+        make_iterator(c, **kw)
+    c.token_dtype = "float32"
+    np.testing.assert_array_equal(next(make_iterator(c, **kw))["token_embeddings"], exact[rows])
+    # A manifest without the dtype record, and files that disagree with it.
+    man = os.path.join(f32, "train", "manifest.p0000.json")
+    m = json.load(open(man))
+    del m["fields"]["token_embeddings"]["dtype"]
+    json.dump(m, open(man, "w"))
+    with pytest.raises(ValueError, match="records no dtype for field 'token_embeddings'"):
+        make_iterator(c, **kw)
+    m["fields"]["token_embeddings"]["dtype"] = "bfloat16"
+    json.dump(m, open(man, "w"))
+    with pytest.raises(ValueError, match=r"token_embeddings\.p0000\.s00000\.npy' holds float32"):
+        cache.load_field(f32, "train", "token_embeddings")
 
 
 def test_embed_cache_errors(tmp_path, written):

@@ -51,3 +51,58 @@ def test_config_describes_the_paper_protocol():
     assert _config("smoke").protocol.num_samples < 1000
     with pytest.raises(ValueError, match="unknown variant"):
         _config("nope")
+
+
+def _coco_folder(root, n=12, size=20):
+    """A folder in the `:folder` variant's documented layout: captions.jsonl lines
+    {"file", "captions": [...]} (1-5 captions per image), PNG images beside it."""
+    from PIL import Image
+    rng = np.random.default_rng(0)
+    root.mkdir()
+    lines, pixels = [], []
+    for i in range(n):
+        img = rng.integers(0, 256, (size, size, 3), dtype=np.uint8)
+        Image.fromarray(img).save(root / f"COCO_val2014_{i:012d}.png")
+        pixels.append(img)
+        lines.append({"file": f"COCO_val2014_{i:012d}.png",
+                      "captions": [f"image {i} caption {j}" for j in range(1 + i % 5)]})
+    (root / "captions.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
+    return lines, pixels
+
+
+def test_folder_variant_draws_captions_and_reads_images(tmp_path):
+    from unclip_jax.data import preprocess, sources
+    from unclip_jax.eval.dataset import eval_batches
+    lines, pixels = _coco_folder(tmp_path / "val2014")
+    c = _config("folder")
+    c.data.path = str(tmp_path / "{split}")
+    c.data.resolution = 16
+    c.protocol.update(num_samples=9, caption_seed=3)
+    assert c.protocol.order == "coco_draw"
+
+    def drawn(pc, seed=3):
+        c.protocol.caption_seed = seed
+        rows = []
+        for pi in range(pc):
+            for b in eval_batches(c, c.data, 4, pi, pc):
+                assert b["image"].shape == (len(b["caption"]), 16, 16, 3)
+                rows += zip(b["position"].tolist(), b["index"].tolist(), b["caption"], b["image"])
+        return sorted(rows, key=lambda r: r[0])
+
+    one = drawn(1)
+    want = coco.draw_captions([x["captions"] for x in lines], 9, seed=3)
+    assert [(i, cap) for _, i, cap, _ in one] == want           # the documented draw
+    assert [p for p, *_ in one] == list(range(9))
+    for _, i, cap, img in one:                                  # each image is its file's
+        assert cap in lines[i]["captions"]
+        ref = preprocess.normalize(preprocess.resize_center_crop(pixels[i], 16))
+        np.testing.assert_allclose(img, ref, atol=1e-6)
+    two = drawn(2)                                              # same set over 2 processes
+    assert [(p, i, cap) for p, i, cap, _ in two] == [(p, i, cap) for p, i, cap, _ in one]
+    other = drawn(1, seed=4)
+    assert [(i, cap) for _, i, cap, _ in other] != want
+    # Several captions per image: the draw does not always take the first.
+    assert any(cap != lines[i]["captions"][0] for _, i, cap, _ in one)
+    # The training reader of the same folder takes each image's first caption.
+    src = sources.FolderSource(str(tmp_path / "val2014"), 0, 1)
+    assert [src[i]["caption"] for i in range(3)] == [x["captions"][0] for x in lines[:3]]

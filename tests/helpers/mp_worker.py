@@ -49,12 +49,35 @@ def merge_shapes_main(pid):
                                   "merged": merged, "merged_empty": merged_empty}), flush=True)
 
 
+def ar_codec_main(cache_dir):
+    """Fit the AR prior's codec from the embedding cache in `cache_dir` through the stage (each
+    process streams its own shards; PCA statistics merged, bucket coordinates gathered)."""
+    import ml_collections
+    import numpy as np
+    from unclip_jax.data import cache
+    from unclip_jax.stages.ar_prior import get_codec
+    c = ml_collections.ConfigDict(dict(
+        data=dict(name="embed_cache", cache_dir=cache_dir),
+        model=dict(embed_dim=int(os.environ["MP_DIM"]), pca_components=int(os.environ["MP_K"]),
+                   num_buckets=int(os.environ["MP_BUCKETS"]),
+                   codec_path=os.path.join(cache_dir, "codec.npz"))))
+    codec = get_codec(c)
+    z_i = cache.load_field(cache_dir, "train", "image_embedding")
+    z_t = cache.load_field(cache_dir, "train", "text_embedding")
+    print("RESULT " + json.dumps({
+        "process": jax.process_index(), "eigenvalues": codec.pca.eigenvalues.tolist(),
+        "edges": codec.quantizer.edges.tolist(), "dot_edges": codec.dot_quantizer.edges.tolist(),
+        "tokens": np.asarray(codec.encode(z_i, z_t)).tolist()}), flush=True)
+
+
 def main():
     port, n, pid, workdir = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
     if n > 1:
         distributed.initialize(f"127.0.0.1:{port}", n, pid)
     if os.environ.get("MP_TASK") == "merge_shapes":
         return merge_shapes_main(pid)
+    if os.environ.get("MP_TASK") == "ar_codec":
+        return ar_codec_main(workdir)
     over = {"mesh.data": -1}
     if int(os.environ.get("MP_SIGTERM_PROCESS", "-1")) == pid:  # a preemption notice on one host
         over["data.sigterm_at_step"] = int(os.environ["MP_SIGTERM_STEP"])

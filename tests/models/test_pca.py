@@ -101,3 +101,108 @@ def test_fit_cache_writes_pca_and_quantizer_beside_the_cache(tmp_path, monkeypat
     np.testing.assert_allclose(loaded.mean, pca.mean)
     q = pca_lib.Quantizer.load(str(tmp_path / "quantizer_image_embedding.npz"))
     assert q.num_buckets == 16 and q.edges.shape == (6, 17)
+
+
+# ------------------------------------------------- the AR prior's codec, streamed over processes
+DIM, K, BUCKETS = 12, 5, 16
+
+
+def _write_cache(root, shards_per_process, seed=0):
+    """An embedding cache (unclip_jax.data.cache layout) of correlated z_i / z_t, written by
+    len(shards_per_process) processes with the given shard sizes; returns (z_i, z_t) in row
+    order."""
+    import json
+    import os
+    rng = np.random.default_rng(seed)
+    split = root / "train"
+    split.mkdir(parents=True)
+    rows, out = 0, ([], [])
+    mix = rng.normal(size=(DIM, DIM)) * np.linspace(3, 0.2, DIM)[:, None]
+    for p, sizes in enumerate(shards_per_process):
+        shards = []
+        for s, n in enumerate(sizes):
+            name = f"p{p:04d}.s{s:05d}"
+            z_i = (rng.normal(size=(n, DIM)) @ mix + 1.5).astype(np.float32)
+            z_t = (z_i + rng.normal(size=(n, DIM))).astype(np.float32)
+            for field, arr in (("image_embedding", z_i), ("text_embedding", z_t),
+                               ("index", np.arange(rows, rows + n, dtype=np.int64))):
+                np.save(split / f"{field}.{name}.npy", arr)
+            (split / f"caption.{name}.json").write_text(json.dumps(["c"] * n))
+            out[0].append(z_i)
+            out[1].append(z_t)
+            shards.append({"name": name, "count": n})
+            rows += n
+        fields = {f: {"shape": [DIM], "dtype": "float32"}
+                  for f in ("image_embedding", "text_embedding")}
+        fields["index"] = {"shape": [], "dtype": "int64"}
+        (split / f"manifest.p{p:04d}.json").write_text(json.dumps(
+            {"split": "train", "process_index": p, "process_count": len(shards_per_process),
+             "num_examples": sum(sizes), "shards": shards, "fields": fields, "source": {}}))
+        assert os.path.exists(split / f"manifest.p{p:04d}.json")
+    return np.concatenate(out[0]), np.concatenate(out[1])
+
+
+def _assert_codecs_equal(got, want, z_i, z_t):
+    np.testing.assert_allclose(got.pca.eigenvalues, want.pca.eigenvalues, rtol=1e-9,
+                               atol=1e-12 * float(want.pca.eigenvalues[0]))
+    np.testing.assert_allclose(got.quantizer.edges, want.quantizer.edges, rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(got.dot_quantizer.edges, want.dot_quantizer.edges, rtol=1e-9)
+    np.testing.assert_array_equal(got.encode(z_i, z_t), want.encode(z_i, z_t))
+
+
+def test_streamed_codec_equals_one_shot_fit(tmp_path):
+    """One process streaming the cache in chunks: the codec equals fit_codec of all the rows;
+    with max_rows below the row count the buckets come from every stride-th row."""
+    from unclip_jax.data import cache
+    from unclip_jax.models.ar_prior import fit_codec, fit_codec_streaming
+    z_i, z_t = _write_cache(tmp_path, [[70, 50], [90]])
+
+    def batches():
+        for start, f in cache.iter_rows(str(tmp_path), "train",
+                                        ("image_embedding", "text_embedding"), batch=32):
+            yield start, f["image_embedding"], f["text_embedding"]
+    streamed = fit_codec_streaming(batches, DIM, K, BUCKETS)
+    _assert_codecs_equal(streamed, fit_codec(z_i, z_t, K, BUCKETS), z_i, z_t)
+    sub = fit_codec_streaming(batches, DIM, K, BUCKETS, max_rows=100)   # stride 3
+    want = fit_codec(z_i, z_t, K, BUCKETS)
+    assert sub.pca.count == len(z_i)
+    np.testing.assert_allclose(sub.quantizer.edges, pca_lib.fit_quantizer(
+        want.pca.transform(z_i[::3], K), BUCKETS).edges, rtol=1e-6, atol=1e-6)
+
+
+def test_codec_fitted_by_two_processes_equals_one_shot_fit(tmp_path):
+    """Two local processes fit the AR prior's codec through the stage (ar_prior.get_codec), each
+    streaming its own shards: both get the codec of a one-shot fit of the whole split."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    import portpicker
+    from unclip_jax.models.ar_prior import ARCodec, fit_codec
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    # Three shards: process 0 of the fit reads shards 0 and 2, process 1 shard 1.
+    z_i, z_t = _write_cache(tmp_path, [[70, 50], [90]])
+    port = portpicker.pick_unused_port()
+    env = dict(os.environ, MP_LOCAL_DEVICES="1", JAX_PLATFORMS="cpu", MP_TASK="ar_codec",
+               MP_DIM=str(DIM), MP_K=str(K), MP_BUCKETS=str(BUCKETS))
+    env.pop("XLA_FLAGS", None)
+    procs = [subprocess.Popen([sys.executable, os.path.join(root, "tests", "helpers",
+                                                            "mp_worker.py"),
+                               str(port), "2", str(i), str(tmp_path)], env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for i in range(2)]
+    results = []
+    for p in procs:
+        out, err = p.communicate(timeout=300)
+        assert p.returncode == 0, err[-3000:]
+        line = [x for x in out.splitlines() if x.startswith("RESULT ")][-1]
+        results.append(json.loads(line[len("RESULT "):]))
+    want = fit_codec(z_i, z_t, K, BUCKETS)
+    assert results[0] == {**results[1], "process": 0}     # both processes hold the same codec
+    np.testing.assert_allclose(results[0]["eigenvalues"], want.pca.eigenvalues, rtol=1e-9,
+                               atol=1e-12 * float(want.pca.eigenvalues[0]))
+    np.testing.assert_allclose(results[0]["edges"], want.quantizer.edges, rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(results[0]["dot_edges"], want.dot_quantizer.edges, rtol=1e-9)
+    np.testing.assert_array_equal(results[0]["tokens"], want.encode(z_i, z_t))
+    _assert_codecs_equal(ARCodec.load(str(tmp_path / "codec.npz")), want, z_i, z_t)

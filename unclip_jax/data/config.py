@@ -15,7 +15,9 @@ folder:           path: folder holding captions.jsonl and the images ("{split}" 
 embed_cache:      cache_dir (the --out of `unclip_jax.embed`; split s is read from
                   <cache_dir>/<s>/), join_images (also read each example's image back, by index,
                   from the source dataset recorded in the cache manifest; an optional
-                  data.source sub-config overrides that source, e.g. when paths moved)
+                  data.source sub-config overrides that source, e.g. when paths moved),
+                  token_dtype (the dtype the cache must store token_embeddings in, as
+                  embed.token_dtype wrote them: "bfloat16" or "float32"; read as float32)
 """
 from __future__ import annotations
 
@@ -41,5 +43,6 @@ def default_data_config(name: str = "shapes") -> ml_collections.ConfigDict:
     elif name == "embed_cache":
         c.cache_dir = ""
         c.join_images = False
+        c.token_dtype = "bfloat16"
         c.source = None     # a data config overriding the manifest's source (join_images)
     return c

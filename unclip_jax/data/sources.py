@@ -287,7 +287,8 @@ class WebDatasetSource:
 
 # ---------------------------------------------------------------------------------------- folder
 class FolderSource:
-    """A folder of images listed in `captions.jsonl` ({"file": ..., "caption": ...} per line).
+    """A folder of images listed in `captions.jsonl` ({"file": ..., "caption": ...} per line;
+    {"file", "captions": [...]}, the COCO evaluation layout, gives the first caption).
 
     Files are relative to the folder. Example i (global) is line i; process p reads lines
     p, p + count, ...; malformed lines are kept and reported as corrupt when read.
@@ -328,7 +329,8 @@ class FolderSource:
 
     def read(self, index: int) -> dict:
         entry = self._entries[index]
-        out = {"index": index, "image": None, "caption": _as_text(entry.get("caption"))}
+        out = {"index": index, "image": None,
+               "caption": _as_text(entry.get("caption", entry.get("captions")))}
         name = entry.get("file")
         if not isinstance(name, str):
             out["missing"] = "corrupt"
@@ -355,13 +357,20 @@ class CacheSource:
         self.path, manifests = cache.load_manifests(cfg.cache_dir, split)
         self.extra_fields = tuple(f for f in cache.EMBED_FIELDS if f in manifests[0]["fields"])
         self._arrays: dict[str, list[np.ndarray]] = {f: [] for f in self.extra_fields + ("index",)}
+        self._dtypes = {f: cache.field_dtype(manifests[0], f, self.path) for f in self._arrays}
+        want = cfg.get("token_dtype") or "bfloat16"
+        got = self._dtypes.get("token_embeddings", want)
+        if got != want:
+            raise ValueError(f"embedding cache {self.path!r} stores token_embeddings as {got}, "
+                             f"config.data.token_dtype is {want}: set --config.data.token_dtype="
+                             f"{got} to read it, or re-embed with embed.token_dtype={want}")
         self._captions: list[list[str]] = []
         counts = []
         for m in manifests:
             for s in m["shards"]:
                 for f in self._arrays:
-                    self._arrays[f].append(
-                        np.load(os.path.join(self.path, f"{f}.{s['name']}.npy"), mmap_mode="r"))
+                    self._arrays[f].append(cache.load_shard(self.path, f, s["name"],
+                                                            self._dtypes[f]))
                 with open(os.path.join(self.path, f"caption.{s['name']}.json")) as fh:
                     self._captions.append(json.load(fh))
                 counts.append(s["count"])
@@ -386,7 +395,8 @@ class CacheSource:
     def read_row(self, row: int) -> dict[str, Any]:
         shard = int(np.searchsorted(self._starts, row, side="right") - 1)
         k = row - int(self._starts[shard])
-        out = {f: np.array(self._arrays[f][shard][k]) for f in self.extra_fields}
+        out = {f: cache.decode(np.array(self._arrays[f][shard][k]), self._dtypes[f])
+               for f in self.extra_fields}
         out["index"] = int(self._arrays["index"][shard][k])
         out["caption"] = self._captions[shard][k]
         if self._join is not None:

@@ -31,8 +31,8 @@ def eval_batches(config, dcfg, batch_size: int, pi: int, pc: int):
 
     order "first": the first num_samples examples of the split (process p reads global
     positions p, p + P, ...; same set for any process count); "shuffled": a seeded random
-    subset; "coco_draw": eval.coco.draw_captions over a tfds split (distinct images, one random
-    caption each, the paper's zero-shot protocol)."""
+    subset; "coco_draw": eval.coco.draw_captions over a tfds split or a folder's
+    captions.jsonl (distinct images, one random caption each, the paper's zero-shot protocol)."""
     p = config.protocol
     n, order = int(p.num_samples), p.order
     if order == "coco_draw":
@@ -59,15 +59,31 @@ def eval_batches(config, dcfg, batch_size: int, pi: int, pc: int):
 
 
 def _coco_draw_batches(config, dcfg, batch_size: int, pi: int, pc: int):
+    import os
+
     from unclip_jax.data import preprocess, sources
-    from unclip_jax.eval.coco import caption_texts, draw_captions
+    from unclip_jax.eval.coco import caption_texts, draw_captions, read_folder_captions
     from unclip_jax.eval.plan import EvalError
-    if dcfg.name != "tfds":
-        raise EvalError("protocol.order='coco_draw' reads a tfds dataset (data.name='tfds'); for "
-                        "a local copy use order='first' on a folder with one caption per image")
-    src = sources.open_source(dcfg, str(config.protocol.split), 0, 1)
-    key = str(dcfg.caption_key)
-    caps = [caption_texts(src.read(i)["_record"], key) for i in range(len(src))]
+    split = str(config.protocol.split)
+    if dcfg.name == "tfds":
+        src = sources.open_source(dcfg, split, 0, 1)
+        key = str(dcfg.caption_key)
+        caps = [caption_texts(src.read(i)["_record"], key) for i in range(len(src))]
+
+        def image(i):
+            return src.read(i)["image"]
+    elif dcfg.name == "folder":
+        folder = sources._split_path(str(dcfg.path), split)
+        entries = read_folder_captions(folder)
+        caps = [c for _, c in entries]
+
+        def image(i):
+            with open(os.path.join(folder, entries[i][0]), "rb") as f:
+                return f.read()
+    else:
+        raise EvalError("protocol.order='coco_draw' reads a tfds dataset (data.name='tfds') or "
+                        "a folder whose captions.jsonl lists every caption of each image "
+                        f"(data.name='folder'), not data.name={dcfg.name!r}")
     drawn = draw_captions(caps, int(config.protocol.num_samples),
                           int(config.protocol.caption_seed))
     mine = list(range(pi, len(drawn), pc))
@@ -75,8 +91,7 @@ def _coco_draw_batches(config, dcfg, batch_size: int, pi: int, pc: int):
         rows = mine[s:s + batch_size]
         imgs = []
         for r in rows:
-            rec = src.read(drawn[r][0])
-            img = preprocess.decode(rec["image"])
+            img = preprocess.decode(image(drawn[r][0]))
             imgs.append(preprocess.resize_center_crop(img, int(dcfg.resolution)))
         yield {"caption": [drawn[r][1] for r in rows],
                "image": preprocess.normalize(np.stack(imgs)).astype(np.float32),

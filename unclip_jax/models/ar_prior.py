@@ -29,7 +29,7 @@ import numpy as np
 from unclip_jax.models.layers import Dense
 from unclip_jax.models.prior import CaptionPrefix
 from unclip_jax.models.transformer import Transformer
-from unclip_jax.models.pca import PCA, Quantizer, fit_pca, fit_quantizer
+from unclip_jax.models.pca import PCA, PCAStats, Quantizer, fit_pca, fit_quantizer
 
 Dtype = Any
 
@@ -85,6 +85,36 @@ def fit_codec(z_i: np.ndarray, z_t: np.ndarray, k: int, num_buckets: int = 1024)
     coords = pca.transform(z_i, k)
     dot = np.sum(z_i * np.asarray(z_t, np.float64), -1, keepdims=True)
     return ARCodec(pca, fit_quantizer(coords, num_buckets), fit_quantizer(dot, num_buckets))
+
+
+def fit_codec_streaming(batches, dim: int, k: int, num_buckets: int = 1024,
+                        max_rows: int = 262_144) -> ARCodec:
+    """`fit_codec` of data streamed twice, each process reading its own part (a collective:
+    every process calls it and gets the same codec). `batches()` yields this process's rows as
+    (first global row, z_i [b, D], z_t [b, D]). Pass 1 accumulates the PCA statistics, merged
+    over processes; pass 2 fits the buckets to the coordinates of every global row r with
+    r % stride == 0, stride = ceil(rows / max_rows), gathered from all processes (quantiles need
+    the values, not sums). Up to max_rows rows it equals fit_codec of all the data."""
+    from unclip_jax.eval.gather import allgather_rows
+
+    if not 0 < k <= dim:
+        raise ValueError(f"config.model.pca_components {k} must be in [1, {dim}]")
+    stats = PCAStats(dim)
+    for _, z_i, _ in batches():
+        stats.update(z_i)
+    pca = stats.merged_over_processes().finalize()
+    stride = max(1, -(-pca.count // int(max_rows)))
+    coords, dots = [np.zeros((0, k), np.float32)], [np.zeros((0, 1), np.float64)]
+    for start, z_i, z_t in batches():
+        keep = (start + np.arange(len(z_i))) % stride == 0
+        z_i = np.asarray(z_i, np.float64)[keep]
+        coords.append(pca.transform(z_i, k))
+        dots.append(np.sum(z_i * np.asarray(z_t, np.float64)[keep], -1, keepdims=True))
+    coords = allgather_rows(np.concatenate(coords))
+    # float64 travels as uint32 bit pairs (JAX without x64 would round it to float32).
+    dots = np.ascontiguousarray(allgather_rows(np.concatenate(dots).view(np.uint32))).view(
+        np.float64)
+    return ARCodec(pca, fit_quantizer(coords, num_buckets), fit_quantizer(dots, num_buckets))
 
 
 # ------------------------------------------------------------------------------------- model

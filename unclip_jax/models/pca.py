@@ -1,7 +1,8 @@
 """PCA and per-dimension quantisation of CLIP image embeddings (for the priors).
 
 PCA is fitted streaming: `PCAStats` accumulates the count, the sum and the sum of outer products
-(around a shift) in float64 over batches (and can merge across processes), so the data never has to fit in memory;
+(around a shift) in float64 over batches, and `merged_over_processes` combines every process's
+(each reads its own part of the data), so the data never has to fit in one host's memory;
 `finalize()` eigen-decomposes the covariance once. Components are ordered by decreasing
 eigenvalue, with a fixed sign (largest-magnitude entry positive) so fits are reproducible.
 
@@ -102,6 +103,22 @@ class PCAStats:
         return PCAStats(self.dim, self.count + other.count, self.shift.copy(),
                         self.total + total, self.outer + outer)
 
+    def merged_over_processes(self) -> "PCAStats":
+        """Every process's statistics merged in process order, on every process (a collective:
+        all processes call it; one with no rows takes part with an empty one)."""
+        import jax
+        if jax.process_count() == 1:
+            return self
+        empty = self.shift is None
+        shift = np.zeros(self.dim) if empty else self.shift
+        counts = gather_float64(np.float64(0 if empty else self.count))
+        shifts, totals, outers = (gather_float64(a) for a in (shift, self.total, self.outer))
+        out = PCAStats(self.dim)
+        for n, sh, t, o in zip(counts.reshape(-1), shifts, totals, outers):
+            if n:
+                out = out.merge(PCAStats(self.dim, int(n), sh, t, o))
+        return out
+
     def finalize(self) -> PCA:
         if self.count < 2:
             raise ValueError(f"PCA needs at least 2 examples, got {self.count}")
@@ -112,6 +129,16 @@ class PCAStats:
         eigvals, comps = np.clip(eigvals[order], 0, None), eigvecs[:, order].T
         signs = np.sign(comps[np.arange(len(comps)), np.abs(comps).argmax(1)])
         return PCA(self.shift + centred, comps * signs[:, None], eigvals, self.count)
+
+
+def gather_float64(x) -> np.ndarray:
+    """`x` of every process stacked [P, ...], bit-exact: JAX without x64 would round float64 to
+    float32 in transit, so the bits travel as uint32 pairs."""
+    from jax.experimental import multihost_utils
+    x = np.ascontiguousarray(x, np.float64)
+    bits = x.reshape(-1).view(np.uint32)
+    out = np.asarray(multihost_utils.process_allgather(bits, tiled=False))
+    return np.ascontiguousarray(out).view(np.float64).reshape((-1,) + x.shape)
 
 
 def fit_pca(batches, dim: int | None = None) -> PCA:

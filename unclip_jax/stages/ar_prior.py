@@ -5,7 +5,9 @@ Config (experiments/ar_prior_shapes.py, experiments/paper/ar_prior.py):
          text_dim wide), enc_width/depth/heads, dec_width/depth/heads, mlp_ratio, dropout,
          drop_prob, text_scale (z_t is fed times this; default sqrt(embed_dim))}
   model.codec_path  npz of the ARCodec (PCA + buckets); fitted from the training embeddings
-                    (synthetic set or the cache's train split) and written there if absent
+                    (synthetic set, or the cache's train split streamed: PCA statistics merged
+                    over processes, buckets from the gathered coordinates) and written there if
+                    absent
   data.*            as the diffusion prior ("embed_cache" or "synthetic")
 Batches: ar_tokens [B, k + 1] (computed on the host), text_embedding, tokens or
 token_embeddings, token_mask.
@@ -17,7 +19,8 @@ import os
 
 import numpy as np
 
-from unclip_jax.models.ar_prior import ARCodec, ARPrior, ar_loss, fit_codec
+from unclip_jax.models.ar_prior import (ARCodec, ARPrior, ar_loss, fit_codec,
+                                        fit_codec_streaming)
 from unclip_jax.stages.base import Stage
 from unclip_jax.stages.diffusion_prior import batch_keys, prior_data, synthetic_pairs
 
@@ -30,15 +33,34 @@ def build_ar_prior(m) -> ARPrior:
                    bool(m.remat), np.dtype(str(m.dtype)))
 
 
-def _training_embeddings(config):
+def fit_training_codec(config) -> ARCodec:
+    """The codec of the training embeddings: the synthetic set, or the cache's train split
+    streamed, each process reading its own shards (a collective: all processes call it)."""
     d, m = config.data, config.model
+    k, nb = int(m.pca_components), int(m.num_buckets)
     if d.name == "synthetic":
         a = synthetic_pairs(int(d.num_examples), int(m.embed_dim), int(m.text_ctx),
                             int(m.vocab_size) or 64, int(d.seed))
-        return a["image_embedding"], a["text_embedding"]
+        return fit_codec(a["image_embedding"], a["text_embedding"], k, nb)
+    import jax
+
     from unclip_jax.data import cache
-    return (np.asarray(cache.load_field(str(d.cache_dir), "train", "image_embedding")),
-            np.asarray(cache.load_field(str(d.cache_dir), "train", "text_embedding")))
+
+    def batches():
+        for start, f in cache.iter_rows(str(d.cache_dir), "train",
+                                        ("image_embedding", "text_embedding"),
+                                        jax.process_index(), jax.process_count()):
+            yield start, f["image_embedding"], f["text_embedding"]
+    return fit_codec_streaming(batches, int(m.embed_dim), k, nb)
+
+
+def _exists_on_process_0(path: str) -> bool:
+    """Whether `path` exists, as process 0 sees it (all processes then fit, or none)."""
+    import jax
+    if jax.process_count() == 1:
+        return os.path.exists(path)
+    from jax.experimental import multihost_utils
+    return bool(multihost_utils.broadcast_one_to_all(np.int32(os.path.exists(path))))
 
 
 @functools.lru_cache(maxsize=4)
@@ -51,13 +73,10 @@ def get_codec(config) -> ARCodec:
     path = str(m.codec_path)
     if not path:
         raise ValueError("config.model.codec_path must be set (the PCA codec is saved there)")
-    if not os.path.exists(path):
+    if not _exists_on_process_0(path):
         from unclip_jax.distributed import write_once
-
-        def fit(tmp):
-            z_i, z_t = _training_embeddings(config)
-            fit_codec(z_i, z_t, int(m.pca_components), int(m.num_buckets)).save(tmp)
-        write_once(path, fit)
+        codec = fit_training_codec(config)   # every process takes part; process 0 writes it
+        write_once(path, codec.save)
     codec = _load_codec(path, os.path.getmtime(path))
     if codec.k != int(m.pca_components) or codec.num_buckets != int(m.num_buckets):
         raise ValueError(f"codec {path!r} has k={codec.k}, {codec.num_buckets} buckets; config."

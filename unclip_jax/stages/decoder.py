@@ -13,8 +13,9 @@ present, or the stand-in):
             L2-normalised like a CLIP embedding. It is not CLIP: it carries layout and colour only.
   "bytes"   tokens = the caption's UTF-8 bytes + 1 (0 = padding), truncated to text_ctx; needs
             text_vocab >= 257.
-`config.model.image_emb_scale` multiplies z_i (either source). Cached tokens are masked where
-they differ from `config.model.text_pad_id`.
+`config.model.image_emb_scale` multiplies z_i (either source). Cached tokens are masked after
+their first eos when `config.tokenizer.dir` names the tokenizer that wrote them (a pretrained
+CLIP's), else where they equal `config.model.text_pad_id`; padding to text_ctx uses that id.
 """
 from __future__ import annotations
 
@@ -102,10 +103,43 @@ def byte_tokenize(captions, ctx: int) -> tuple[np.ndarray, np.ndarray]:
     return tokens, tokens != 0
 
 
+@functools.lru_cache(maxsize=4)
+def _tokenizer_eos(directory: str) -> int:
+    from unclip_jax.data.tokenizer import Tokenizer
+    return Tokenizer.load(directory).eos_id
+
+
+def _eos_id(config) -> int | None:
+    """The eos id of config.tokenizer.dir (the tokenizer that wrote the cached tokens), if set."""
+    if "tokenizer" not in config or not config.tokenizer.dir:
+        return None
+    return _tokenizer_eos(str(config.tokenizer.dir))
+
+
+def decoder_tokens(config, tokens, xp=np):
+    """Tokenizer output [B, L] -> the decoder's (tokens, mask) [B, text_ctx] (cut or padded with
+    model.text_pad_id). The mask ends at the first eos of config.tokenizer.dir's tokenizer when
+    set (CLIP pads with its eos or "!", id 0, not a pad id), else at the pad id. `xp`: np, or
+    jnp inside a traced sampler."""
+    m = config.model
+    ctx, pad_id = int(m.text_ctx), int(m.text_pad_id)
+    tokens = tokens[:, :ctx]
+    eos = _eos_id(config)
+    if eos is None:
+        mask = tokens != pad_id
+    else:
+        is_eos = tokens == eos
+        first = xp.where(is_eos.any(1), xp.argmax(is_eos, 1), tokens.shape[1] - 1)
+        mask = xp.arange(tokens.shape[1])[None] <= first[:, None]
+    extra = ((0, 0), (0, ctx - tokens.shape[1]))
+    return (xp.pad(tokens, extra, constant_values=pad_id),
+            xp.pad(mask, extra, constant_values=False))
+
+
 def decoder_batch(config, b: dict) -> dict:
     """A data batch -> the decoder's: adds image_emb / tokens / token_mask, drops strings."""
     m = config.model
-    clip_dim, ctx, pad_id = int(m.clip_dim), int(m.text_ctx), int(m.text_pad_id)
+    clip_dim, ctx = int(m.clip_dim), int(m.text_ctx)
     out = {"image": np.asarray(b["image"], np.float32)}
     if clip_dim:
         if m.image_emb_source != "pixels" and "image_embedding" in b:
@@ -121,9 +155,11 @@ def decoder_batch(config, b: dict) -> dict:
         out["image_emb"] = z * float(m.image_emb_scale)
     if int(m.text_depth) > 0:
         if m.tokens_source != "bytes" and "tokens" in b:
-            tok = np.asarray(b["tokens"], np.int32)[:, :ctx]
-            tok = np.pad(tok, ((0, 0), (0, ctx - tok.shape[1])), constant_values=pad_id)
-            mask = tok != pad_id
+            tok = np.asarray(b["tokens"], np.int32)
+            if _eos_id(config) is not None:
+                from unclip_jax.stages.diffusion_prior import check_eos
+                check_eos(tok, _eos_id(config), str(config.tokenizer.dir))
+            tok, mask = decoder_tokens(config, tok)
         elif m.tokens_source == "cache":
             raise ValueError("config.model.tokens_source='cache' but the data has no "
                              "'tokens' column (use data.name='embed_cache')")

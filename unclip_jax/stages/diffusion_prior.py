@@ -104,9 +104,20 @@ def token_mask_from_tokens(tokens: np.ndarray, eos_id: int) -> np.ndarray:
     return np.arange(tokens.shape[1])[None] <= first[:, None]
 
 
-def cache_batch(eos_id: int, keys, b: dict) -> dict:
+def check_eos(tokens: np.ndarray, eos_id: int, tokenizer_dir: str) -> None:
+    """Every cached caption ends with the tokenizer's eos (unclip_jax.data.tokenizer keeps it
+    when it truncates): rows without it were written by another tokenizer."""
+    missing = int((~(np.asarray(tokens) == eos_id).any(1)).sum())
+    if missing:
+        raise ValueError(f"{missing} of {len(tokens)} cached captions have no eos id {eos_id} of "
+                         f"the tokenizer in {tokenizer_dir!r} (config.tokenizer.dir): the cache "
+                         f"was written by another tokenizer")
+
+
+def cache_batch(eos_id: int, keys, b: dict, tokenizer_dir: str = "") -> dict:
     """An embedding-cache batch -> the priors': `keys` only, token_mask from the tokens' eos."""
     out = {k: b[k] for k in keys if k in b and k != "token_mask"}
+    check_eos(b["tokens"], eos_id, tokenizer_dir)
     out["token_mask"] = token_mask_from_tokens(np.asarray(b["tokens"]), eos_id)
     return out
 
@@ -135,7 +146,7 @@ def prior_data(config, keys, *, split, process_index, process_count, local_batch
         fields += ("tokens",)
 
     def to_prior(b):
-        b = cache_batch(eos, keys, b)
+        b = cache_batch(eos, keys, b, str(config.tokenizer.dir))
         return postprocess(b) if postprocess else b
     return make_iterator(d, split=split, process_index=process_index,
                          process_count=process_count, local_batch_size=local_batch_size,
