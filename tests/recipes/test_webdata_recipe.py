@@ -89,7 +89,7 @@ def test_cache_holds_the_hf_clip_embeddings_of_the_shards(run, hf):
     fields = {f: np.asarray(cache.load_field(cdir, "train", f)) for f in
               ("image_embedding", "text_embedding", "tokens", "token_embeddings", "index")}
     captions = json.load(open(os.path.join(cdir, "train", "caption.p0000.s00000.json")))[:8]
-    src = WebDatasetSource(os.path.join(wd, "inputs", "shards", "train", "*.tar"), 0, 1)
+    src = WebDatasetSource(os.path.join(wd, "inputs", "web", "train", "*.tar"), 0, 1)
     images = np.stack([preprocess.normalize(preprocess.resize_center_crop(
         preprocess.decode(src.read(int(i))["image"]), 32)) for i in fields["index"][:8]])
     assert [src.read(int(i))["caption"] for i in fields["index"][:8]] == captions
@@ -122,7 +122,7 @@ def test_evaluation_scores_with_the_same_clip(run, hf):
                                                          rel=1e-4, abs=1e-4)
     # The priors against the true z_i of the held-out images (the first 4 test examples).
     from unclip_jax.data.sources import WebDatasetSource
-    src = WebDatasetSource(os.path.join(run[0], "inputs", "shards", "test", "*.tar"), 0, 1)
+    src = WebDatasetSource(os.path.join(run[0], "inputs", "web", "test", "*.tar"), 0, 1)
     real = np.stack([preprocess.normalize(preprocess.resize_center_crop(
         preprocess.decode(src[i]["image"]), 32)) for i in range(4)])
     assert captions == [src[i]["caption"] for i in range(4)]
@@ -168,7 +168,7 @@ def _config(run, hf_dir=None, data_path=None):
     c = webdata.get_config("smoke")
     c.make_inputs = False
     c.clip_import.hf_dir = hf_dir or os.path.join(wd, "inputs", "hf_clip")
-    c.data.path = data_path or os.path.join(wd, "inputs", "shards", "{split}", "*.tar")
+    c.data.path = data_path or os.path.join(wd, "inputs", "web", "{split}", "*.tar")
     return c
 
 

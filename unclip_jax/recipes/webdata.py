@@ -56,30 +56,15 @@ def prepare(config, workdir: str):
     """Smoke runs (config.make_inputs): shards and a random HF CLIP under <workdir>/inputs."""
     if not bool(config.make_inputs):
         return config
-    from unclip_jax.data import shapes
-    from unclip_jax.data.synthetic import write_webdataset_shards
-    import jax
-    root = os.path.join(os.path.abspath(workdir), "inputs")
+    from unclip_jax.stages.smoke import write_inputs
     m = config.make_inputs_sizes
-    data = os.path.join(root, "shards")
-    hf = os.path.join(root, "hf_clip")
-    if jax.process_index() == 0:   # the workdir is shared: one writer
-        for split, n in (("train", int(m.num_train)), ("test", int(m.num_test))):
-            if not os.path.isdir(os.path.join(data, split)):
-                tmp = os.path.join(data, f".{split}.tmp")
-                write_webdataset_shards(tmp, num_examples=n, shard_size=int(m.shard_size),
-                                        image_size=int(m.image_size), split=split)
-                os.replace(tmp, os.path.join(data, split))   # complete shards or none
-        if not os.path.isdir(hf):
-            words = list(shapes.COLOURS) + list(shapes.SHAPES) + ["a", "an", "and"]
-            clip_import.write_random_hf_clip(hf + ".tmp", words=words, **m.clip.to_dict())
-            os.replace(hf + ".tmp", hf)
-    if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
-        multihost_utils.sync_global_devices("webdata_smoke_inputs")
+    pattern, hf = write_inputs(
+        os.path.join(os.path.abspath(workdir), "inputs"), shard_size=int(m.shard_size),
+        splits={"train": int(m.num_train), "test": int(m.num_test)},
+        image_size=int(m.image_size), clip=m.clip.to_dict())
     config = config.copy_and_resolve_references()
     with config.unlocked():
-        config.data.path = os.path.join(data, "{split}", "*.tar")
+        config.data.path = pattern
         config.clip_import.hf_dir = hf
     return config
 

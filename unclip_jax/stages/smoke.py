@@ -22,25 +22,38 @@ import ml_collections
 HF_CLIP_ENCODER = "unclip_jax.models.clip_import:encoder"
 
 
-def _shards(s, root: str) -> str:
-    """The webdataset pattern of the smoke shards ("{split}" left for the reader)."""
-    from unclip_jax.data.synthetic import write_webdataset_shards
-    from unclip_jax.distributed import write_once
-
-    write_once(os.path.join(root, "web", "train"), lambda tmp: write_webdataset_shards(
-        tmp, num_examples=int(s.num_examples), shard_size=int(s.shard_size),
-        image_size=int(s.image_size), split="train"))
-    return os.path.join(root, "web", "{split}", "*.tar")
-
-
-def _caption_words(s) -> list[str]:
+def _caption_words(splits: dict[str, int]) -> list[str]:
     """Every word of the smoke captions: single BPE tokens in the random CLIP's vocabulary, so
     captions stay well inside CLIP's 77-token context."""
     from unclip_jax.data import shapes
     words = set()
-    for i in range(int(s.num_examples)):
-        words.update(shapes.example(0, shapes.SPLIT_IDS["train"], i, size=8)[1].split())
+    for split, n in splits.items():
+        for i in range(n):
+            words.update(shapes.example(0, shapes.SPLIT_IDS[split], i, size=8)[1].split())
     return sorted(words)
+
+
+def write_inputs(root: str, *, splits: dict[str, int], shard_size: int, image_size: int,
+                 clip: dict | None = None) -> tuple[str, str | None]:
+    """Webdataset shards of each split (`splits`: split -> examples) under root/web/<split>/
+    and, when `clip` (write_random_hf_clip's keyword arguments) is given, a random HF CLIP in
+    root/hf_clip, each written once for all processes. Returns (the shards' pattern with
+    "{split}" left for the reader, the CLIP folder or None). The paper configs' :smoke and the
+    web-data recipe's :smoke (recipes/webdata.py) both make their inputs here."""
+    from unclip_jax.data.synthetic import write_webdataset_shards
+    from unclip_jax.distributed import write_once
+
+    for split, n in splits.items():
+        write_once(os.path.join(root, "web", split), lambda tmp, split=split, n=n:
+                   write_webdataset_shards(tmp, num_examples=n, shard_size=shard_size,
+                                           image_size=image_size, split=split))
+    clip_dir = None
+    if clip:
+        from unclip_jax.models.clip_import import write_random_hf_clip
+        clip_dir = os.path.join(root, "hf_clip")
+        write_once(clip_dir, lambda tmp: write_random_hf_clip(
+            tmp, words=_caption_words(splits), **clip))
+    return os.path.join(root, "web", "{split}", "*.tar"), clip_dir
 
 
 def prepare(config, workdir: str) -> ml_collections.ConfigDict:
@@ -50,17 +63,15 @@ def prepare(config, workdir: str) -> ml_collections.ConfigDict:
 
     s = config.smoke_data
     root = os.path.join(os.path.abspath(workdir), "smoke_data")
-    pattern = _shards(s, root)
+    pattern, clip_dir = write_inputs(
+        root, splits={"train": int(s.num_examples)}, shard_size=int(s.shard_size),
+        image_size=int(s.image_size), clip=s.clip.to_dict())
     c = config.copy_and_resolve_references()
     with c.unlocked():
         if not s.clip.to_dict():
             c.data.path = pattern
             return c
         from unclip_jax import embed
-        from unclip_jax.models.clip_import import write_random_hf_clip
-        clip_dir = os.path.join(root, "hf_clip")
-        write_once(clip_dir, lambda tmp: write_random_hf_clip(
-            tmp, words=_caption_words(s), **s.clip.to_dict()))
         web = default_data_config("webdataset")
         web.path = pattern
         web.resolution = int(s.image_size)
