@@ -4,6 +4,7 @@ builds every expensive fixture once.
 - Every test sees 8 fake CPU devices, so mesh code is exercised without accelerators.
 - Compiled programs go to JAX's persistent cache (UNCLIP_JAX_TEST_CACHE, default
   ~/.cache/unclip_jax/xla-tests; "off" disables it), so a repeated run skips most XLA compiles.
+- Orbax checkpoints save each array from one replica (no per-shape slicing programs).
 - Under xdist (`-n 2`, with `--dist loadgroup` from pytest.ini) each test module runs on one
   worker, so its module-scoped fixtures are built once. The trained tiny main job (`tiny_run`)
   is built once per session for all workers: its builder module is scheduled first, its other
@@ -29,7 +30,14 @@ if _CACHE.lower() not in ("", "0", "off", "none"):
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.2)
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 
+import orbax.checkpoint as ocp  # noqa: E402
 import pytest  # noqa: E402
+
+# Orbax saves a replicated array in slices, one per device (replica-parallel saving): with 8
+# fake devices that compiles a slicing program for every parameter shape at a stage's first
+# save (about 300 in the tiny main job). The tests save each array from one replica instead.
+ocp.type_handlers.register_type_handler(
+    jax.Array, ocp.type_handlers.ArrayHandler(use_replica_parallel=False), override=True)
 
 # The module that trains the tiny main job runs first (its tests need it at once); the other
 # users of `tiny_run` run midway, when the other worker has long finished training it and

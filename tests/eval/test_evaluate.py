@@ -318,7 +318,7 @@ def _random_inception_weights(path, seed=0):
     np.savez(path, **state)
 
 
-def test_inception_fid_kid_and_reference_cache(run, pipe, tmp_path):
+def test_inception_fid_kid_and_reference_cache(run, pipe, tmp_path, monkeypatch):
     """With a weights file: FID / KID / precision-recall on Inception features, equal to a
     recomputation from the saved features; the real statistics are cached for re-runs."""
     from unclip_jax.eval import inception_weights as IW
@@ -334,14 +334,28 @@ def test_inception_fid_kid_and_reference_cache(run, pipe, tmp_path):
     cfg.inception_weights = weights
     cfg.metrics.update(kid_subset_size=6, kid_subsets=5)
     out = str(tmp_path / "out")
+    # Every Frechet distance the evaluator computes, with its arguments: FID is checked against
+    # the statistics of the saved features below. (The distance itself is tested in
+    # test_metrics; recomputing its 2048-d sqrtm here would add about a quarter to this test.)
+    distances, frechet = [], M.frechet_distance
+
+    def recording(mu1, sigma1, mu2, sigma2, *args, **kw):
+        d = frechet(mu1, sigma1, mu2, sigma2, *args, **kw)
+        distances.append(((mu1, sigma1, mu2, sigma2), d))
+        return d
+    monkeypatch.setattr(M, "frechet_distance", recording)
     res = E.evaluate(cfg, run, out, log=lambda s: None)
+    monkeypatch.undo()
     m = res["metrics"]
     with np.load(os.path.join(out, "samples.npz")) as f:
         a = {k: f[k] for k in f.files}
     assert res["inception"] == weights and m["pr_features"] == "inception"
     assert a["real_inception"].shape == a["gen_inception"].shape == (12, 2048)
-    np.testing.assert_allclose(m["fid"], M.fid_from_features(a["real_inception"],
-                                                             a["gen_inception"]), rtol=1e-6)
+    (fid_args, fid), = [c for c in distances if np.shape(c[0][0]) == (2048,)]
+    assert m["fid"] == fid
+    want = M.feature_statistics(a["real_inception"]) + M.feature_statistics(a["gen_inception"])
+    for got, w in zip(fid_args, want):
+        np.testing.assert_allclose(got, w, rtol=1e-6, atol=1e-9)
     k = M.kid(a["real_inception"], a["gen_inception"], subset_size=6, num_subsets=5)
     assert (m["kid_mean"], m["kid_std"]) == (k["kid_mean"], k["kid_std"])
     pr = M.precision_recall(a["real_inception"], a["gen_inception"], k=3)

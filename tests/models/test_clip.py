@@ -59,13 +59,14 @@ def test_clip_embeddings_are_unit_and_learnable_scale():
     m = CLIP(16, text, vision)
     img = jnp.zeros((3, 16, 16, 3))
     tok = jnp.ones((3, 12), jnp.int32)
-    v = m.init(jax.random.PRNGKey(0), img, tok)
-    i, t, s = m.apply(v, img + jnp.arange(3)[:, None, None, None] * 0.3, tok)
+    # Jitted: op by op, every primitive of init, apply and grad would compile on its own.
+    v = jax.jit(m.init)(jax.random.key(0, impl="rbg"), img, tok)
+    i, t, s = jax.jit(m.apply)(v, img + jnp.arange(3)[:, None, None, None] * 0.3, tok)
     np.testing.assert_allclose(jnp.linalg.norm(i, axis=-1), 1.0, atol=1e-5)
     np.testing.assert_allclose(jnp.linalg.norm(t, axis=-1), 1.0, atol=1e-5)
     np.testing.assert_allclose(s, np.log(1 / 0.07), rtol=1e-6)
     params = nn.meta.unbox(v["params"])
-    g = jax.grad(lambda p: clip_loss(*m.apply({"params": p}, img, tok))[0])(params)
+    g = jax.jit(jax.grad(lambda p: clip_loss(*m.apply({"params": p}, img, tok))[0]))(params)
     assert abs(float(g["logit_scale"])) > 0  # the temperature is trained
 
 

@@ -152,16 +152,21 @@ def test_groupnorm_matches_flax_groupnorm():
     bias = 0.1 * jax.random.normal(k2, (32,))
     p = {"params": {"scale": scale, "bias": bias}}
     assert set(pv["params"]) == {"scale", "bias"}
-    want = ref.apply(p, x)
-    np.testing.assert_allclose(ours.apply(p, x), want, atol=1e-5, rtol=1e-5)
-    # AdaGN folded into the same multiply-add: GN(x) * (1 + s) + b.
     s = jax.random.normal(k1, (2, 32))
     sh = jax.random.normal(k2, (2, 32))
-    np.testing.assert_allclose(ours.apply(p, x, s, sh),
-                               want * (1 + s[:, None, None]) + sh[:, None, None], atol=1e-5)
-    # Sequences [B, L, C] too.
     xs = x.reshape(2, 35, 32)
-    np.testing.assert_allclose(ours.apply(p, xs), ref.apply(p, xs), atol=1e-5, rtol=1e-5)
+
+    @jax.jit   # one program: op by op, every primitive would compile on its own
+    def outputs(p, x, s, sh, xs):
+        return (ours.apply(p, x), ref.apply(p, x), ours.apply(p, x, s, sh), ours.apply(p, xs),
+                ref.apply(p, xs))
+    got, want, got_ada, got_seq, want_seq = outputs(p, x, s, sh, xs)
+    np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-5)
+    # AdaGN folded into the same multiply-add: GN(x) * (1 + s) + b.
+    np.testing.assert_allclose(got_ada, want * (1 + s[:, None, None]) + sh[:, None, None],
+                               atol=1e-5)
+    # Sequences [B, L, C] too.
+    np.testing.assert_allclose(got_seq, want_seq, atol=1e-5, rtol=1e-5)
     with pytest.raises(ValueError, match="norm_groups"):
         GroupNorm(num_groups=5).init(jax.random.key(0), x)
 
@@ -184,16 +189,17 @@ def test_groupnorm_gradients_match_flax_groupnorm():
         y = ref.apply(p, x) * (1 + s[:, None, None]) + sh[:, None, None]
         return jnp.sum(jnp.sin(y) * w)
 
-    g_ours = jax.grad(f_ours, argnums=(0, 1, 2, 3))(p, x, s, sh)
-    g_ref = jax.grad(f_ref, argnums=(0, 1, 2, 3))(p, x, s, sh)
+    g_ours, g_ref = jax.jit(lambda *a: (jax.grad(f_ours, argnums=(0, 1, 2, 3))(*a),
+                                       jax.grad(f_ref, argnums=(0, 1, 2, 3))(*a)))(p, x, s, sh)
     for a, b in zip(jax.tree.leaves(g_ours), jax.tree.leaves(g_ref)):
         np.testing.assert_allclose(a, b, atol=2e-5, rtol=2e-4)
     # Second-order (a jvp of the custom backward) is not needed; bfloat16 inputs keep their dtype.
     xb = x.astype(jnp.bfloat16)
-    gx = jax.grad(lambda x: jnp.sum(GroupNorm(4, dtype=jnp.bfloat16).apply(p, x).astype(
-        jnp.float32) * w))(xb)
+    gx, gx32 = jax.jit(lambda xb, x: (
+        jax.grad(lambda x: jnp.sum(GroupNorm(4, dtype=jnp.bfloat16).apply(p, x).astype(
+            jnp.float32) * w))(xb),
+        jax.grad(lambda x: jnp.sum(ref.apply(p, x) * w))(x)))(xb, x)
     assert gx.dtype == jnp.bfloat16
-    gx32 = jax.grad(lambda x: jnp.sum(ref.apply(p, x) * w))(x)
     np.testing.assert_allclose(gx.astype(jnp.float32), gx32, atol=0.05 * float(jnp.abs(gx32).max()))
 
 
@@ -203,10 +209,12 @@ def test_upsample_gradient_sums_each_block():
     x = jax.random.normal(jax.random.key(0), (2, 3, 4, 5))
     w = jax.random.normal(jax.random.key(1), (2, 6, 8, 5))
     ref = lambda x: jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)  # noqa: E731
-    np.testing.assert_array_equal(upsample_nearest2(x), ref(x))
-    np.testing.assert_allclose(jax.grad(lambda x: jnp.sum(jnp.sin(upsample_nearest2(x)) * w))(x),
-                               jax.grad(lambda x: jnp.sum(jnp.sin(ref(x)) * w))(x), rtol=1e-6,
-                               atol=1e-6)
+    up, up_ref, g, g_ref = jax.jit(lambda x: (
+        upsample_nearest2(x), ref(x),
+        jax.grad(lambda x: jnp.sum(jnp.sin(upsample_nearest2(x)) * w))(x),
+        jax.grad(lambda x: jnp.sum(jnp.sin(ref(x)) * w))(x)))(x)
+    np.testing.assert_array_equal(up, up_ref)
+    np.testing.assert_allclose(g, g_ref, rtol=1e-6, atol=1e-6)
 
 
 @pytest.mark.parametrize("shape,dtype,tol", [((2, 4, 6, 8, 16), jnp.float32, 1e-5),
@@ -228,17 +236,22 @@ def test_upsample_conv_equals_conv_of_upsampled_input(shape, dtype, tol):
     ours = lambda x, k: upsample_conv(x, k, (1, 1), pad,  # noqa: E731
                                       dimension_numbers=lax.conv_dimension_numbers(
                                           x.shape, k.shape, dn))
-    y_ref, vjp_ref = jax.vjp(ref, x, k)
-    y, vjp = jax.vjp(ours, x, k)
+    k1 = jnp.zeros((3, 3, c, o), dtype).at[0, 2].set(1)
+
+    @jax.jit   # one program: op by op, every primitive would compile on its own
+    def both(x, k, g, k1):
+        y_ref, vjp_ref = jax.vjp(ref, x, k)
+        y, vjp = jax.vjp(ours, x, k)
+        return y, y_ref, vjp(g), vjp_ref(g), ours(x, k1), ref(x, k1)
+    y, y_ref, grads, grads_ref, y1, y1_ref = both(x, k, g, k1)
     assert y.shape == (n, 2 * h, 2 * w, o) and y.dtype == dtype
     f32 = lambda a: np.asarray(a.astype(jnp.float32))  # noqa: E731
     scale = float(np.abs(f32(y_ref)).max())
     np.testing.assert_allclose(f32(y), f32(y_ref), atol=tol * scale)
-    for a, b in zip(vjp(g), vjp_ref(g)):
+    for a, b in zip(grads, grads_ref):
         np.testing.assert_allclose(f32(a), f32(b), atol=tol * float(np.abs(f32(b)).max()))
     # Each output phase depends on its own taps: a kernel with one non-zero tap moves the result.
-    k1 = jnp.zeros((3, 3, c, o), dtype).at[0, 2].set(1)
-    np.testing.assert_allclose(f32(ours(x, k1)), f32(ref(x, k1)), atol=tol)
+    np.testing.assert_allclose(f32(y1), f32(y1_ref), atol=tol)
     with pytest.raises(ValueError, match="stride-1"):
         upsample_conv(x, k, (2, 2), pad, dimension_numbers=lax.conv_dimension_numbers(
             x.shape, k.shape, dn))

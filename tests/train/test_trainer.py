@@ -256,3 +256,19 @@ def test_resume_from_a_checkpoint_with_the_older_per_process_data_position(tmp_p
     assert resumed["resumed_from"] == 6 and resumed["examples"] == 12 * 16
     full = train(toy_config(), str(tmp_path / "full"))
     assert_trees_close(full["state"].params, resumed["state"].params)
+
+
+def test_init_prng_draws_the_parameters_only():
+    """train.init_prng="rbg": the same shapes, shardings and (still threefry) train key, other
+    parameter values, drawn with the same initialisers (scale kept)."""
+    states = {}
+    for impl in ("threefry2x32", "rbg"):
+        b = trainer.build_step(toy_config(**{"train.init_prng": impl}))
+        states[impl] = (b.abstract_state, b.init())
+    (abs_t, st_t), (abs_r, st_r) = states["threefry2x32"], states["rbg"]
+    assert jax.tree.map(lambda a: (a.shape, a.dtype, a.sharding), abs_t) == \
+        jax.tree.map(lambda a: (a.shape, a.dtype, a.sharding), abs_r)
+    np.testing.assert_array_equal(st_t.rng, st_r.rng)
+    k_t, k_r = (np.asarray(s.params["up_0"]["kernel"]) for s in (st_t, st_r))
+    assert np.abs(k_t - k_r).max() > 1e-3
+    np.testing.assert_allclose(k_r.std(), k_t.std(), rtol=0.1)

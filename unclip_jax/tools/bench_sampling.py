@@ -61,7 +61,9 @@ class SamplerSpec:
 
 def _init_params(stage, model, config, seed: int = 0):
     example = {k: jnp.asarray(v) for k, v in stage.example_batch(config, 1).items()}
-    variables = jax.jit(lambda r: stage.init(model, r, example))(jax.random.PRNGKey(seed))
+    impl = str(config.train.init_prng)   # as the trainer: threefry's program compiles slowest
+    key = jax.random.PRNGKey(seed) if impl == "threefry2x32" else jax.random.key(seed, impl=impl)
+    variables = jax.jit(lambda r: stage.init(model, r, example))(key)
     return nn.meta.unbox(variables)["params"]
 
 

@@ -56,6 +56,8 @@ def prepare_state(stage, model, tx, config, mesh: Mesh, rules, example_batch):
     (abstract state with shardings, shardings, init) where `init()` allocates it sharded."""
     seed_rng = jax.random.PRNGKey(int(config.seed))
     init_rng, train_rng = jax.random.split(seed_rng)
+    if str(config.train.init_prng) != "threefry2x32":
+        init_rng = jax.random.key(int(config.seed), impl=str(config.train.init_prng))
     abstract = abstract_variables(stage, model, config, init_rng, example_batch, rules)
     p_sh = param_shardings(abstract, mesh, rules)
     abstract_params = nn.meta.unbox(abstract)["params"]
