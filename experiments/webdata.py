@@ -126,7 +126,8 @@ def get_config(arg=None):
     if smoke:
         c.data.num_threads = 2
         for st in s.values():
-            st.train.update(num_steps=1, log_every=1, ckpt_every=1, batch_size=8)
+            st.train.update(num_steps=1, log_every=1, ckpt_every=1, batch_size=8,
+                            init_prng="rbg")  # its init programs compile ~3x faster
             # One device: a one-step run gains nothing from a mesh, and saving replicated
             # params from many (fake CPU) devices costs Orbax a slice per replica.
             st.mesh.num_devices = 1

@@ -97,7 +97,7 @@ def smoke_variant(c, *, image_size: int, clip: dict | None = None, num_examples:
         num_examples=num_examples, shard_size=num_examples // 2, image_size=image_size,
         clip=dict(clip or {})))
     c.train.update(batch_size=batch_size, num_steps=2, log_every=1, ckpt_every=2,
-                   async_checkpoint=False)
+                   async_checkpoint=False, init_prng="rbg")  # init compiles ~3x faster
     c.optim.update(warmup_steps=0)
     c.mesh.update(data=-1, fsdp=1, tensor=1)
     # float32 (bfloat16 is no faster on CPU); no remat: a memory trade tiny widths don't need,
