@@ -453,6 +453,11 @@ class Pipeline:
         return {"images": images, "decoder_images": low, "image_embedding": z_i,
                 "text_embedding": text["embedding"]}
 
+    @property
+    def upsampler_dirs(self) -> list[str]:
+        """The chained upsamplers' stage directories, in order (what `sample` records)."""
+        return [u.workdir for u in self.upsamplers]
+
     def text_to_image(self, prompts, *, seed: int = 0,
                       settings: SampleSettings = SampleSettings()) -> dict:
         """Images for the prompts: {"images" (last stage), "decoder_images", "image_embedding",

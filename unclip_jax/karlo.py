@@ -148,7 +148,7 @@ class KarloPipeline:
 
         with open(os.path.join(workdir, WORKDIR_FILE)) as f:
             meta = json.load(f)
-        self.meta = meta
+        self.meta, self.workdir = meta, workdir
         self.program = _Program(meta["configs"], meta["schedulers"], dtype)
         self.params = {n: _restore(os.path.join(workdir, n))
                        for n in ("prior", "decoder", "super_res_first", "super_res_last",
@@ -182,6 +182,11 @@ class KarloPipeline:
         mask = np.zeros_like(tokens, bool)
         mask[:, :2] = True
         return tokens, mask
+
+    @property
+    def upsampler_dirs(self) -> list[str]:
+        """The super-resolution stages' directories (as Pipeline.upsampler_dirs)."""
+        return [os.path.join(self.workdir, n) for n in ("super_res_first", "super_res_last")]
 
     def text_to_image(self, prompts, *, seed: int = 0, settings=None) -> dict:
         """Images for the prompts: {"images" (256px), "decoder_images" (64px), "image_embedding",

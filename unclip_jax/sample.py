@@ -195,7 +195,7 @@ def sample(command: str, a) -> dict:
     record = {"command": command, "workdir": os.path.abspath(a.workdir), "seed": a.seed,
               "out": os.path.abspath(a.out),
               "ema": not a.raw, **dataclasses.asdict(settings),
-              "upsamplers": [u.workdir for u in pipe.upsamplers]}
+              "upsamplers": pipe.upsampler_dirs}
     if command == "text":
         rows = [p for p in prompts for _ in range(num)]
         out = pipe.text_to_image(rows, seed=a.seed, settings=settings)["images"]

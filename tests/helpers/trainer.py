@@ -64,5 +64,5 @@ def save_untrained(config, workdir, step=1, seed=0):
         jax.random.key(seed, impl="rbg")))["params"]
     ckpt = Checkpointer(workdir, async_save=False)
     ckpt.save(step, {"params": params, "ema_params": params}, {}, config.to_json_best_effort(),
-              force=True)
+              examples=0, force=True)
     ckpt.close()

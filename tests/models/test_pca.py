@@ -173,31 +173,12 @@ def test_streamed_codec_equals_one_shot_fit(tmp_path):
 def test_codec_fitted_by_two_processes_equals_one_shot_fit(tmp_path):
     """Two local processes fit the AR prior's codec through the stage (ar_prior.get_codec), each
     streaming its own shards: both get the codec of a one-shot fit of the whole split."""
-    import json
-    import os
-    import subprocess
-    import sys
-
-    import portpicker
+    from helpers.processes import run_workers
     from unclip_jax.models.ar_prior import ARCodec, fit_codec
-    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     # Three shards: process 0 of the fit reads shards 0 and 2, process 1 shard 1.
     z_i, z_t = _write_cache(tmp_path, [[70, 50], [90]])
-    port = portpicker.pick_unused_port()
-    env = dict(os.environ, MP_LOCAL_DEVICES="1", JAX_PLATFORMS="cpu", MP_TASK="ar_codec",
-               MP_DIM=str(DIM), MP_K=str(K), MP_BUCKETS=str(BUCKETS))
-    env.pop("XLA_FLAGS", None)
-    procs = [subprocess.Popen([sys.executable, os.path.join(root, "tests", "helpers",
-                                                            "mp_worker.py"),
-                               str(port), "2", str(i), str(tmp_path)], env=env,
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-             for i in range(2)]
-    results = []
-    for p in procs:
-        out, err = p.communicate(timeout=300)
-        assert p.returncode == 0, err[-3000:]
-        line = [x for x in out.splitlines() if x.startswith("RESULT ")][-1]
-        results.append(json.loads(line[len("RESULT "):]))
+    results = run_workers(2, 1, str(tmp_path), MP_TASK="ar_codec", MP_DIM=str(DIM),
+                          MP_K=str(K), MP_BUCKETS=str(BUCKETS))
     want = fit_codec(z_i, z_t, K, BUCKETS)
     assert results[0] == {**results[1], "process": 0}     # both processes hold the same codec
     np.testing.assert_allclose(results[0]["eigenvalues"], want.pca.eigenvalues, rtol=1e-9,

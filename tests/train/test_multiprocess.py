@@ -6,39 +6,24 @@ import subprocess
 import sys
 
 import numpy as np
-import portpicker
 import pytest
+
+from helpers.processes import run_workers
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(os.path.dirname(HERE))
-WORKER = os.path.join(ROOT, "tests", "helpers", "mp_worker.py")
 
 
-def _run(n, local_devices, workdir, **extra_env):
-    port = portpicker.pick_unused_port()
-    env = dict(os.environ, MP_LOCAL_DEVICES=str(local_devices), JAX_PLATFORMS="cpu",
-               UNCLIP_NO_PROGRESS="1", **extra_env)
-    env.pop("XLA_FLAGS", None)
-    procs = [subprocess.Popen([sys.executable, WORKER, str(port),
-                               str(n), str(i), workdir], env=env, stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, text=True) for i in range(n)]
-    results = []
-    for p in procs:
-        out, err = p.communicate(timeout=300)
-        assert p.returncode == 0, err[-3000:]
-        line = [x for x in out.splitlines() if x.startswith("RESULT ")][-1]
-        results.append(json.loads(line[len("RESULT "):]))
-    return results
 
 
 @pytest.fixture(scope="module")
 def one_process(tmp_path_factory):
     """The reference: one process with 4 devices trains the toy run uninterrupted."""
-    return _run(1, 4, str(tmp_path_factory.mktemp("one")))[0]
+    return run_workers(1, 4, str(tmp_path_factory.mktemp("one")))[0]
 
 
 def test_two_processes_agree_with_one(tmp_path, one_process):
-    two = _run(2, 2, str(tmp_path / "two"))
+    two = run_workers(2, 2, str(tmp_path / "two"))
     assert {r["process"] for r in two} == {0, 1}
     assert all(r["processes"] == 2 and r["devices"] == 4 for r in two)
     assert two[0]["loss"] == two[1]["loss"]
@@ -56,9 +41,9 @@ def test_resume_on_another_process_count(tmp_path, one_process):
     """2 processes train to step 4, 1 process (with half the devices) resumes to 8, 2 processes
     finish: the same parameters as one uninterrupted process, every example counted once."""
     wd = str(tmp_path / "resize")
-    a = _run(2, 2, wd, MP_STOP_AT="4")
-    b = _run(1, 2, wd, MP_STOP_AT="8")
-    c = _run(2, 2, wd)
+    a = run_workers(2, 2, wd, MP_STOP_AT="4")
+    b = run_workers(1, 2, wd, MP_STOP_AT="8")
+    c = run_workers(2, 2, wd)
     assert [r["resumed_from"] for r in a + b + c] == [0, 0, 4, 8, 8]
     assert [r["step"] for r in a + b + c] == [4, 4, 8, 12, 12]
     batch = 16  # toy_config's global batch
@@ -79,13 +64,13 @@ def test_sigterm_on_one_host_stops_every_host_at_the_same_step(tmp_path):
     # ahead of the furthest host (hosts drift apart between checkpoints: no per-step sync), so
     # the run is long enough for that step to come before the end.
     wd = str(tmp_path / "pre")
-    two = _run(2, 2, wd, MP_SIGTERM_PROCESS="1", MP_SIGTERM_STEP="5", MP_NUM_STEPS="24")
+    two = run_workers(2, 2, wd, MP_SIGTERM_PROCESS="1", MP_SIGTERM_STEP="5", MP_NUM_STEPS="24")
     assert [r["status"] for r in two] == ["preempted", "preempted"]
     stop = two[0]["step"]
     assert two[1]["step"] == stop and 6 <= stop < 24  # the notice came during step 6
     assert two[0]["params"] == two[1]["params"]
     assert os.path.isdir(os.path.join(wd, "checkpoints", str(stop)))
-    resumed = _run(2, 2, wd, MP_NUM_STEPS="24")
+    resumed = run_workers(2, 2, wd, MP_NUM_STEPS="24")
     assert [r["status"] for r in resumed] == ["done", "done"] and resumed[0]["step"] == 24
     assert resumed[0]["resumed_from"] == stop and resumed[0]["examples"] == 24 * 16
 
@@ -111,7 +96,7 @@ def test_shapes_counts_are_summed_over_processes(tmp_path):
     """The evaluator's shapes counts and confusion table, merged over two processes (one with two
     batches, one with one; then one with none), equal a one-process merge of all the batches."""
     from unclip_jax.eval.gather import merge_shapes as _merge_shapes
-    two = _run(2, 1, str(tmp_path / "m"), MP_TASK="merge_shapes")
+    two = run_workers(2, 1, str(tmp_path / "m"), MP_TASK="merge_shapes")
     assert sorted(r["process"] for r in two) == [0, 1]
     by = {r["process"]: r for r in two}
     parts0, parts1 = by[0]["parts"], by[1]["parts"]
