@@ -117,28 +117,48 @@ def load_statistics(path: str) -> tuple[np.ndarray, np.ndarray]:
 
 
 # ------------------------------------------------------------------------------------ FID
-def frechet_distance(mu1, sigma1, mu2, sigma2, eps: float = 1e-6) -> float:
+def _psd_eigenvalues(s, what: str) -> tuple[np.ndarray, np.ndarray]:
+    """eigh of a symmetric matrix that should be PSD: (eigenvalues with rounding-level negatives
+    set to 0, eigenvectors); clearly negative ones are an error."""
+    w, v = linalg.eigh(s)
+    top = max(float(np.max(np.abs(w))), np.finfo(np.float64).tiny)
+    if w[0] < -1e-6 * top:
+        raise ValueError(f"frechet_distance: {what} has an eigenvalue of {w[0]:.3g} (largest "
+                         f"{top:.3g}); covariances are not PSD")
+    return np.clip(w, 0.0, None), v
+
+
+def trace_sqrt_product(s1, s2) -> float:
+    """tr (S1 S2)^(1/2) for symmetric PSD S1, S2, exactly and in eigh's time, not sqrtm's.
+
+    With S1 = A A^T (A = V L^(1/2) over S1's nonzero eigenvalues), the nonzero eigenvalues of
+    S1 S2 are those of the symmetric PSD r x r matrix A^T S2 A (r = rank S1: the sample count
+    minus one when there are fewer samples than dimensions), so the trace of the square root is
+    the sum of their square roots. Unlike sqrtm(S1 S2) (pytorch-fid) this stays accurate when
+    the product is singular."""
+    w, v = _psd_eigenvalues(s1, "sigma1")
+    keep = w > w[-1] * w.size * np.finfo(np.float64).eps
+    a = v[:, keep] * np.sqrt(w[keep])
+    m = a.T @ s2 @ a
+    ev, _ = _psd_eigenvalues((m + m.T) / 2, "A^T sigma2 A")
+    return float(np.sqrt(ev).sum())
+
+
+def frechet_distance(mu1, sigma1, mu2, sigma2) -> float:
     """||mu1 - mu2||^2 + tr(S1 + S2 - 2 (S1 S2)^(1/2)) between two Gaussians (pytorch-fid's
-    calculate_frechet_distance: sqrtm, retried with eps*I added to both covariances when the
-    product is singular enough to give non-finite values; a small imaginary part from rounding
-    is dropped, a large one is an error)."""
+    calculate_frechet_distance; the trace of the square root from eigenvalues, see
+    trace_sqrt_product: exact where pytorch-fid's sqrtm needs an eps retry, and for 2048-d
+    Inception statistics seconds of CPU instead of about a minute)."""
     mu1, mu2 = (np.atleast_1d(np.asarray(m, np.float64)) for m in (mu1, mu2))
     s1, s2 = (np.atleast_2d(np.asarray(s, np.float64)) for s in (sigma1, sigma2))
     if mu1.shape != mu2.shape or s1.shape != s2.shape or s1.shape != (mu1.size, mu1.size):
         raise ValueError(f"frechet_distance: shapes mu {mu1.shape} / {mu2.shape}, "
                          f"sigma {s1.shape} / {s2.shape} do not match")
+    for name, x in (("mu1", mu1), ("sigma1", s1), ("mu2", mu2), ("sigma2", s2)):
+        if not np.isfinite(x).all():
+            raise ValueError(f"frechet_distance: {name} has non-finite values")
     diff = mu1 - mu2
-    covmean = linalg.sqrtm(s1 @ s2)
-    if not np.isfinite(covmean).all():
-        offset = np.eye(s1.shape[0]) * eps
-        covmean = linalg.sqrtm((s1 + offset) @ (s2 + offset))
-    if np.iscomplexobj(covmean):
-        if not np.allclose(np.diagonal(covmean).imag, 0, atol=1e-3):
-            raise ValueError(f"frechet_distance: sqrtm has an imaginary component of "
-                             f"{np.max(np.abs(covmean.imag)):.3g}; covariances are not PSD "
-                             f"(too few samples for the dimension?)")
-        covmean = covmean.real
-    return float(diff @ diff + np.trace(s1) + np.trace(s2) - 2.0 * np.trace(covmean))
+    return float(diff @ diff + np.trace(s1) + np.trace(s2) - 2.0 * trace_sqrt_product(s1, s2))
 
 
 def fid_from_stats(a: FeatureStats, b: FeatureStats) -> float:
