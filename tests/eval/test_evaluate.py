@@ -336,7 +336,7 @@ def test_inception_fid_kid_and_reference_cache(run, pipe, tmp_path, monkeypatch)
     out = str(tmp_path / "out")
     # Every Frechet distance the evaluator computes, with its arguments: FID is checked against
     # the statistics of the saved features below. (The distance itself is tested in
-    # test_metrics; recomputing its 2048-d sqrtm here would add about a quarter to this test.)
+    # test_metrics.)
     distances, frechet = [], M.frechet_distance
 
     def recording(mu1, sigma1, mu2, sigma2, *args, **kw):

@@ -147,8 +147,8 @@ def trace_sqrt_product(s1, s2) -> float:
 def frechet_distance(mu1, sigma1, mu2, sigma2) -> float:
     """||mu1 - mu2||^2 + tr(S1 + S2 - 2 (S1 S2)^(1/2)) between two Gaussians (pytorch-fid's
     calculate_frechet_distance; the trace of the square root from eigenvalues, see
-    trace_sqrt_product: exact where pytorch-fid's sqrtm needs an eps retry, and for 2048-d
-    Inception statistics seconds of CPU instead of about a minute)."""
+    trace_sqrt_product: exact where pytorch-fid's sqrtm needs an eps retry, and on 2048-d
+    Inception statistics an order of magnitude cheaper)."""
     mu1, mu2 = (np.atleast_1d(np.asarray(m, np.float64)) for m in (mu1, mu2))
     s1, s2 = (np.atleast_2d(np.asarray(s, np.float64)) for s in (sigma1, sigma2))
     if mu1.shape != mu2.shape or s1.shape != s2.shape or s1.shape != (mu1.size, mu1.size):
