@@ -5,8 +5,8 @@ captions.jsonl works too: --config.data.name=folder --config.data.path=DIR):
   python -m unclip_jax.main --config=experiments/paper/upsampler_1024.py --workdir=runs/up1024 \
       --config.data.path='/data/web/{split}/*.tar'
 Smoke (CPU, no input): --config=experiments/paper/upsampler_1024.py:smoke --workdir=W writes
-  1024px webdataset shards under W/smoke_data (unclip_jax.stages.smoke), then trains 2 steps at
-  tiny widths.
+  128px webdataset shards under W/smoke_data (unclip_jax.stages.smoke), then trains 2 steps at
+  tiny widths and 128px, with the paper's 4x ratio and 1/4 crops (32px low-res, 32px crops).
 Table 3: linear schedule, T=1000, DDIM sampling with 15 steps, base 192, channel mult
 1,1,2,2,4,4, 2 res blocks, no attention (convolution only), no dropout listed, trained on random
 crops of 1/4 of the target size (256x256 crops of 1024x1024 images) and applied at full size,
@@ -50,5 +50,8 @@ def get_config(arg=None):
     if arg == "smoke":
         # Two levels, not the paper's 6: XLA's compile time grows with every level.
         c.model.update(base_channels=8, channel_mult=(1, 2), num_res_blocks=1, norm_groups=8)
-        smoke_variant(c, image_size=1024, num_examples=16)
+        # 128px targets, not 1024: the same wiring (4x, 1/4 crops) on smaller images.
+        c.model.update(image_size=128, low_res_size=32)
+        c.data.resolution = 128
+        smoke_variant(c, image_size=128, num_examples=16)
     return c

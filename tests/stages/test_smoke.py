@@ -94,7 +94,11 @@ def test_paper_smoke_trains_two_steps(name, tmp_path, request):
     root = os.path.join(wd, "smoke_data")
     prepared = prepare(config, wd)    # the same paths again: the data is made once
     if name.startswith("upsampler"):
-        assert m.base_channels == 8 and m.image_size == int(name.split("_")[1])
+        # The paper's 4x ratio and 1/4 crops (upsampler_1024's smoke at 128px, not 1024).
+        assert m.base_channels == 8
+        assert m.image_size == {"upsampler_1024": 128, "upsampler_256": 256}[name]
+        assert m.image_size == 4 * m.low_res_size == config.data.resolution
+        assert config.diffusion.crop_fraction == 0.25
         assert prepared.data.name == "webdataset"
         assert prepared.data.path == os.path.join(root, "web", "{split}", "*.tar")
         _check_shards(root, m.image_size)
