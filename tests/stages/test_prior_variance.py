@@ -127,17 +127,17 @@ def test_rerun_skips_and_an_interrupted_estimate_resumes(estimated, tmp_path, mo
     assert _estimate(_config(2 * GB), str(wd), step=7) == rec
     assert path.read_bytes() == before   # done: nothing recomputed or rewritten
 
-    real_write, calls = prior_variance._write, []
+    real_write, calls = prior_variance.paths.write_text, []
 
-    def write_then_die(p, r):   # killed right after the first batch is saved
-        real_write(p, r)
-        calls.append(r)
+    def write_then_die(p, text):   # killed right after the first batch is saved
+        real_write(p, text)
+        calls.append(json.loads(text))
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(prior_variance, "_write", write_then_die)
+    monkeypatch.setattr(prior_variance.paths, "write_text", write_then_die)
     with pytest.raises(KeyboardInterrupt):
         _estimate(_config(2 * GB), str(tmp_path), step=7)
-    monkeypatch.setattr(prior_variance, "_write", real_write)
+    monkeypatch.setattr(prior_variance.paths, "write_text", real_write)
     part = json.loads((tmp_path / prior_variance.STAT_FILE).read_text())
     assert not part["complete"] and part["batches"] == 1 and part["num_examples"] == GB
     with pytest.raises(ValueError, match="incomplete"):  # refused for sampling meanwhile

@@ -283,11 +283,8 @@ def link_clip_stage(stage_dir: str, hf_dir: str) -> None:
     if os.path.isdir(os.path.join(stage_dir, "checkpoints")):
         raise ValueError(f"{stage_dir} holds a CLIP trained here (checkpoints/); it cannot also "
                          "import a Hugging Face CLIP")
-    os.makedirs(stage_dir, exist_ok=True)
-    tmp = os.path.join(stage_dir, LINK_FILE + ".tmp")
-    with open(tmp, "w") as f:
-        json.dump({"hf_dir": hf_dir}, f, indent=1)
-    os.replace(tmp, os.path.join(stage_dir, LINK_FILE))
+    from unclip_jax import paths
+    paths.write_text(os.path.join(stage_dir, LINK_FILE), json.dumps({"hf_dir": hf_dir}, indent=1))
 
 
 def clip_stage_config(hf_dir: str, cfg: dict | None = None):

@@ -26,6 +26,8 @@ import warnings
 
 import numpy as np
 
+from unclip_jax import paths
+
 STAT_FILE = "analytic_variance.json"
 VAR_TYPES = ("fixed_small", "fixed_large", "analytic")
 DEFAULT_EXAMPLES = 4096
@@ -53,13 +55,6 @@ def _read(path: str) -> dict | None:
     except (OSError, ValueError) as e:
         raise ValueError(f"{path} is not a readable Analytic-DPM statistic ({e}); delete it "
                          "and re-run the prior's training command to re-estimate it") from None
-
-
-def _write(path: str, record: dict) -> None:
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(record, f)
-    os.replace(tmp, path)   # readers never see half a file
 
 
 def estimate(config, workdir: str, bundle, params, step: int, *, schedule, scaling) -> dict:
@@ -110,7 +105,7 @@ def estimate(config, workdir: str, bundle, params, step: int, *, schedule, scali
                    "eps_sq_norm": (sums[0] / n).tolist(),
                    "x0_var": float(np.mean(sums[2] / n - (sums[1] / n) ** 2))}
             if jax.process_index() == 0:
-                _write(path, rec)
+                paths.write_text(path, json.dumps(rec))   # readers never see half a file
     return rec
 
 

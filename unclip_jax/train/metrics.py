@@ -84,10 +84,7 @@ def _truncate_after(path: str, step: int) -> None:
         lines = f.readlines()
     keep = _kept(lines, step)
     if len(keep) != len(lines):
-        tmp = path + ".tmp"
-        with open(tmp, "w") as f:
-            f.writelines(keep)
-        os.replace(tmp, path)
+        paths.write_text(path, "".join(keep))
 
 
 def _kept(lines: list[str], step: int) -> list[str]:
