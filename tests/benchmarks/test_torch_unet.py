@@ -5,6 +5,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import torch  # in the test extra
+from helpers.models import init_jit
 from helpers.trainer import load_config
 
 from benchmarks import torch_unet as bench_torch
@@ -70,13 +71,13 @@ def test_same_output_for_same_weights():
     net = model_from_config(m)
     x = jax.random.normal(jax.random.key(1), (2, 16, 16, 3))
     t = jnp.array([3, 700])
-    params = flax.core.meta.unbox(net.init(jax.random.key(0), x, t)["params"])
-    # Zero-init output convs would make both outputs 0: randomise every parameter.
-    leaves, tdef = jax.tree.flatten(params)
-    keys = jax.random.split(jax.random.key(2), len(leaves))
-    params = jax.tree.unflatten(tdef, [l + 0.2 * jax.random.normal(k, l.shape)
-                                       for l, k in zip(leaves, keys)])
-    ours = np.asarray(net.apply({"params": params}, x, t))
+    params = init_jit(net, x, t)
+    # Zero-init output convs would make both outputs 0: randomise every parameter (numpy: no
+    # per-shape XLA programs).
+    rng = np.random.default_rng(2)
+    params = jax.tree.map(lambda l: l + 0.2 * rng.standard_normal(l.shape, np.float32), params)
+    leaves = jax.tree.leaves(params)
+    ours = np.asarray(jax.jit(net.apply)({"params": params}, x, t))
 
     ref = bench_torch.build(m)
     assert bench_torch.num_params(ref) == sum(l.size for l in leaves)
