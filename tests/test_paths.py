@@ -91,3 +91,12 @@ def test_whole_file_writes_and_write_once_on_gcs(bucket, tmp_path, monkeypatch):
     local = paths.local_dir(d)
     assert open(os.path.join(local, "b.json")).read() == "b.json"
     assert os.listdir(tmp_path) == []   # no local folder named "gs:"
+
+
+def test_webdata_recipe_refuses_a_gcs_workdir_before_writing(tmp_path, monkeypatch):
+    from unclip_jax import main
+    from helpers.trainer import load_config
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ValueError, match="webdata recipe .* local or shared"):
+        main.run(load_config("webdata.py", "smoke"), "gs://bucket/run")
+    assert os.listdir(tmp_path) == []
