@@ -11,7 +11,6 @@ Captions are tokenised on the host inside make_data; batches hold "image" and "t
 from __future__ import annotations
 
 import functools
-import os
 
 import numpy as np
 

@@ -17,7 +17,6 @@ Batches: image_embedding, text_embedding, tokens or token_embeddings, token_mask
 from __future__ import annotations
 
 import functools
-import os
 
 import numpy as np
 
