@@ -93,10 +93,13 @@ def test_whole_file_writes_and_write_once_on_gcs(bucket, tmp_path, monkeypatch):
     assert os.listdir(tmp_path) == []   # no local folder named "gs:"
 
 
-def test_webdata_recipe_refuses_a_gcs_workdir_before_writing(tmp_path, monkeypatch):
+def test_local_only_inputs_refuse_a_gcs_workdir_before_writing(tmp_path, monkeypatch):
+    """The webdata recipe and the stages' :smoke variants make or link inputs by local path."""
     from unclip_jax import main
     from helpers.trainer import load_config
     monkeypatch.chdir(tmp_path)
     with pytest.raises(ValueError, match="webdata recipe .* local or shared"):
         main.run(load_config("webdata.py", "smoke"), "gs://bucket/run")
+    with pytest.raises(ValueError, match="smoke variant .* local workdir"):
+        main.run(load_config("paper/decoder_64.py", "smoke"), "gs://bucket/run")
     assert os.listdir(tmp_path) == []
