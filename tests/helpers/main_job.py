@@ -32,7 +32,7 @@ def _kill_after(stage: str, step: int) -> None:
 def main(argv):
     kill = [a for a in argv if a.startswith("--kill_after=")]
     rest = [a for a in argv if a not in kill]
-    sys.path.insert(0, TESTS)
+    sys.path[:0] = [TESTS, os.path.dirname(TESTS)]   # conftest, helpers; experiments
     import conftest  # noqa: F401 - the session's JAX and Orbax set-up (imports JAX)
 
     from unclip_jax.tools import host_malloc

@@ -128,7 +128,7 @@ def test_sample_and_evaluate_read_the_gcs_workdir(gcs_run, tiny_run, bucket, tmp
     assert json.loads((out / "settings.json").read_text())["workdir"] == wd
 
     ev = [f"--config={ROOT}/experiments/eval/shapes.py:smoke", "--config.protocol.num_samples=4",
-          "--config.guidance_sweep=()"]
+          "--config.guidance_sweep=()", "--config.metrics.prior_ar=False"]
     r = evaluate.run([f"--workdir={wd}", *ev], log=lambda s: None)
     q = evaluate.run([f"--workdir={tiny_run[1]}", f"--out={tmp_path / 'eval'}", *ev],
                      log=lambda s: None)
