@@ -54,13 +54,52 @@ def test_train_kill_and_resume_on_gcs(bucket, tmp_path, monkeypatch):
     assert sorted(os.listdir(tmp_path)) == ["local"]
 
 
-def test_paths_not_on_object_storage_yet_are_refused_before_anything_is_written(tmp_path,
-                                                                               monkeypatch):
-    from unclip_jax import distributed, main
+def test_whole_file_writes_and_write_once_on_gcs(bucket, tmp_path, monkeypatch):
+    """A failed write leaves nothing a reader would take for the file; write_once's directory
+    counts as written only once its every file is uploaded (object stores have no atomic
+    rename of a directory)."""
+    import numpy as np
+
+    from unclip_jax import distributed
+    monkeypatch.chdir(tmp_path)
+    f = f"{bucket}/w/a.npy"
+    with pytest.raises(RuntimeError, match="disk full"):
+        with paths.atomic_write(f) as fh:
+            fh.write(b"half")
+            raise RuntimeError("disk full")
+    assert not epath.Path(f).exists()
+    paths.save_npy(f, np.arange(3))
+    np.testing.assert_array_equal(paths.np_load(f), np.arange(3))
+    np.testing.assert_array_equal(np.load(paths.local_file(f), mmap_mode="r"), np.arange(3))
+
+    d = f"{bucket}/w/tok"
+
+    def write_dir(tmp, fail=False):
+        os.makedirs(tmp)
+        for name in ("a.json", "b.json"):
+            with open(os.path.join(tmp, name), "w") as fh:
+                fh.write(name)
+        if fail:
+            raise RuntimeError("killed")
+    with pytest.raises(RuntimeError, match="killed"):
+        distributed.write_once(d, lambda tmp: write_dir(tmp, fail=True))
+    assert not distributed.written(d)
+    distributed.write_once(d, write_dir)
+    assert distributed.written(d)
+    assert sorted(p.name for p in epath.Path(d).iterdir()) == [".complete", "a.json", "b.json"]
+    distributed.write_once(d, lambda tmp: pytest.fail("written twice"))
+    local = paths.local_dir(d)
+    assert open(os.path.join(local, "b.json")).read() == "b.json"
+    assert os.listdir(tmp_path) == []   # no local folder named "gs:"
+
+
+def test_local_only_inputs_refuse_a_gcs_workdir_before_writing(tmp_path, monkeypatch):
+    """The webdata recipe and the stages' :smoke variants make or link inputs by local path."""
+    from unclip_jax import main
     from helpers.trainer import load_config
     monkeypatch.chdir(tmp_path)
-    with pytest.raises(ValueError, match="whole-stack recipe writes its caches"):
-        main.run(load_config("shapes.py", "smoke"), "gs://bucket/run")
-    with pytest.raises(ValueError, match="local or shared"):
-        distributed.write_once("gs://bucket/run/tokenizer", lambda tmp: None)
+    with pytest.raises(ValueError, match="webdata recipe .* local or shared"):
+        main.run(load_config("webdata.py", "smoke"), "gs://bucket/run")
+    with pytest.raises(ValueError, match="smoke variant .* local workdir"):
+        main.run(load_config("paper/decoder_64.py", "smoke"), "gs://bucket/run")
     assert os.listdir(tmp_path) == []

@@ -139,38 +139,60 @@ def host_values(name: str, value) -> list:
     return out
 
 
-def write_once(path: str, write) -> None:
-    """Create `path` (a file or a directory) once for all processes of the job.
+# Written last into a directory that write_once uploads to object storage: its presence means
+# the directory is complete (an object store has no atomic rename of a directory).
+DONE_FILE = ".complete"
 
-    Process 0 runs `write(tmp)` into a temporary name beside `path` and renames it into place,
-    so no process ever reads a half-written file and two processes never write the same one; the
-    others wait at a barrier until it exists."""
+
+def written(path: str) -> bool:
+    """Whether `write_once` finished `path`: a file, or a non-empty directory (on object
+    storage: a directory holding DONE_FILE)."""
+    from unclip_jax import paths
+    p = paths.path(path)
+    if paths.is_url(path):
+        return p.is_file() or (p / DONE_FILE).exists()
+    return p.exists() and (not p.is_dir() or any(p.iterdir()))
+
+
+def write_once(path: str, write) -> None:
+    """Create `path` (a file or a directory, local or on object storage) once for all processes
+    of the job.
+
+    Process 0 runs `write(tmp)` into a local temporary name and moves it into place (a rename
+    beside `path`; on object storage an upload, a directory's DONE_FILE last), so no process ever
+    reads a half-written file and two processes never write the same one; the others wait at a
+    barrier until it exists."""
     import shutil
+    import tempfile
 
     import jax
-
-    from unclip_jax import paths
-    if paths.is_url(path):
-        raise ValueError(f"{path}: the files a stage derives from its data (tokenizer, codec, "
-                         "embedding statistics) are written to local or shared (NFS) paths only; "
-                         "give this path as a local one")
     from jax.experimental import multihost_utils
 
-    if jax.process_index() == 0 and not (os.path.exists(path) and (
-            not os.path.isdir(path) or os.listdir(path))):
-        parent = os.path.dirname(os.path.abspath(path))
-        os.makedirs(parent, exist_ok=True)
-        root, ext = os.path.splitext(os.path.abspath(path))
-        tmp = f"{root}.tmp{os.getpid()}{ext}"
-        try:
-            write(tmp)
-            if os.path.isdir(path):
-                os.rmdir(path)  # an empty directory left by an earlier failed write
-            os.replace(tmp, path)
-        finally:
-            if os.path.isdir(tmp):
-                shutil.rmtree(tmp, ignore_errors=True)
-            elif os.path.exists(tmp):
-                os.remove(tmp)
+    from unclip_jax import paths
+
+    if jax.process_index() == 0 and not written(path):
+        if paths.is_url(path):
+            with tempfile.TemporaryDirectory(prefix="unclip_jax_write_") as d:
+                name = str(path).rstrip("/").rsplit("/", 1)[-1]
+                tmp = os.path.join(d, name)
+                write(tmp)
+                paths.upload(tmp, path)
+                if os.path.isdir(tmp):
+                    paths.write_text(f"{str(path).rstrip('/')}/{DONE_FILE}", "")
+        else:
+            parent = os.path.dirname(os.path.abspath(path))
+            os.makedirs(parent, exist_ok=True)
+            root, ext = os.path.splitext(os.path.abspath(path))
+            tmp = f"{root}.tmp{os.getpid()}{ext}"
+            try:
+                write(tmp)
+                if os.path.isdir(path):
+                    os.rmdir(path)  # an empty directory left by an earlier failed write
+                os.replace(tmp, path)
+            finally:
+                if os.path.isdir(tmp):
+                    shutil.rmtree(tmp, ignore_errors=True)
+                elif os.path.exists(tmp):
+                    os.remove(tmp)
     if jax.process_count() > 1:
         multihost_utils.sync_global_devices(f"write_once {path}")

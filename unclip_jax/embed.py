@@ -61,8 +61,8 @@ def write_cache(encoder: Encoder, data_config, *, split: str, out_dir: str, proc
 
     if token_dtype not in cache.TOKEN_DTYPES:
         raise ValueError(f"embed.token_dtype {token_dtype!r} must be one of {cache.TOKEN_DTYPES}")
+    from unclip_jax import paths
     split_dir = os.path.join(out_dir, split)
-    os.makedirs(split_dir, exist_ok=True)
     it = make_iterator(data_config, split=split, process_index=process_index,
                        process_count=process_count, local_batch_size=batch_size, seed=0,
                        fields=("image", "caption", "index"), shuffle=False, num_epochs=1,
@@ -77,13 +77,13 @@ def write_cache(encoder: Encoder, data_config, *, split: str, out_dir: str, proc
         count = 0
         for key, chunks in buffers.items():
             if key == "caption":
-                with open(os.path.join(split_dir, f"caption.{name}.json"), "w") as f:
-                    json.dump([c for chunk in chunks for c in chunk], f)
+                paths.write_text(os.path.join(split_dir, f"caption.{name}.json"),
+                                 json.dumps([c for chunk in chunks for c in chunk]))
                 continue
             arr = np.concatenate(chunks)
             dtype = token_dtype if key == "token_embeddings" else str(arr.dtype)
             fields[key] = {"shape": list(arr.shape[1:]), "dtype": dtype}
-            np.save(os.path.join(split_dir, f"{key}.{name}.npy"), arr)
+            paths.save_npy(os.path.join(split_dir, f"{key}.{name}.npy"), arr)
             count = len(arr)
         shards.append({"name": name, "count": count})
         buffers.clear()
@@ -117,11 +117,9 @@ def write_cache(encoder: Encoder, data_config, *, split: str, out_dir: str, proc
     manifest = {"split": split, "process_index": process_index, "process_count": process_count,
                 "num_examples": rows, "shards": shards, "fields": fields, "source": cfg,
                 "source_stats": it.stats()}
-    tmp = os.path.join(split_dir, f".manifest.p{process_index:04d}.json.tmp")
-    with open(tmp, "w") as f:
-        json.dump(manifest, f, indent=1)
     # The manifest appears last and atomically: its presence means the shards are complete.
-    os.replace(tmp, os.path.join(split_dir, f"manifest.p{process_index:04d}.json"))
+    paths.write_text(os.path.join(split_dir, f"manifest.p{process_index:04d}.json"),
+                     json.dumps(manifest, indent=1))
     return manifest
 
 
@@ -132,14 +130,15 @@ def check_cache_tokens(cache_dir: str, tokenizer, tokenizer_dir: str, *, split: 
     sampling (which tokenises prompts) must use the tokenizer the cache was written with."""
     import warnings
 
+    from unclip_jax import paths
     from unclip_jax.data.cache import load_manifests
     split_dir, manifests = load_manifests(cache_dir, split)
     shard = next((s["name"] for m in manifests for s in m["shards"] if s["count"]), None)
     if shard is None:
         return
-    cached = np.load(os.path.join(split_dir, f"tokens.{shard}.npy"), mmap_mode="r")[:n]
-    with open(os.path.join(split_dir, f"caption.{shard}.json")) as f:
-        captions = json.load(f)[:len(cached)]
+    cached = paths.np_load(os.path.join(split_dir, f"tokens.{shard}.npy"))[:n]
+    captions = json.loads(paths.path(os.path.join(split_dir, f"caption.{shard}.json"))
+                          .read_text())[:len(cached)]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")   # truncation is checked by the comparison itself
         tokens, _ = tokenizer.encode(captions)

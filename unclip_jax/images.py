@@ -2,6 +2,7 @@
 grids, and the small line plot of an evaluation sweep (PIL only, no plotting library)."""
 from __future__ import annotations
 
+import io
 import math
 import os
 
@@ -21,10 +22,12 @@ def from_uint8(images) -> np.ndarray:
 def read_image(path: str) -> np.ndarray:
     """An image file as [H, W, 3] float32 in [-1, 1]; a clear error if it can't be read."""
     from PIL import Image, UnidentifiedImageError
-    if not os.path.isfile(path):
+
+    from unclip_jax import paths
+    if not paths.path(path).is_file():
         raise FileNotFoundError(f"image {path} does not exist")
     try:
-        with Image.open(path) as im:
+        with Image.open(io.BytesIO(paths.path(path).read_bytes())) as im:
             arr = np.asarray(im.convert("RGB"), np.float32)
     except (UnidentifiedImageError, OSError) as e:
         raise ValueError(f"image {path} cannot be read ({e})") from e
@@ -34,7 +37,21 @@ def read_image(path: str) -> np.ndarray:
 def write_image(image: np.ndarray, path: str):
     """Save one image [H, W, 3] in [-1, 1] as a PNG (or any format PIL infers from the name)."""
     from PIL import Image
-    Image.fromarray(to_uint8(image)).save(path)
+    _save(Image.fromarray(to_uint8(image)), path)
+
+
+def _save(img, path: str):
+    """A PIL image to a local path or URL, whole (paths.atomic_write), in the format the
+    name's extension says."""
+    from PIL import Image
+
+    from unclip_jax import paths
+    ext = os.path.splitext(str(path))[1].lower()
+    fmt = Image.registered_extensions().get(ext)
+    if fmt is None:
+        raise ValueError(f"{path}: no image format for the extension {ext!r} (use .png)")
+    with paths.atomic_write(path) as f:
+        img.save(f, format=fmt)
 
 
 def save_grid(images: np.ndarray, path: str, cols: int, labels=None):
@@ -47,11 +64,10 @@ def save_grid(images: np.ndarray, path: str, cols: int, labels=None):
     for i, im in enumerate(imgs):
         r, c = divmod(i, cols)
         grid[r * (h + 2) + 1:r * (h + 2) + 1 + h, c * (w + 2) + 1:c * (w + 2) + 1 + w] = im
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)  # a report-only run has no samples/
-    Image.fromarray(grid).save(path)
+    _save(Image.fromarray(grid), path)
     if labels is not None:
-        with open(os.path.splitext(path)[0] + ".txt", "w") as f:
-            f.write("\n".join(labels) + "\n")
+        from unclip_jax import paths
+        paths.write_text(os.path.splitext(path)[0] + ".txt", "\n".join(labels) + "\n")
 
 
 def plot_sweep(points: list[tuple[float, float]], path: str, ylabel: str, title: str,
@@ -99,4 +115,4 @@ def plot_sweep(points: list[tuple[float, float]], path: str, ylabel: str, title:
     d.text((left, 10), title, fill="black", font=font)
     if note:
         d.text((left, 24), note, fill=(160, 0, 0), font=font)
-    img.save(path)
+    _save(img, path)

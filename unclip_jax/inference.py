@@ -31,7 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from unclip_jax import diffusion, parallel
+from unclip_jax import diffusion, parallel, paths
 from unclip_jax.stages import UNCLIP_STAGES
 from unclip_jax.train.checkpoint import Trained, load_trained
 
@@ -98,14 +98,14 @@ def slerp(a, b, theta):
 def is_clip_stage(stage_dir: str) -> bool:
     """A CLIP stage directory: trained here (checkpoints/) or importing a HF CLIP."""
     from unclip_jax.models.clip_import import LINK_FILE
-    return (os.path.isdir(os.path.join(stage_dir, "checkpoints"))
-            or os.path.isfile(os.path.join(stage_dir, LINK_FILE)))
+    d = paths.path(stage_dir)
+    return (d / "checkpoints").is_dir() or (d / LINK_FILE).is_file()
 
 
 def load_clip(stage_dir: str, *, ema: bool = True) -> Trained:
     """The CLIP stage in `stage_dir`: trained here, or an imported HF CLIP (hf_clip.json)."""
     from unclip_jax.models.clip_import import LINK_FILE, load_clip_stage
-    if os.path.isfile(os.path.join(stage_dir, LINK_FILE)):
+    if (paths.path(stage_dir) / LINK_FILE).is_file():
         return load_clip_stage(stage_dir)
     return load_trained(stage_dir, ema=ema)
 
@@ -113,7 +113,7 @@ def load_clip(stage_dir: str, *, ema: bool = True) -> Trained:
 def _tokenizer_for(clip: Trained):
     from unclip_jax.data.tokenizer import Tokenizer
     path = str(clip.config.tokenizer.dir)
-    if not os.path.isdir(path):
+    if not paths.path(path).is_dir():
         raise FileNotFoundError(f"the CLIP stage's tokenizer directory {path} is missing")
     return Tokenizer.load(path, context_length=int(clip.config.model.text_ctx))
 
@@ -143,8 +143,8 @@ def clip_image_fn(clip: Trained):
 def find_upsamplers(workdir: str) -> list[str]:
     """The trained upsampler directories under `workdir` in chain order: `upsampler`, then
     `upsampler_<suffix>` by numeric suffix (then by name)."""
-    names = [d for d in sorted(os.listdir(workdir)) if (d == "upsampler" or d.startswith(
-        "upsampler_")) and os.path.isdir(os.path.join(workdir, d, "checkpoints"))]
+    names = [d.name for d in sorted(paths.path(workdir).iterdir()) if (
+        d.name == "upsampler" or d.name.startswith("upsampler_")) and (d / "checkpoints").is_dir()]
 
     def order(d):
         suffix = d[len("upsampler_"):] if d != "upsampler" else ""
@@ -189,13 +189,13 @@ class Pipeline:
         """Load every stage found under `workdir` (see module docstring). `upsamplers`: the
         upsampler stage directories to chain, in order (names under `workdir` or paths; [] for
         none); None: every upsampler found."""
-        if not os.path.isdir(workdir):
+        if not paths.path(workdir).is_dir():
             raise FileNotFoundError(f"workdir {workdir} does not exist")
         from unclip_jax import karlo
         if karlo.is_karlo_workdir(workdir):   # converted released weights, their own sampler
             return karlo.KarloPipeline.from_workdir(workdir, mesh=mesh)
         found = {d: os.path.join(workdir, d) for d in UNCLIP_STAGES
-                 if os.path.isdir(os.path.join(workdir, d, "checkpoints"))}
+                 if (paths.path(workdir) / d / "checkpoints").is_dir()}
         if "clip" not in found and is_clip_stage(os.path.join(workdir, "clip")):
             found["clip"] = os.path.join(workdir, "clip")
         for need in ("clip", "decoder"):
@@ -208,9 +208,10 @@ class Pipeline:
         if upsamplers is None:
             ups = find_upsamplers(workdir)
         else:
-            ups = [os.path.join(workdir, u) for u in upsamplers]  # an absolute u stays itself
+            ups = [u if paths.is_url(u) else os.path.join(workdir, u)  # an absolute u too
+                   for u in upsamplers]
             for u in ups:
-                if not os.path.isdir(os.path.join(u, "checkpoints")):
+                if not (paths.path(u) / "checkpoints").is_dir():
                     raise FileNotFoundError(f"upsampler {u} has no checkpoints/ (not a trained "
                                             f"stage); found: {find_upsamplers(workdir) or 'none'}")
         return cls.from_stage_dirs(clip=found["clip"], decoder=found["decoder"],

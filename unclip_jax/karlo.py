@@ -45,7 +45,8 @@ _USED = ("prior_steps", "prior_guidance", "decoder_steps", "decoder_guidance", "
 
 
 def is_karlo_workdir(workdir: str) -> bool:
-    return os.path.exists(os.path.join(workdir, WORKDIR_FILE))
+    from unclip_jax import paths
+    return (paths.path(workdir) / WORKDIR_FILE).exists()
 
 
 def _restore(path: str):

@@ -28,12 +28,6 @@ FLAGS = flags.FLAGS
 def run(config, workdir: str):
     """A whole-stack config (`pipeline` field) runs every stage; otherwise one stage trains."""
     if "pipeline" in config:
-        from unclip_jax import paths
-        if paths.is_url(workdir):
-            raise ValueError(f"--workdir={workdir}: the whole-stack recipe writes its caches, "
-                             "tokenizer and samples to local or shared (NFS) paths only; train "
-                             "its stages one by one to reach object storage, or give a local "
-                             "workdir")
         from unclip_jax.recipes.runner import run_pipeline
         return run_pipeline(config, workdir)
     from unclip_jax.train.trainer import train

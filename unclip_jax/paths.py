@@ -2,15 +2,23 @@
 path or an object-store URL (gs://bucket/dir, and the other stores etils.epath reaches through
 fsspec, e.g. gcsfs). Orbax uses the same layer for checkpoints.
 
-  path(p)       -> epath.Path (local paths made absolute, URLs kept as they are)
-  glob(pattern) -> sorted matching paths, as strings (`gs://b/shards/*.tar` works)
-  local_dir(p)  -> a local directory holding p's files, for libraries that read only local files
+  path(p)          -> epath.Path (local paths made absolute, URLs kept as they are)
+  glob(pattern)    -> sorted matching paths, as strings (`gs://b/shards/*.tar` works)
+  atomic_write(p)  -> a file object that writes p whole (readers never see half a file)
+  write_text, write_bytes, save_npy, save_npz: whole files through atomic_write
+  np_load(p)       -> np.load of a whole file
+  local_file(p), local_dir(p) -> a local copy of p, for readers that take only local files
+                                 (memory-mapped arrays, tokenizer libraries)
 """
 from __future__ import annotations
 
+import atexit
+import contextlib
 import glob as _glob
+import hashlib
 import os
 import re
+import shutil
 import tempfile
 
 from etils import epath
@@ -42,29 +50,127 @@ def glob(pattern: str) -> list[str]:
     return sorted(str(p) for p in base.glob("/".join(parts[fixed:])))
 
 
-def write_text(p, text: str) -> None:
-    """Write a whole file; no reader sees half of it (a rename locally, one object upload on
-    object stores, where writes are atomic)."""
+@contextlib.contextmanager
+def atomic_write(p, mode: str = "wb"):
+    """A file object to write `p` whole: a reader sees the old file or the new one, never half
+    of it, also when the writer dies. Locally a temporary name renamed into place; on object
+    stores a local temporary file uploaded in one request when the block ends (an object store
+    commits an object only once its upload completes)."""
     p = path(p)
-    p.parent.mkdir(parents=True, exist_ok=True)
     if is_url(p):
-        p.write_text(text)
+        import fsspec
+        fd, tmp = tempfile.mkstemp(prefix="unclip_jax_upload_")
+        try:
+            with os.fdopen(fd, mode) as f:
+                yield f
+            fs, target = fsspec.core.url_to_fs(str(p))
+            fs.put_file(tmp, target)
+        finally:
+            os.remove(tmp)
         return
+    p.parent.mkdir(parents=True, exist_ok=True)
     tmp = p.parent / f".{p.name}.tmp{os.getpid()}"
-    tmp.write_text(text)
-    os.replace(tmp, p)
+    try:
+        with open(tmp, mode) as f:
+            yield f
+        os.replace(tmp, p)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def write_text(p, text: str) -> None:
+    """Write a whole text file (atomic_write)."""
+    with atomic_write(p, "w") as f:
+        f.write(text)
+
+
+def write_bytes(p, data: bytes) -> None:
+    with atomic_write(p) as f:
+        f.write(data)
+
+
+def save_npy(p, arr) -> None:
+    """np.save to a local path or URL (atomic_write)."""
+    import numpy as np
+    with atomic_write(p) as f:
+        np.save(f, arr)
+
+
+def save_npz(p, **arrays) -> None:
+    """np.savez to a local path or URL, the name kept as given (atomic_write)."""
+    import numpy as np
+    with atomic_write(p) as f:
+        np.savez(f, **arrays)
+
+
+def np_load(p):
+    """np.load of a whole .npy / .npz file, local or on object storage (read into memory; for a
+    memory-mapped array use np.load(local_file(p), mmap_mode=...))."""
+    import io
+
+    import numpy as np
+    if not is_url(p):
+        return np.load(os.fspath(path(p)))
+    return np.load(io.BytesIO(path(p).read_bytes()))
+
+
+def upload(local: str, url: str) -> None:
+    """Copy a local file, or a directory's files (recursively), to `url`."""
+    import fsspec
+    fs, target = fsspec.core.url_to_fs(str(url))
+    if os.path.isdir(local):
+        for root, _, files in os.walk(local):
+            for name in sorted(files):
+                rel = os.path.relpath(os.path.join(root, name), local)
+                fs.put_file(os.path.join(root, name), f"{target}/{rel}")
+    else:
+        fs.put_file(local, target)
+
+
+_mirror: str | None = None
+
+
+def _mirror_dir() -> str:
+    """This process's local folder of downloaded copies (removed when the process exits)."""
+    global _mirror
+    if _mirror is None:
+        _mirror = tempfile.mkdtemp(prefix="unclip_jax_mirror_")
+        atexit.register(shutil.rmtree, _mirror, ignore_errors=True)
+    return _mirror
+
+
+def local_file(p) -> str:
+    """`p` itself when local; else a local copy of the object, downloaded once per process and
+    version (URL, size and modification time), for readers that need a local file (np.load with
+    mmap_mode, libraries that open paths themselves)."""
+    if not is_url(p):
+        return os.fspath(path(p))
+    src = epath.Path(str(p))
+    if not src.exists():
+        raise FileNotFoundError(f"{p} does not exist")
+    st = src.stat()
+    key = hashlib.sha1(f"{p}|{st.length}|{st.mtime}".encode()).hexdigest()[:20]
+    dst = os.path.join(_mirror_dir(), f"{key}_{src.name}")
+    if not os.path.exists(dst):
+        import fsspec
+        fs, target = fsspec.core.url_to_fs(str(p))
+        tmp = f"{dst}.tmp{os.getpid()}"
+        fs.get_file(target, tmp)
+        os.replace(tmp, dst)
+    return dst
 
 
 def local_dir(p) -> str:
-    """`p` itself when local; else a copy of the directory's files (not sub-folders) in a local
-    temporary directory, for readers that only take local paths (e.g. Hugging Face tokenizers)."""
+    """`p` itself when local; else a local copy of the directory's files (not sub-folders), for
+    readers that only take local paths (e.g. Hugging Face tokenizers)."""
     if not is_url(p):
         return os.fspath(path(p))
     src = epath.Path(str(p))
     if not src.is_dir():
         raise FileNotFoundError(f"{p} is not a directory")
-    dst = tempfile.mkdtemp(prefix="unclip_jax_")
+    dst = tempfile.mkdtemp(prefix="unclip_jax_", dir=_mirror_dir())
     for f in src.iterdir():
         if not f.is_dir():
-            (epath.Path(dst) / f.name).write_bytes(f.read_bytes())
+            shutil.copyfile(local_file(f), os.path.join(dst, f.name))
     return dst

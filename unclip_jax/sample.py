@@ -148,10 +148,11 @@ def _check_command(command: str, fv: flags.FlagValues) -> None:
 def _prompts(a) -> list[str]:
     prompts = list(a.prompt)
     if a.prompts_file:
-        if not os.path.isfile(a.prompts_file):
+        from unclip_jax import paths
+        if not paths.path(a.prompts_file).is_file():
             raise FileNotFoundError(f"prompts file {a.prompts_file} does not exist")
-        with open(a.prompts_file) as f:
-            prompts += [line.rstrip("\n") for line in f if line.strip()]
+        prompts += [line for line in paths.path(a.prompts_file).read_text().splitlines()
+                    if line.strip()]
     if not prompts:
         raise ValueError("give at least one --prompt or a --prompts_file")
     for k, p in enumerate(prompts):
@@ -179,7 +180,7 @@ def sample(command: str, a) -> dict:
     _check_command(command, a)
     import numpy as np
 
-    from unclip_jax import manipulate
+    from unclip_jax import manipulate, paths
     from unclip_jax.images import read_image, save_grid, write_image
     from unclip_jax.inference import Pipeline
 
@@ -190,10 +191,9 @@ def sample(command: str, a) -> dict:
     images = {k: read_image(getattr(a, k)) for k in ("image", "image2")
               if getattr(a, k, None)}
     pipe = Pipeline.from_workdir(a.workdir, ema=not a.raw, upsamplers=a.upsamplers)
-    os.makedirs(a.out, exist_ok=True)
     up = not a.no_upsample
-    record = {"command": command, "workdir": os.path.abspath(a.workdir), "seed": a.seed,
-              "out": os.path.abspath(a.out),
+    record = {"command": command, "workdir": str(paths.path(a.workdir)), "seed": a.seed,
+              "out": str(paths.path(a.out)),
               "ema": not a.raw, **dataclasses.asdict(settings),
               "upsamplers": pipe.upsampler_dirs}
     if command == "text":
@@ -224,8 +224,7 @@ def sample(command: str, a) -> dict:
                           thetas=th.tolist())
         save_grid(out, os.path.join(a.out, "strip.png"), cols=len(out))
         record["files"] = ["strip.png"]
-    with open(os.path.join(a.out, "settings.json"), "w") as f:
-        json.dump(record, f, indent=2)
+    paths.write_text(os.path.join(a.out, "settings.json"), json.dumps(record, indent=2))
     return {"images": np.asarray(out), "record": record}
 
 

@@ -18,11 +18,12 @@ recorded dtype is missing or disagrees with its files is an error naming the man
 """
 from __future__ import annotations
 
-import glob
 import json
 import os
 
 import numpy as np
+
+from unclip_jax import paths
 
 EMBED_FIELDS = ("image_embedding", "text_embedding", "tokens", "token_embeddings")
 TOKEN_DTYPES = ("bfloat16", "float32")   # what token_embeddings may be stored in
@@ -59,7 +60,8 @@ def load_shard(split_dir: str, field: str, shard: str, dtype: str,
                mmap: bool = True) -> np.ndarray:
     """One shard's stored array of `field`, checked against the recorded dtype (not decoded)."""
     path = os.path.join(split_dir, f"{field}.{shard}.npy")
-    arr = np.load(path, mmap_mode="r" if mmap else None)
+    # Object storage: memory-mapped from a local copy (paths.local_file), downloaded once.
+    arr = np.load(paths.local_file(path), mmap_mode="r" if mmap else None)
     want = _STORED.get(dtype, np.dtype(dtype))
     if arr.dtype != want:
         raise ValueError(f"embedding cache file {path!r} holds {arr.dtype}, but its manifest "
@@ -71,14 +73,13 @@ def load_shard(split_dir: str, field: str, shard: str, dtype: str,
 def load_manifests(cache_dir: str, split: str) -> tuple[str, list[dict]]:
     """The split directory and its process manifests (in process order); checks completeness."""
     split_dir = os.path.join(cache_dir, split)
-    paths = sorted(glob.glob(os.path.join(split_dir, "manifest.p*.json")))
-    if not paths:
+    files = paths.glob(os.path.join(split_dir, "manifest.p*.json"))
+    if not files:
         raise FileNotFoundError(f"no embedding cache for split {split!r} in {split_dir!r} "
                                 f"(expected manifest.p*.json written by unclip_jax.embed)")
     manifests = []
-    for p in paths:
-        with open(p) as f:
-            manifests.append(json.load(f))
+    for p in files:
+        manifests.append(json.loads(paths.path(p).read_text()))
     count = manifests[0]["process_count"]
     if sorted(m["process_index"] for m in manifests) != list(range(count)):
         raise ValueError(f"embedding cache {split_dir!r} is incomplete: written by {count} "

@@ -97,6 +97,12 @@ def builder(num_train: int = 20_000, num_test: int = 2_000, seed: int = 0,
             image_size: int = 64, data_dir: str | None = None) -> UnclipShapes:
     """The shapes builder for these parameters, prepared (generated once, then reused)."""
     data_dir = data_dir or default_data_dir()
+    if "://" in data_dir:
+        # tfds writes array_record files with local file I/O (no object-store writer without
+        # TensorFlow); the dataset is generated from its seed, so every host can make its own.
+        raise ValueError(f"data.data_dir={data_dir}: the built-in shapes dataset is generated "
+                         "into a local directory (array_record files); give a local data_dir "
+                         "(each host generates the same examples from the seed)")
     os.makedirs(data_dir, exist_ok=True)
     config = config_for(num_train, num_test, seed, image_size)
     if config.name in UnclipShapes.builder_configs:  # tfds wants registered configs by name

@@ -371,8 +371,8 @@ class CacheSource:
                 for f in self._arrays:
                     self._arrays[f].append(cache.load_shard(self.path, f, s["name"],
                                                             self._dtypes[f]))
-                with open(os.path.join(self.path, f"caption.{s['name']}.json")) as fh:
-                    self._captions.append(json.load(fh))
+                self._captions.append(json.loads(paths.path(
+                    os.path.join(self.path, f"caption.{s['name']}.json")).read_text()))
                 counts.append(s["count"])
         self._starts = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
         total = int(self._starts[-1])

@@ -87,6 +87,11 @@ class Tokenizer:
 
     @classmethod
     def load(cls, directory: str, context_length: int | None = None) -> "Tokenizer":
+        from unclip_jax import paths
+        if paths.is_url(directory):   # the tokenizer libraries read local files only
+            if not paths.path(directory).is_dir():
+                raise FileNotFoundError(f"no tokenizer in {directory!r}: no such directory")
+            directory = paths.local_dir(directory)
         meta = os.path.join(directory, META_FILE)
         if os.path.exists(meta):
             from tokenizers import Tokenizer as HFTok

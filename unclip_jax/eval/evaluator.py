@@ -10,6 +10,7 @@ import dataclasses
 import os
 import time
 
+from unclip_jax import paths
 from unclip_jax.eval.dataset import data_config, eval_batches, eval_set_key
 from unclip_jax.eval.load import checkpoint_steps, load_pipeline, local_mesh, output_resolution
 from unclip_jax.eval.plan import EvalError, check_config, make_plan, sample_settings, \
@@ -92,8 +93,8 @@ def evaluate(config, workdir: str, out: str | None = None, log=print) -> dict:
 
     from unclip_jax.eval.collect import Collected, gather, sample_batch
     t_start = time.perf_counter()
-    workdir = os.path.abspath(workdir)
-    out = os.path.abspath(out or default_out(config, workdir))
+    workdir = str(paths.path(workdir))
+    out = str(paths.path(out or default_out(config, workdir)))
     timings: dict[str, float] = {}
     inp = _inputs(config, workdir, out, timings)
     collected = Collected(inp.plan.keep_images, inp.plan.grid_images)
@@ -123,7 +124,6 @@ def _score_and_write(config, workdir, out, inp: _Inputs, samples, timings, t_sta
 
     if real is not None and inp.reference is None:
         O.save_reference(inp.reference_file, inp.reference_key, real)
-    os.makedirs(out, exist_ok=True)
     files = {"json": "eval.json", "samples": "samples.npz"}
     O.write_samples(os.path.join(out, "samples.npz"), plan, samples)
     if samples.grid is not None:

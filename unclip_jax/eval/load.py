@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 
+from unclip_jax import paths
 from unclip_jax.stages import UNCLIP_STAGES as STAGE_KEYS
 
 
@@ -25,11 +26,11 @@ def stage_dirs(config, workdir: str) -> dict | None:
             for d in dirs:
                 if k == "clip" and is_clip_stage(d):
                     continue   # trained here, or an imported HF CLIP (clip/hf_clip.json)
-                if not os.path.isdir(os.path.join(d, "checkpoints")):
+                if not (paths.path(d) / "checkpoints").is_dir():
                     raise FileNotFoundError(f"config.stages.{k}: {d} has no checkpoints/ "
                                             "(not a trained stage workdir)")
             out[k] = dirs if k == "upsampler" else dirs[0]
-        elif os.path.isdir(os.path.join(workdir, k, "checkpoints")) or (
+        elif (paths.path(workdir) / k / "checkpoints").is_dir() or (
                 k == "clip" and is_clip_stage(os.path.join(workdir, k))):
             out[k] = [os.path.join(workdir, k)] if k == "upsampler" else os.path.join(workdir, k)
     for need in ("clip", "decoder"):

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import json
 import math
-import os
 
 import numpy as np
+
+from unclip_jax import paths
 
 PLOT_FILE = "fid_vs_guidance.png"
 
@@ -15,9 +16,9 @@ def load_reference(path: str, key: str) -> dict | None:
     """Cached real-image Inception statistics: our cache (checked against the evaluation set's
     key) or a precomputed (mu, sigma) npz, e.g. pytorch-fid's --save-stats."""
     from unclip_jax.eval.plan import EvalError
-    if not os.path.isfile(path):
+    if not paths.path(path).is_file():
         return None
-    with np.load(path) as f:
+    with paths.np_load(path) as f:
         if "mu" not in f.files or "sigma" not in f.files:
             raise EvalError(f"reference statistics {path} have no mu/sigma (have {f.files})")
         if "key" in f.files and str(f["key"]) != key:
@@ -30,8 +31,7 @@ def load_reference(path: str, key: str) -> dict | None:
 
 def save_reference(path: str, key: str, real):
     """Cache `scores.RealInception` statistics and features under the evaluation set's key."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    np.savez(path, mu=real.mu, sigma=real.sigma, n=np.int64(len(real.features)), key=key,
+    paths.save_npz(path, mu=real.mu, sigma=real.sigma, n=np.int64(len(real.features)), key=key,
              features=np.asarray(real.features, np.float32))
 
 
@@ -53,7 +53,7 @@ def write_samples(path: str, plan, samples):
             arrays[f"gen_inception_g{g:g}"] = samples.gen_inception[g]
     if samples.images is not None:
         arrays["images"] = samples.images
-    np.savez(path, **arrays)
+    paths.save_npz(path, **arrays)
 
 
 def write_grid(path: str, samples):
@@ -83,8 +83,7 @@ def _json_default(o):
 
 
 def write_json(path: str, result: dict):
-    with open(path, "w") as f:
-        json.dump(result, f, indent=2, default=_json_default)
+    paths.write_text(path, json.dumps(result, indent=2, default=_json_default))
 
 
 def flat_scalars(prefix: str, d: dict) -> dict:
@@ -101,8 +100,11 @@ def flat_scalars(prefix: str, d: dict) -> dict:
 
 def write_tensorboard(path: str, result: dict):
     """eval.json's numbers as scalars at the decoder's checkpoint step."""
+    import tempfile
+
     from tensorboardX import SummaryWriter
-    w = SummaryWriter(path)
+    local = tempfile.mkdtemp(prefix="unclip_jax_tb_") if paths.is_url(path) else path
+    w = SummaryWriter(local)
     step = int(result["step"])
     scalars = flat_scalars("eval", {"metrics": result["metrics"], "prior": result["prior"],
                                     "shapes": result["shapes_accuracy"] or {}})
@@ -114,3 +116,7 @@ def write_tensorboard(path: str, result: dict):
         if math.isfinite(v):
             w.add_scalar(k, v, step)
     w.close()
+    if local != path:   # object storage: the event file is uploaded whole
+        import shutil
+        paths.upload(local, path)
+        shutil.rmtree(local, ignore_errors=True)

@@ -70,7 +70,8 @@ class ARCodec:
 
     @classmethod
     def load(cls, path: str) -> "ARCodec":
-        with np.load(path) as f:
+        from unclip_jax import paths
+        with paths.np_load(path) as f:
             pca = PCA(f["mean"], f["components"], f["eigenvalues"], int(f["count"]))
             return cls(pca, Quantizer(f["edges"], f["centres"]),
                        Quantizer(f["dot_edges"], f["dot_centres"]))

@@ -131,7 +131,8 @@ class EmbeddingScaling:
 
     @classmethod
     def from_stats(cls, path: str, clamp: float = 10.0) -> "EmbeddingScaling":
-        with np.load(path) as f:
+        from unclip_jax import paths
+        with paths.np_load(path) as f:
             return cls(f["image_mean"], f["image_std"], f["text_mean"], f["text_std"], clamp)
 
     def _n(self, z, mean, std):

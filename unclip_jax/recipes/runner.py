@@ -31,6 +31,7 @@ import time
 import jax
 import ml_collections
 
+from unclip_jax import paths
 from unclip_jax.console import say
 from unclip_jax.images import save_grid
 from unclip_jax.inference import Pipeline, SampleSettings
@@ -52,7 +53,7 @@ def _hook(recipe, name, default=None):
 def stage_configs(config, workdir: str) -> dict[str, ml_collections.ConfigDict]:
     """Each stage's training config with the paths between stages filled in (absolute)."""
     recipe = recipe_module(config)
-    w = os.path.abspath(workdir)
+    w = str(paths.path(workdir))
     tok_dir = _hook(recipe, "tokenizer_dir", lambda c, w: os.path.join(w, "clip", "tokenizer"))(
         config, w)
     adapt = _hook(recipe, "adapt_stage", lambda name, c, config: None)
@@ -103,10 +104,10 @@ def _cache_data(cache_dir: str, config, image_resolution: int | None):
 
 
 def _finished(workdir: str, num_steps: int) -> bool:
-    d = os.path.join(workdir, "checkpoints")
-    if not os.path.isdir(d):
+    d = paths.path(workdir) / "checkpoints"
+    if not d.is_dir():
         return False
-    steps = [int(n) for n in os.listdir(d) if n.isdigit()]
+    steps = [int(p.name) for p in d.iterdir() if p.name.isdigit()]
     return bool(steps) and max(steps) >= num_steps
 
 
@@ -126,7 +127,7 @@ def _train_stage(name: str, cfg, workdir: str, timings: dict):
 
 
 def cache_complete(workdir: str) -> bool:
-    return os.path.exists(os.path.join(workdir, "embed", "complete.json"))
+    return (paths.path(workdir) / "embed" / "complete.json").exists()
 
 
 def _embed(run: "Run"):
@@ -150,8 +151,7 @@ def _embed(run: "Run"):
         from jax.experimental import multihost_utils
         multihost_utils.sync_global_devices("embed_done")
     if jax.process_index() == 0:
-        with open(marker, "w") as f:
-            json.dump({s: m["num_examples"] for s, m in manifests.items()}, f)
+        paths.write_text(marker, json.dumps({s: m["num_examples"] for s, m in manifests.items()}))
     run.timings["embed"] = time.perf_counter() - t
 
 
@@ -167,10 +167,10 @@ def check_stages(config, workdir: str, cfgs: dict):
             raise ValueError(f"config.stages.{name}: {e}") from None
     tok_dir = next((str(c.tokenizer.dir) for n, c in cfgs.items()
                     if n in ("diffusion_prior", "ar_prior")), "")
-    if cache_complete(workdir) and tok_dir and os.path.isdir(tok_dir):
+    if cache_complete(workdir) and tok_dir and paths.path(tok_dir).is_dir():
         from unclip_jax.data.tokenizer import Tokenizer
         from unclip_jax.embed import check_cache_tokens
-        check_cache_tokens(os.path.join(os.path.abspath(workdir), "embed"),
+        check_cache_tokens(str(paths.path(workdir) / "embed"),
                            Tokenizer.load(tok_dir), tok_dir)
 
 
@@ -183,20 +183,18 @@ def _samples(run: "Run"):
     config, workdir = run.config, run.workdir
     out = os.path.join(workdir, "samples")
     path = os.path.join(out, "grid.png")
-    if os.path.exists(path):
+    if paths.path(path).exists():
         say(f"[samples] {path} exists: skipped")
         return
-    os.makedirs(out, exist_ok=True)
     s = config.sample
     prompts = [p for p in s.prompts for _ in range(int(s.per_prompt))]
     t = time.perf_counter()
     res = run.pipe().text_to_image(prompts, seed=int(s.seed), settings=settings_from_config(config))
     run.timings["samples"] = time.perf_counter() - t
     save_grid(res["images"], path, int(s.per_prompt), labels=list(s.prompts))
-    with open(os.path.join(out, "settings.json"), "w") as f:
-        json.dump({"prompts": list(s.prompts), "per_prompt": int(s.per_prompt),
-                   "seed": int(s.seed), **dataclass_dict(settings_from_config(config))}, f,
-                  indent=2)
+    paths.write_text(os.path.join(out, "settings.json"), json.dumps(
+        {"prompts": list(s.prompts), "per_prompt": int(s.per_prompt), "seed": int(s.seed),
+         **dataclass_dict(settings_from_config(config))}, indent=2))
     say(f"[samples] wrote {path} (one row per prompt: {', '.join(s.prompts)})")
 
 
@@ -231,9 +229,9 @@ def run_pipeline(config, workdir: str) -> dict:
             raise ValueError(f"config.order: unknown step {name!r}")
     _hook(recipe, "check", lambda c, w, s: None)(config, workdir, cfgs)
     check_stages(config, workdir, cfgs)
-    os.makedirs(workdir, exist_ok=True)
+    paths.path(workdir).mkdir(parents=True, exist_ok=True)
     tfile = os.path.join(workdir, "timings.json")
-    timings = json.load(open(tfile)) if os.path.exists(tfile) else {}
+    timings = json.loads(paths.path(tfile).read_text()) if paths.path(tfile).exists() else {}
     run = Run(config, workdir, cfgs, timings, recipe)
     t0 = time.perf_counter()
     for name in config.order:
@@ -246,10 +244,9 @@ def run_pipeline(config, workdir: str) -> dict:
         else:
             _samples(run)
         if jax.process_index() == 0:
-            with open(tfile, "w") as f:
-                json.dump(timings, f, indent=2)
+            paths.write_text(tfile, json.dumps(timings, indent=2))
     total = time.perf_counter() - t0
     report = os.path.join(workdir, "report.md")
     say(f"[done] {', '.join(config.order)} in {total:.0f} s"
-        + (f"; report in {report}" if os.path.exists(report) else ""))
+        + (f"; report in {report}" if paths.path(report).exists() else ""))
     return {"workdir": workdir, "timings": timings, "seconds": total}

@@ -16,6 +16,7 @@ import time
 import jax
 import numpy as np
 
+from unclip_jax import paths
 from unclip_jax.console import say
 from unclip_jax.eval.sampling import check_prompts
 from unclip_jax.images import from_uint8, save_grid
@@ -80,7 +81,7 @@ def evaluate_true_embeddings(pipe: Pipeline, prompts, per_prompt: int, seed: int
 
 def _report(config, workdir: str, pipe: Pipeline, timings: dict):
     path = os.path.join(workdir, "report.json")
-    if os.path.exists(path):
+    if paths.path(path).exists():
         say(f"[report] {path} exists: skipped")
         return
     r = config.report
@@ -116,9 +117,9 @@ def _report(config, workdir: str, pipe: Pipeline, timings: dict):
     stages = {}
     for name in UNCLIP_STAGES:
         mfile = os.path.join(workdir, name, "metrics.jsonl")
-        if os.path.exists(mfile):
-            with open(mfile) as f:
-                rows = [json.loads(line) for line in f if line.strip()]
+        if paths.path(mfile).exists():
+            rows = [json.loads(line) for line in paths.path(mfile).read_text().splitlines()
+                    if line.strip()]
             if rows:
                 stages[name] = {"step": rows[-1]["step"], "loss": rows[-1].get("loss"),
                                 "first_loss": rows[0].get("loss")}
@@ -132,10 +133,8 @@ def _report(config, workdir: str, pipe: Pipeline, timings: dict):
               "per_prompt": int(r.per_prompt), "devices": jax.device_count(),
               "device_kind": jax.devices()[0].device_kind}
     if jax.process_index() == 0:
-        with open(path, "w") as f:
-            json.dump(report, f, indent=2)
-        with open(os.path.join(workdir, "report.md"), "w") as f:
-            f.write(_markdown(report))
+        paths.write_text(path, json.dumps(report, indent=2))
+        paths.write_text(os.path.join(workdir, "report.md"), _markdown(report))
     say(f"[report] single-object prompts: colour {acc['colour_acc']:.1%}, shape "
          f"{acc['shape_acc']:.1%}, both {acc['both_acc']:.1%} over {acc['single_count']} "
          f"samples (diffusion prior)" + (
@@ -157,7 +156,7 @@ def _prior_cosines(pipe: Pipeline, cache_dir: str, settings: SampleSettings, n: 
 
     priors = tuple(name for name, stage in (("diffusion", pipe.prior), ("ar", pipe.ar_prior))
                    if stage is not None)
-    if not os.path.isdir(os.path.join(cache_dir, "test")) or not priors:
+    if not (paths.path(cache_dir) / "test").is_dir() or not priors:
         return {}
     d = default_data_config("embed_cache")
     d.cache_dir = cache_dir

@@ -54,6 +54,12 @@ def clip_spec(config) -> dict:
 # ----------------------------------------------------------------------------------- hooks
 def prepare(config, workdir: str):
     """Smoke runs (config.make_inputs): shards and a random HF CLIP under <workdir>/inputs."""
+    from unclip_jax import paths
+    if paths.is_url(workdir):
+        raise ValueError(f"--workdir={workdir}: the webdata recipe links its imported CLIP folder "
+                         "and makes its smoke inputs by local path, so its workdir is a local or "
+                         "shared (NFS) path for now (its data shards may be on gs://); "
+                         "experiments/shapes.py runs on a gs:// workdir")
     if not bool(config.make_inputs):
         return config
     from unclip_jax.stages.smoke import write_inputs

@@ -57,10 +57,12 @@ def fit_training_codec(config) -> ARCodec:
 def _exists_on_process_0(path: str) -> bool:
     """Whether `path` exists, as process 0 sees it (all processes then fit, or none)."""
     import jax
+
+    from unclip_jax.distributed import written
     if jax.process_count() == 1:
-        return os.path.exists(path)
+        return written(path)
     from jax.experimental import multihost_utils
-    return bool(multihost_utils.broadcast_one_to_all(np.int32(os.path.exists(path))))
+    return bool(multihost_utils.broadcast_one_to_all(np.int32(written(path))))
 
 
 @functools.lru_cache(maxsize=4)
@@ -77,7 +79,9 @@ def get_codec(config) -> ARCodec:
         from unclip_jax.distributed import write_once
         codec = fit_training_codec(config)   # every process takes part; process 0 writes it
         write_once(path, codec.save)
-    codec = _load_codec(path, os.path.getmtime(path))
+    from unclip_jax import paths
+    mtime = paths.path(path).stat().mtime if paths.is_url(path) else os.path.getmtime(path)
+    codec = _load_codec(path, mtime)
     if codec.k != int(m.pca_components) or codec.num_buckets != int(m.num_buckets):
         raise ValueError(f"codec {path!r} has k={codec.k}, {codec.num_buckets} buckets; config."
                          f"model.pca_components={m.pca_components}, num_buckets={m.num_buckets}")

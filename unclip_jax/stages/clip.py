@@ -11,7 +11,6 @@ Captions are tokenised on the host inside make_data; batches hold "image" and "t
 from __future__ import annotations
 
 import functools
-import os
 
 import numpy as np
 
@@ -27,11 +26,11 @@ def get_tokenizer(config, captions_fn=None) -> Tokenizer:
     if not path:
         raise ValueError("config.tokenizer.dir must be set (the tokenizer is saved there)")
     ctx = int(config.model.text_ctx)
-    if os.path.isdir(path) and os.listdir(path):
+    from unclip_jax.distributed import write_once, written
+    if written(path):
         return Tokenizer.load(path, context_length=ctx)
     if captions_fn is None:
         raise FileNotFoundError(f"config.tokenizer.dir {path!r} holds no tokenizer")
-    from unclip_jax.distributed import write_once
 
     write_once(path, lambda tmp: Tokenizer.train(
         captions_fn(), vocab_size=int(config.model.vocab_size), context_length=ctx).save(tmp))

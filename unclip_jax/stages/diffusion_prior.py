@@ -17,7 +17,6 @@ Batches: image_embedding, text_embedding, tokens or token_embeddings, token_mask
 from __future__ import annotations
 
 import functools
-import os
 
 import numpy as np
 
@@ -171,11 +170,11 @@ def scaling_from_config(config) -> EmbeddingScaling:
     if mode not in ("fixed", "standardize"):
         raise ValueError(f"config.model.scale_mode {mode!r} must be 'fixed' or 'standardize'")
     path = str(m.stats_path)
-    if mode == "standardize" and not os.path.exists(path):
+    from unclip_jax.distributed import write_once, written
+    if mode == "standardize" and not written(path):
         if config.data.name != "embed_cache":
             raise ValueError(f"config.model.stats_path {path!r} does not exist")
         from unclip_jax.data import cache
-        from unclip_jax.distributed import write_once
         cdir = str(config.data.cache_dir)
         write_once(path, lambda tmp: save_embedding_stats(
             tmp, cache.load_field(cdir, "train", "image_embedding"),

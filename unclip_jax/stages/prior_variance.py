@@ -47,11 +47,10 @@ def configured_var_type(config) -> str:
 
 
 def _read(path: str) -> dict | None:
-    if not os.path.exists(path):
+    if not paths.path(path).exists():
         return None
     try:
-        with open(path) as f:
-            return json.load(f)
+        return json.loads(paths.path(path).read_text())
     except (OSError, ValueError) as e:
         raise ValueError(f"{path} is not a readable Analytic-DPM statistic ({e}); delete it "
                          "and re-run the prior's training command to re-estimate it") from None

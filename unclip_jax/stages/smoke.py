@@ -61,6 +61,11 @@ def prepare(config, workdir: str) -> ml_collections.ConfigDict:
     from unclip_jax.data import default_data_config
     from unclip_jax.distributed import write_once
 
+    from unclip_jax import paths
+    if paths.is_url(workdir):
+        raise ValueError(f"--workdir={workdir}: a :smoke variant makes its tiny inputs (shards, a "
+                         "random Hugging Face CLIP read by local path) under a local workdir; "
+                         "give a local --workdir")
     s = config.smoke_data
     root = os.path.join(os.path.abspath(workdir), "smoke_data")
     pattern, clip_dir = write_inputs(
