@@ -83,6 +83,20 @@ def main():
         over["data.sigterm_at_step"] = int(os.environ["MP_SIGTERM_STEP"])
     if os.environ.get("MP_NUM_STEPS"):
         over["train.num_steps"] = int(os.environ["MP_NUM_STEPS"])
+    seen = []  # example ids of each step's local batch (file data)
+    if os.environ.get("MP_SHARDS"):  # the toy's examples from webdataset shards
+        from unclip_jax.data import default_data_config
+        from unclip_jax.stages import toy
+        d = default_data_config("webdataset")
+        d.path, d.num_threads = os.environ["MP_SHARDS"], 2
+        over.update({f"data.{k}": d[k] for k in d})
+        real_next = toy.ToyFileData.__next__
+
+        def recording_next(self):
+            batch = real_next(self)
+            seen.append(self.ids.tolist())
+            return batch
+        toy.ToyFileData.__next__ = recording_next
     stop_at = int(os.environ.get("MP_STOP_AT", "0")) or None
     out = train(toy_config(**over), workdir, stop_at=stop_at)
     params = host_tree(out["state"].params)
@@ -91,7 +105,7 @@ def main():
         "devices": jax.device_count(), "loss": out["metrics"]["loss"],
         "status": out["status"], "step": out["step"],
         "kernel_sum": float(params["up_0"]["kernel"].sum()),
-        "resumed_from": out["resumed_from"], "examples": out["examples"],
+        "resumed_from": out["resumed_from"], "examples": out["examples"], "ids": seen,
         "params": [x.ravel().tolist() for x in jax.tree.leaves(params)],
     }), flush=True)
 

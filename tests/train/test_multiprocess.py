@@ -1,5 +1,6 @@
 """Two local processes (jax.distributed on 127.0.0.1) train the toy stage and agree with each
-other and with one process holding all the devices."""
+other and with one process holding all the devices. The toy's examples come from webdataset
+shards (the file readers' global order) except in the preemption test."""
 import json
 import os
 import subprocess
@@ -12,18 +13,31 @@ from helpers.processes import run_workers
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(os.path.dirname(HERE))
-
-
+BATCH = 16  # toy_config's global batch
 
 
 @pytest.fixture(scope="module")
-def one_process(tmp_path_factory):
+def shards(tmp_path_factory):
+    """40 examples in shards of 8: a 12-step run of 16 is 4.8 epochs, the epochs' boundaries
+    fall inside batches."""
+    from unclip_jax.data import synthetic
+    return synthetic.write_webdataset_shards(str(tmp_path_factory.mktemp("shards")),
+                                             num_examples=40, shard_size=8, image_size=8)
+
+
+@pytest.fixture(scope="module")
+def one_process(tmp_path_factory, shards):
     """The reference: one process with 4 devices trains the toy run uninterrupted."""
-    return run_workers(1, 4, str(tmp_path_factory.mktemp("one")))[0]
+    return run_workers(1, 4, str(tmp_path_factory.mktemp("one")), MP_SHARDS=shards)[0]
 
 
-def test_two_processes_agree_with_one(tmp_path, one_process):
-    two = run_workers(2, 2, str(tmp_path / "two"))
+def _global_ids(runs):
+    """Per step, the global batch's example ids: the processes' rows in process order."""
+    return [[i for part in step for i in part] for step in zip(*(r["ids"] for r in runs))]
+
+
+def test_two_processes_agree_with_one(tmp_path, one_process, shards):
+    two = run_workers(2, 2, str(tmp_path / "two"), MP_SHARDS=shards)
     assert {r["process"] for r in two} == {0, 1}
     assert all(r["processes"] == 2 and r["devices"] == 4 for r in two)
     assert two[0]["loss"] == two[1]["loss"]
@@ -32,22 +46,26 @@ def test_two_processes_agree_with_one(tmp_path, one_process):
     one = one_process
     assert one["loss"] == pytest.approx(two[0]["loss"], rel=1e-5)
     assert one["kernel_sum"] == pytest.approx(two[0]["kernel_sum"], rel=1e-4, abs=1e-4)
+    assert _global_ids(two) == one["ids"] and len(one["ids"]) == 12
     # Only process 0 wrote metrics; the checkpoint is complete.
     assert os.path.exists(tmp_path / "two" / "metrics.jsonl")
     assert os.path.isdir(tmp_path / "two" / "checkpoints" / "12")
 
 
-def test_resume_on_another_process_count(tmp_path, one_process):
+def test_resume_on_another_process_count(tmp_path, one_process, shards):
     """2 processes train to step 4, 1 process (with half the devices) resumes to 8, 2 processes
-    finish: the same parameters as one uninterrupted process, every example counted once."""
+    finish: the same examples in the same global batches, and the same parameters, as one
+    uninterrupted process."""
     wd = str(tmp_path / "resize")
-    a = run_workers(2, 2, wd, MP_STOP_AT="4")
-    b = run_workers(1, 2, wd, MP_STOP_AT="8")
-    c = run_workers(2, 2, wd)
+    a = run_workers(2, 2, wd, MP_STOP_AT="4", MP_SHARDS=shards)
+    b = run_workers(1, 2, wd, MP_STOP_AT="8", MP_SHARDS=shards)
+    c = run_workers(2, 2, wd, MP_SHARDS=shards)
     assert [r["resumed_from"] for r in a + b + c] == [0, 0, 4, 8, 8]
     assert [r["step"] for r in a + b + c] == [4, 4, 8, 12, 12]
-    batch = 16  # toy_config's global batch
-    assert [r["examples"] for r in a + b + c] == [4 * batch] * 2 + [8 * batch] + [12 * batch] * 2
+    assert [r["examples"] for r in a + b + c] == [4 * BATCH] * 2 + [8 * BATCH] + [12 * BATCH] * 2
+    # Every step's global batch is the uninterrupted run's, example for example.
+    ids = _global_ids(a) + b[0]["ids"] + _global_ids(c)
+    assert ids == one_process["ids"] and sum(map(len, ids)) == 12 * BATCH
     assert not os.path.exists(os.path.join(wd, "corrupt_checkpoints"))
     for got, want in zip(c[0]["params"], one_process["params"]):
         np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
@@ -55,8 +73,8 @@ def test_resume_on_another_process_count(tmp_path, one_process):
     # The job's position is one record in the checkpoint, written for 2 processes.
     with open(os.path.join(wd, "checkpoints", "12", "data", "metadata")) as f:
         position = json.load(f)
-    assert position == {"examples": 12 * batch, "process_count": 2,
-                        "processes": [{"step": 12}, {"step": 12}]}
+    assert position["examples"] == 12 * BATCH and position["process_count"] == 2
+    assert [p["position"] for p in position["processes"]] == [12 * BATCH] * 2
 
 
 def test_sigterm_on_one_host_stops_every_host_at_the_same_step(tmp_path):

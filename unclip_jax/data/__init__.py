@@ -21,6 +21,12 @@ def make_iterator(data_config, *, split: str, process_index: int, process_count:
                   drop_remainder: bool | None = None, postprocess=None) -> BatchIterator:
     """A resumable iterator of this process's local batches (a stages.base.DataIterator).
 
+    Endless (num_epochs=None, training): this process's rows of one global order of examples
+    that does not depend on the process count (global batch = local_batch_size *
+    process_count), so a run resumes exactly on another count (`BatchIterator.seek`; see
+    unclip_jax.data.loader). Finite (embedding, evaluation): this process's own part of the
+    data, one pass.
+
     Batches are dicts of numpy arrays: "image" float32 [B, R, R, 3] in [-1, 1] (R =
     data_config.resolution), "caption" object array of str, "index" int64 (example id in the
     source), plus reader extras (shapes: background, num_objects, obj_*; embed_cache: embeddings
@@ -31,7 +37,10 @@ def make_iterator(data_config, *, split: str, process_index: int, process_count:
     """
     from unclip_jax.data import sources
 
-    source = sources.open_source(data_config, split, process_index, process_count)
+    stream = num_epochs is None
+    # The training stream slices global batches itself: it reads the source as one process.
+    source = sources.open_source(data_config, split, *((0, 1) if stream else
+                                                       (process_index, process_count)))
     if drop_remainder is None:
         drop_remainder = num_epochs is None
     return BatchIterator(
@@ -39,4 +48,5 @@ def make_iterator(data_config, *, split: str, process_index: int, process_count:
         seed=seed, fields=fields, shuffle=(split == "train") if shuffle is None else shuffle,
         num_epochs=num_epochs, drop_remainder=drop_remainder,
         num_threads=int(data_config.num_threads), prefetch=int(data_config.prefetch),
-        postprocess=postprocess)
+        postprocess=postprocess, process_index=process_index if stream else 0,
+        process_count=process_count if stream else 1)

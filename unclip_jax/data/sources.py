@@ -13,6 +13,7 @@ import json
 import os
 import tarfile
 import threading
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import ml_collections
@@ -214,7 +215,9 @@ class WebDatasetSource:
 
     Shard i of the sorted list goes to process i % process_count; a process reads the stored
     index (`shard_index`) of its own shards only, and of another shard only when asked for one
-    of its examples by global index (`read`). Shards may be local or on object storage
+    of its examples by global index (`read`). The training stream opens the shards as one
+    process (every stored index, read once per start) and each process then reads only the
+    examples of its rows (see unclip_jax.data.loader). Shards may be local or on object storage
     (`gs://bucket/shards/*.tar`). A missing KEY.txt falls back to the "caption" field of KEY.json.
     """
 
@@ -246,6 +249,12 @@ class WebDatasetSource:
         # Built on first use: a source read only by global index (join_images) never indexes
         # the shards it is not asked about.
         if self._local_list is None:
+            # The stored indexes (one small file per shard) read in parallel: on object storage
+            # each read is a round trip.
+            todo = [s for s in self._mine if s not in self._index]
+            with ThreadPoolExecutor(max(1, min(16, len(todo)))) as pool:
+                for s, idx in zip(todo, pool.map(shard_index, [self.shards[s] for s in todo])):
+                    self._index.setdefault(s, idx)
             local = [(s, k) for s in self._mine for k in range(len(self._shard_index(s)))]
             if not local:
                 raise ValueError(f"webdataset shards {self.path!r} hold no examples for process "

@@ -3,6 +3,9 @@
 It exercises everything the trainer does (sharded params over data/fsdp/tensor, dropout RNG,
 resumable deterministic input, non-finite batches) in seconds, so trainer tests don't depend on
 the real models. Config: model.{width, hidden, depth, dropout}, data.{dim, poison_steps}.
+With data.name set to a file reader (webdataset, folder, embed_cache; see unclip_jax.data.config)
+the examples come from that reader's training stream instead: example id -> (x, y), so the
+readers' order and resume are exercised by the real trainer.
 """
 from __future__ import annotations
 
@@ -49,8 +52,7 @@ class ToyIterator:
         self.poison = set(int(s) for s in poison_steps)
         self.step = 0
         self.sigterm_at_step = int(sigterm_at_step)  # test hook: simulate a preemption notice
-        rng = np.random.default_rng([seed, 12345])
-        self.teacher = rng.standard_normal((dim, dim)).astype(np.float32) / np.sqrt(dim)
+        self.teacher = _teacher(seed, dim)
 
     def __iter__(self):
         return self
@@ -82,6 +84,42 @@ class ToyIterator:
         return {"poisoned_batches": float(sum(1 for s in self.poison if s < self.step))}
 
 
+def _teacher(seed, dim):
+    rng = np.random.default_rng([seed, 12345])
+    return rng.standard_normal((dim, dim)).astype(np.float32) / np.sqrt(dim)
+
+
+class ToyFileData:
+    """The toy's examples drawn from a file reader's iterator (ids only, nothing decoded):
+    example id i gives x ~ N(0, 1) seeded by (seed, i) and y = sin(x @ teacher). `ids` holds
+    the last batch's example ids."""
+
+    def __init__(self, it, seed, dim):
+        self.it, self.seed, self.teacher = it, seed, _teacher(seed, dim)
+        self.dim, self.ids = dim, None
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        self.ids = next(self.it)["index"]
+        x = np.stack([np.random.default_rng([self.seed, int(i)]).standard_normal(self.dim)
+                      for i in self.ids]).astype(np.float32)
+        return {"x": x, "y": np.sin(x @ self.teacher)}
+
+    def get_state(self):
+        return self.it.get_state()
+
+    def set_state(self, state):
+        self.it.set_state(state)
+
+    def seek(self, examples, process_count):
+        self.it.seek(examples, process_count)
+
+    def stats(self):
+        return self.it.stats()
+
+
 class ToyStage(Stage):
     name = "toy"
 
@@ -108,6 +146,12 @@ class ToyStage(Stage):
         return loss, {"mse": loss}
 
     def make_data(self, config, *, split, process_index, process_count, local_batch_size, seed):
+        if config.data.get("name"):
+            from unclip_jax.data import make_iterator
+            it = make_iterator(config.data, split=split, process_index=process_index,
+                               process_count=process_count, local_batch_size=local_batch_size,
+                               seed=seed, fields=("index",))
+            return ToyFileData(it, seed, int(config.data.dim))
         return ToyIterator(seed, int(config.data.dim), int(config.train.batch_size),
                            process_index, local_batch_size,
                            tuple(config.data.poison_steps),

@@ -117,9 +117,10 @@ class _Preemption:
 def resume_data(data, position: dict, start: int, global_batch: int) -> int:
     """Put this process's iterator where the job left off; returns the examples consumed.
 
-    On the process count that wrote the position each process takes back its own iterator state
-    (exact). On another count the iterators are re-derived from the job's global position
-    (`seek(examples, process_count)`)."""
+    On the process count that wrote the position each process takes back its own iterator state.
+    On another count the iterators are re-derived from the job's global position
+    (`seek(examples, process_count)`); the data readers' training order does not depend on the
+    count (unclip_jax.data.loader), so both resume exactly."""
     n = jax.process_count()
     examples = position.get("examples")
     if examples is None:  # an old checkpoint: per-process states only
