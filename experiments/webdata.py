@@ -14,8 +14,11 @@ raise the widths and batches to the chips, e.g. for a v5e-64 / v4-64:
   (and --config.stages.<s>.mesh.fsdp=N, mesh.data=-1, once a stage no longer fits a chip
   replicated).
 Smoke: --config=experiments/webdata.py:smoke needs no input: it writes a few webdataset shards
-  and a tiny random-weight HF CLIP under <workdir>/inputs, then runs every step (one
-  training step per stage), samples and evaluates: a few minutes on CPU.
+  and a tiny random-weight HF CLIP under <workdir>/inputs (in the bucket for a gs:// workdir),
+  then runs every step (one training step per stage), samples and evaluates: a few minutes on
+  CPU.
+The workdir, data.path and clip_import.hf_dir may each be local or gs://... (the HF folder is
+read through a local copy on each host).
 
 Inputs (nothing is downloaded):
   clip_import.hf_dir  a Hugging Face CLIP folder (config.json, model.safetensors, vocab.json,

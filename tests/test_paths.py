@@ -93,13 +93,68 @@ def test_whole_file_writes_and_write_once_on_gcs(bucket, tmp_path, monkeypatch):
     assert os.listdir(tmp_path) == []   # no local folder named "gs:"
 
 
-def test_local_only_inputs_refuse_a_gcs_workdir_before_writing(tmp_path, monkeypatch):
-    """The webdata recipe and the stages' :smoke variants make or link inputs by local path."""
+def test_stage_smoke_variants_refuse_a_gcs_workdir_before_writing(tmp_path, monkeypatch):
+    """The stages' :smoke variants make their inputs by local path."""
     from unclip_jax import main
     from helpers.trainer import load_config
     monkeypatch.chdir(tmp_path)
-    with pytest.raises(ValueError, match="webdata recipe .* local or shared"):
-        main.run(load_config("webdata.py", "smoke"), "gs://bucket/run")
     with pytest.raises(ValueError, match="smoke variant .* local workdir"):
         main.run(load_config("paper/decoder_64.py", "smoke"), "gs://bucket/run")
     assert os.listdir(tmp_path) == []
+
+
+def test_webdata_inputs_and_imported_clip_on_gcs(bucket, tmp_path, monkeypatch):
+    """The webdata recipe on a gs:// workdir: its :smoke inputs (shards, a random HF CLIP) are
+    made under <workdir>/inputs in the bucket, nothing locally; the run's CLIP stage links that
+    gs:// folder and loads its weights and tokenizer (through a local copy); a bad gs:// folder
+    is refused naming its URL."""
+    import jax
+    import numpy as np
+
+    from helpers.trainer import load_config
+    from unclip_jax.models import clip_import
+    from unclip_jax.recipes import webdata
+    monkeypatch.chdir(tmp_path)
+    wd = f"{bucket}/runs/web"
+    config = webdata.prepare(load_config("webdata.py", "smoke"), wd)
+    hf = f"{wd}/inputs/hf_clip"
+    assert config.clip_import.hf_dir == hf
+    assert config.data.path == f"{wd}/inputs/web/{{split}}/*.tar"
+    for split, n in (("train", 4), ("test", 1)):   # 32 and 8 examples, 8 a shard
+        shards = paths.glob(config.data.path.format(split=split))
+        assert len(shards) == n and all(s.startswith(f"{wd}/inputs/web/{split}/") for s in shards)
+    webdata.check(config, wd, {})   # the gs:// CLIP folder checked, captions read from gs://
+    assert webdata.clip_spec(config)["embed_dim"] == 16
+    stage = f"{wd}/clip"
+    clip_import.link_clip_stage(stage, hf)
+    assert json.loads(epath.Path(f"{stage}/hf_clip.json").read_text()) == {"hf_dir": hf}
+    assert clip_import.linked_hf_dir(stage) == hf
+    loaded = clip_import.load_clip_stage(stage)
+    assert loaded.workdir == stage and loaded.config.tokenizer.dir == hf
+    # The same weights and tokenizer as the folder downloaded by hand.
+    local = tmp_path / "hf"
+    local.mkdir()
+    for f in epath.Path(hf).iterdir():
+        (local / f.name).write_bytes(f.read_bytes())
+    _, want, tok = clip_import.load_hf_clip(str(local))
+    assert jax.tree.structure(loaded.params) == jax.tree.structure(want)
+    for a, b in zip(jax.tree.leaves(loaded.params), jax.tree.leaves(want)):
+        np.testing.assert_array_equal(a, b)
+    from unclip_jax.data.tokenizer import Tokenizer
+    tok_gs = Tokenizer.load(loaded.config.tokenizer.dir)   # what the pipeline loads
+    captions = ["a red circle", "a small blue square above a green triangle"]
+    np.testing.assert_array_equal(tok_gs.encode(captions)[0], tok.encode(captions)[0])
+    assert tok_gs.pad_id == tok.pad_id and tok_gs.vocab_size == tok.vocab_size
+    # Bad gs:// folders: the error names the URL.
+    paths.upload(str(local), f"{bucket}/other_clip")
+    with pytest.raises(ValueError, match=f"{stage}/hf_clip.json imports {hf}, not "
+                                         f"{bucket}/other_clip"):
+        clip_import.link_clip_stage(stage, f"{bucket}/other_clip")
+    with pytest.raises(FileNotFoundError, match=f"folder '{bucket}/nothing' does not exist"):
+        clip_import.check_hf_clip_dir(f"{bucket}/nothing")
+    epath.Path(f"{bucket}/half_clip/config.json").write_text(
+        epath.Path(f"{hf}/config.json").read_text())
+    with pytest.raises(FileNotFoundError, match=f"folder '{bucket}/half_clip' has no "
+                                                r"\*.safetensors"):
+        clip_import.check_hf_clip_dir(f"{bucket}/half_clip")
+    assert os.listdir(tmp_path) == ["hf"]   # nothing else local: no folder named "gs:"

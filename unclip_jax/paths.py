@@ -163,14 +163,25 @@ def local_file(p) -> str:
 
 def local_dir(p) -> str:
     """`p` itself when local; else a local copy of the directory's files (not sub-folders), for
-    readers that only take local paths (e.g. Hugging Face tokenizers)."""
+    readers that only take local paths (Hugging Face tokenizers and weights, array_record
+    files), downloaded once per process and version (URL, every file's name, size and
+    modification time)."""
     if not is_url(p):
         return os.fspath(path(p))
     src = epath.Path(str(p))
     if not src.is_dir():
         raise FileNotFoundError(f"{p} is not a directory")
-    dst = tempfile.mkdtemp(prefix="unclip_jax_", dir=_mirror_dir())
-    for f in src.iterdir():
-        if not f.is_dir():
-            shutil.copyfile(local_file(f), os.path.join(dst, f.name))
+    files = sorted((f for f in src.iterdir() if not f.is_dir()), key=lambda f: f.name)
+    stats = [(f.name, f.stat()) for f in files]
+    key = hashlib.sha1("|".join([str(p)] + [f"{n}:{st.length}:{st.mtime}" for n, st in stats])
+                       .encode()).hexdigest()[:20]
+    dst = os.path.join(_mirror_dir(), f"{key}_{src.name}")
+    if not os.path.exists(dst):
+        import fsspec
+        fs, _ = fsspec.core.url_to_fs(str(p))
+        tmp = f"{dst}.tmp{os.getpid()}"
+        os.makedirs(tmp)
+        for f in files:
+            fs.get_file(fsspec.core.url_to_fs(str(f))[1], os.path.join(tmp, f.name))
+        os.replace(tmp, dst)
     return dst

@@ -1,7 +1,7 @@
-"""The main job with its workdir on object storage (gs://, a local GCS emulator): killed mid-stage,
-resumed to the result of the uninterrupted run (the session's `tiny_run`, trained locally with
-the same config), then `sample` and `evaluate` read it; nothing is written to a local folder
-named "gs:"."""
+"""The main job with its workdir and data on object storage (gs://, a local GCS emulator): killed
+mid-stage, resumed to the result of the uninterrupted run (the session's `tiny_run`, trained
+locally with the same config), then `sample` and `evaluate` read it; the shapes dataset is
+generated into the bucket once; nothing is written to a local folder named "gs:"."""
 import json
 import os
 import subprocess
@@ -51,8 +51,9 @@ def _main_job(tmp_path, *args):
 @pytest.fixture(scope="module")
 def gcs_run(tiny_run, bucket, tmp_path_factory):
     """The tiny main job on gs://: killed once KILLED's first checkpoint is committed, then the
-    same command resumed to the end. (workdir, the killed run's checkpoint-2 objects, the two
-    processes' stdout, the local folder both ran in).
+    same command resumed to the end, data_dir in the bucket too. (workdir, the killed run's
+    checkpoint-2 objects, the two processes' output, the local folder both ran in, the
+    dataset's objects after each run).
 
     To save test time the resumed run finds the decoder and upsampler finished (tiny_run's,
     uploaded: the two slowest stages to train, through the same trainer and cache reader as
@@ -61,22 +62,24 @@ def gcs_run(tiny_run, bucket, tmp_path_factory):
     cfg, local, _ = tiny_run
     cwd = tmp_path_factory.mktemp("gcs_cwd")
     wd = f"{bucket}/runs/shapes"
-    args = [f"--workdir={wd}", f"--config.data.data_dir={cfg.data.data_dir}",
+    args = [f"--workdir={wd}", f"--config.data.data_dir={bucket}/data",
             f"--config.stages.{KILLED}.train.ckpt_every=2", "--config.report.ar_prior=False",
             "--config.report.true_embedding=False"]
     killed = _main_job(cwd, f"--kill_after={KILLED}:2", *args)
     assert killed.returncode == -9, killed.stderr[-3000:]
     at_kill = _objects(f"runs/shapes/{KILLED}/checkpoints/")
+    data_at_kill = _objects("data/")
     for stage in ("decoder", "upsampler"):
         paths.upload(os.path.join(local, stage), f"{wd}/{stage}")
     resumed = _main_job(cwd, *args)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    return wd, at_kill, killed.stdout, resumed.stdout, cwd
+    return (wd, at_kill, killed.stdout + killed.stderr, resumed.stdout + resumed.stderr, cwd,
+            (data_at_kill, _objects("data/")))
 
 
 def test_killed_stage_resumes_to_the_uninterrupted_result(gcs_run, tiny_run):
     from unclip_jax.train.checkpoint import load_trained
-    wd, at_kill, first, second, _ = gcs_run
+    wd, at_kill, first, second, *_ = gcs_run
     # Killed in KILLED after its checkpoint 2: the stages before it finished, no later one began.
     assert f"[{KILLED}] training" in first and "[ar_prior]" not in first
     assert {n.split("/")[4] for n in at_kill} == {"2"}
@@ -102,13 +105,44 @@ def test_killed_stage_resumes_to_the_uninterrupted_result(gcs_run, tiny_run):
             == open(os.path.join(tiny_run[1], "samples", "grid.png"), "rb").read())
 
 
+def test_shapes_data_is_generated_into_the_bucket_once(gcs_run, tiny_run, bucket):
+    """The killed run generated the dataset (locally, then uploaded with its completion marker
+    last); the resumed run and this process read the bucket's copy without generating again,
+    and its records are the locally generated dataset's."""
+    import tensorflow_datasets as tfds
+
+    from unclip_jax import paths
+    from unclip_jax.data import shapes_tfds
+    *_, first, second, _, (data_at_kill, data_now) = gcs_run
+    s = tiny_run[0].data.shapes
+    name = shapes_tfds.config_for(s.num_train, s.num_test, s.seed, s.image_size).name
+    version = f"data/unclip_shapes/{name}/{shapes_tfds.UnclipShapes.VERSION}/"
+    assert {n.rsplit("/", 1)[0] + "/" for n in data_at_kill} == {version}
+    assert version + ".complete" in data_at_kill
+    assert data_now == data_at_kill   # no object rewritten by the resumed run
+    assert first.count("downloaded and prepared") == 1 and "downloaded and prepared" not in second
+    ours = shapes_tfds.builder(s.num_train, s.num_test, s.seed, s.image_size,
+                               data_dir=f"{bucket}/data")
+    # read from this process's local copy of the bucket's files (paths.local_dir)
+    assert os.path.dirname(os.fspath(ours.data_dir)) == paths._mirror_dir()
+    assert _objects("data/") == data_at_kill
+    local = shapes_tfds.builder(s.num_train, s.num_test, s.seed, s.image_size,
+                                data_dir=tiny_run[0].data.data_dir)
+    for split, n in (("train", s.num_train), ("test", s.num_test)):
+        a, b = (x.as_data_source(split, decoders={"image": tfds.decode.SkipDecoding()})
+                for x in (ours, local))
+        assert len(a) == len(b) == n
+        for i in (0, n // 2, n - 1):
+            assert a[i]["image"] == b[i]["image"] and a[i]["caption"] == b[i]["caption"]
+
+
 def test_sample_and_evaluate_read_the_gcs_workdir(gcs_run, tiny_run, bucket, tmp_path,
                                                   monkeypatch):
     from PIL import Image
 
     from unclip_jax import evaluate, sample
     from unclip_jax.images import to_uint8
-    wd, *_, cwd = gcs_run
+    wd, _, _, _, cwd, _ = gcs_run
     monkeypatch.chdir(tmp_path)
     # The main job's own `samples` step (experiments/shapes.py:smoke sample.*), from the gs://
     # workdir: the images of the uninterrupted local run's samples/grid.png.

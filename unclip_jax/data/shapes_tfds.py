@@ -3,7 +3,9 @@
 Records are written as array_record with images as PNG bytes (tfds only needs TensorFlow to
 encode numpy images or to read through tf.data); they are read back with `as_data_source`.
 Every example is a pure function of (seed, split, index) (see `shapes.example`), and PNG encoding
-is deterministic, so the same config gives byte-identical records.
+is deterministic, so the same config gives byte-identical records. A data_dir on object storage
+(gs://...) holds the dataset generated once for all processes and hosts; each process reads a
+local copy (`_from_object_storage`).
 """
 from __future__ import annotations
 
@@ -11,12 +13,15 @@ import dataclasses
 import fcntl
 import io
 import os
+import shutil
+import tempfile
 
 import numpy as np
 import tensorflow_datasets as tfds
 from etils import epath
 from PIL import Image
 
+from unclip_jax import paths
 from unclip_jax.data import shapes
 from unclip_jax.data.shapes import SPLIT_IDS
 
@@ -94,17 +99,13 @@ def default_data_dir() -> str:
 
 
 def builder(num_train: int = 20_000, num_test: int = 2_000, seed: int = 0,
-            image_size: int = 64, data_dir: str | None = None) -> UnclipShapes:
+            image_size: int = 64, data_dir: str | None = None) -> tfds.core.DatasetBuilder:
     """The shapes builder for these parameters, prepared (generated once, then reused)."""
     data_dir = data_dir or default_data_dir()
-    if "://" in data_dir:
-        # tfds writes array_record files with local file I/O (no object-store writer without
-        # TensorFlow); the dataset is generated from its seed, so every host can make its own.
-        raise ValueError(f"data.data_dir={data_dir}: the built-in shapes dataset is generated "
-                         "into a local directory (array_record files); give a local data_dir "
-                         "(each host generates the same examples from the seed)")
-    os.makedirs(data_dir, exist_ok=True)
     config = config_for(num_train, num_test, seed, image_size)
+    if paths.is_url(data_dir):
+        return _from_object_storage(data_dir, config)
+    os.makedirs(data_dir, exist_ok=True)
     if config.name in UnclipShapes.builder_configs:  # tfds wants registered configs by name
         config = config.name
     b = UnclipShapes(data_dir=data_dir, config=config, file_format="array_record")
@@ -117,6 +118,26 @@ def builder(num_train: int = 20_000, num_test: int = 2_000, seed: int = 0,
         finally:
             fcntl.flock(lock, fcntl.LOCK_UN)
     return b
+
+
+def _from_object_storage(data_dir: str, config: ShapesConfig) -> tfds.core.DatasetBuilder:
+    """The dataset under an object-store data_dir (gs://...), in tfds' layout there
+    (<data_dir>/unclip_shapes/<config>/<version>/). tfds writes and reads array_record files
+    with local file I/O only (no TensorFlow), so process 0 generates it in a local temporary
+    folder and uploads it once (`distributed.write_once`: its DONE_FILE last, so a half
+    upload is never read), and each process reads a local copy (`paths.local_dir`, downloaded
+    once per process)."""
+    from unclip_jax import distributed
+    url = (f"{data_dir.rstrip('/')}/{UnclipShapes.name}/{config.name}/"
+           f"{UnclipShapes.VERSION}")
+
+    def generate(tmp: str) -> None:
+        with tempfile.TemporaryDirectory(prefix="unclip_shapes_") as local:
+            b = builder(config.num_train, config.num_test, config.seed, config.image_size,
+                        data_dir=local)
+            shutil.move(os.fspath(b.data_dir), tmp)
+    distributed.write_once(url, generate)
+    return tfds.builder_from_directory(paths.local_dir(url))
 
 
 def scene_of(record: dict) -> dict:

@@ -74,10 +74,12 @@ class Tokenizer:
         """A pretrained CLIP tokenizer saved by transformers (vocab.json + merges.txt + configs).
 
         `from_pretrained` is used on purpose: in transformers 5, CLIPTokenizer(vocab_file=...,
-        merges_file=...) silently builds a 2-token vocabulary."""
+        merges_file=...) silently builds a 2-token vocabulary. A gs:// directory is read through
+        a local copy (transformers reads local files, or the Hub, only)."""
         from transformers import AutoTokenizer
 
-        hf = AutoTokenizer.from_pretrained(directory)
+        from unclip_jax import paths
+        hf = AutoTokenizer.from_pretrained(paths.local_dir(directory))
         if hf.bos_token_id is None or hf.eos_token_id is None:
             raise ValueError(f"tokenizer in {directory!r} has no bos/eos token")
         pad = hf.pad_token_id if hf.pad_token_id is not None else hf.eos_token_id

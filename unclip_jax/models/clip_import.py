@@ -13,9 +13,10 @@ inside `CLIP.encode_image` (`clip.to_clip_pixels`), nowhere else.
 
 An imported CLIP as a run's CLIP stage (what `Pipeline`, `sample`, `evaluate` and the
 manipulations load): the stage directory (`<workdir>/clip/`) holds `hf_clip.json`,
-{"hf_dir": "/abs/path/to/the/HF/folder"}, instead of `checkpoints/`; `link_clip_stage` writes it
-after `check_hf_clip_dir`, `load_clip_stage` loads it as a `train.checkpoint.Trained` (step 0)
-with the folder's own tokenizer (77 tokens and CLIP's pad id for OpenAI's checkpoints).
+{"hf_dir": "/abs/path/to/the/HF/folder"} (or "gs://bucket/folder"), instead of `checkpoints/`;
+`link_clip_stage` writes it after `check_hf_clip_dir`, `load_clip_stage` loads it as a
+`train.checkpoint.Trained` (step 0) with the folder's own tokenizer (77 tokens and CLIP's pad id
+for OpenAI's checkpoints).
 """
 from __future__ import annotations
 
@@ -182,19 +183,21 @@ _TOKENIZER_FILES = (("vocab.json", "merges.txt"), ("tokenizer.json",))
 
 
 def check_hf_clip_dir(directory: str) -> dict:
-    """The folder's config.json after checking, without reading weights, that the folder is a
-    Hugging Face CLIP checkpoint: errors name the folder and the missing file or field."""
+    """The folder's config.json after checking, without reading weights, that the folder (local
+    or on object storage, gs://...) is a Hugging Face CLIP checkpoint: errors name the folder
+    and the missing file or field."""
+    from unclip_jax import paths
     where = f"Hugging Face CLIP folder {directory!r}"
     if not directory:
         raise ValueError("no Hugging Face CLIP folder given (empty path)")
-    if not os.path.isdir(directory):
+    d = paths.path(directory)
+    if not d.is_dir():
         raise FileNotFoundError(f"{where} does not exist")
-    path = os.path.join(directory, "config.json")
-    if not os.path.isfile(path):
+    path = d / "config.json"
+    if not path.is_file():
         raise FileNotFoundError(f"{where} has no config.json ({path})")
     try:
-        with open(path) as f:
-            cfg = json.load(f)
+        cfg = json.loads(path.read_text())
     except ValueError as e:
         raise ValueError(f"{path} is not valid JSON: {e}") from None
     kind = cfg.get("model_type") if isinstance(cfg, dict) else None
@@ -206,18 +209,22 @@ def check_hf_clip_dir(directory: str) -> dict:
                          "vision_config, as transformers.CLIPModel saves it)")
     if "projection_dim" not in cfg:
         raise ValueError(f"{path} has no projection_dim")
-    if not any(f.endswith(".safetensors") for f in os.listdir(directory)):
+    names = {f.name for f in d.iterdir() if not f.is_dir()}
+    if not any(f.endswith(".safetensors") for f in names):
         raise FileNotFoundError(f"{where} has no *.safetensors weights (model.safetensors)")
-    if not any(all(os.path.isfile(os.path.join(directory, f)) for f in files)
-               for files in _TOKENIZER_FILES):
+    if not any(all(f in names for f in files) for files in _TOKENIZER_FILES):
         raise FileNotFoundError(f"{where} has no tokenizer: expected vocab.json and merges.txt "
                                 "(or tokenizer.json)")
     return cfg
 
 
 def load_hf_clip(directory: str, dtype=jnp.float32):
-    """(CLIP module, params, Tokenizer) from a local HF CLIP directory; nothing is downloaded."""
+    """(CLIP module, params, Tokenizer) from a HF CLIP directory the user names: a local path,
+    or a folder on object storage read through a local copy (paths.local_dir: the weights and
+    tokenizer readers take local files); nothing is downloaded from the Hub."""
+    from unclip_jax import paths
     cfg = check_hf_clip_dir(directory)
+    directory = paths.local_dir(directory)
     model = model_from_hf_config(cfg, dtype)
     params = convert_state_dict(model, read_safetensors(directory))
     tok = Tokenizer.from_hf(directory, context_length=int(model.text["ctx"]))
@@ -256,34 +263,35 @@ def encoder(config):
 # ------------------------------------------------------------------ an imported CLIP as a stage
 def linked_hf_dir(stage_dir: str) -> str | None:
     """The HF folder a CLIP stage directory imports (its hf_clip.json), or None."""
-    path = os.path.join(stage_dir, LINK_FILE)
-    if not os.path.isfile(path):
+    from unclip_jax import paths
+    path = paths.path(stage_dir) / LINK_FILE
+    if not path.is_file():
         return None
-    with open(path) as f:
-        try:
-            hf_dir = json.load(f)["hf_dir"]
-        except (ValueError, KeyError, TypeError):
-            raise ValueError(f"{path} must hold {{\"hf_dir\": \"/path/to/hf/clip\"}}") from None
+    try:
+        hf_dir = json.loads(path.read_text())["hf_dir"]
+    except (ValueError, KeyError, TypeError):
+        raise ValueError(f"{path} must hold {{\"hf_dir\": \"/path/to/hf/clip\"}}") from None
     return str(hf_dir)
 
 
 def link_clip_stage(stage_dir: str, hf_dir: str) -> None:
     """Make `stage_dir` a CLIP stage that imports the HF folder `hf_dir` (checked first).
     A stage directory already linked to another folder is an error, not silently re-pointed:
-    the run's embedding cache and priors were made with the first one."""
-    hf_dir = os.path.abspath(hf_dir)
+    the run's embedding cache and priors were made with the first one. Either may be a local
+    path or on object storage (gs://...)."""
+    from unclip_jax import paths
+    hf_dir = str(paths.path(hf_dir))
     check_hf_clip_dir(hf_dir)
     old = linked_hf_dir(stage_dir)
     if old is not None:
-        if os.path.abspath(old) != hf_dir:
+        if str(paths.path(old)) != hf_dir:
             raise ValueError(f"{os.path.join(stage_dir, LINK_FILE)} imports {old}, not {hf_dir}: "
                              "this run's cache and stages were made with that CLIP; use a new "
                              "workdir for another")
         return
-    if os.path.isdir(os.path.join(stage_dir, "checkpoints")):
+    if (paths.path(stage_dir) / "checkpoints").is_dir():
         raise ValueError(f"{stage_dir} holds a CLIP trained here (checkpoints/); it cannot also "
                          "import a Hugging Face CLIP")
-    from unclip_jax import paths
     paths.write_text(os.path.join(stage_dir, LINK_FILE), json.dumps({"hf_dir": hf_dir}, indent=1))
 
 
@@ -304,6 +312,7 @@ def clip_stage_config(hf_dir: str, cfg: dict | None = None):
 
 def load_clip_stage(stage_dir: str):
     """An imported CLIP stage (hf_clip.json) as a `Trained` (step 0, the HF weights)."""
+    from unclip_jax import paths
     from unclip_jax.train.checkpoint import Trained
     hf_dir = linked_hf_dir(stage_dir)
     if hf_dir is None:
@@ -312,7 +321,7 @@ def load_clip_stage(stage_dir: str):
         model, params, _ = load_hf_clip(hf_dir)
     except (OSError, ValueError, KeyError) as e:
         raise type(e)(f"the CLIP stage {stage_dir} imports {hf_dir}: {e}") from None
-    return Trained(clip_stage_config(hf_dir), None, model, params, 0, os.path.abspath(stage_dir))
+    return Trained(clip_stage_config(hf_dir), None, model, params, 0, str(paths.path(stage_dir)))
 
 
 def _hf_tensor_shapes(t: dict, v: dict, projection_dim: int) -> dict[str, tuple]:

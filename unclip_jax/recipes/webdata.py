@@ -1,9 +1,10 @@
 """The web-data recipe of the whole-stack runner (recipes/runner.py): a pretrained CLIP imported
-from a local Hugging Face folder and real captioned images (experiments/webdata.py).
+from a Hugging Face folder and real captioned images (experiments/webdata.py). The workdir, the
+data and the HF folder may each be local or on object storage (gs://...).
 
 What differs from the shapes recipe, as the runner's hooks:
   prepare      the `:smoke` variant's inputs (webdataset shards and a tiny random HF CLIP under
-               <workdir>/inputs, made once) and their paths
+               <workdir>/inputs, made once, on a gs:// workdir there too) and their paths
   check        the HF folder is a CLIP, the data has captions, a workdir already linked to
                another CLIP is refused: before anything is written
   adapt_stage  the stages' sizes that follow the CLIP: embed_dim / clip_dim = projection_dim,
@@ -31,7 +32,8 @@ VIT_L14 = dict(embed_dim=768, text_width=768, text_ctx=77, vocab_size=49408, pad
 
 
 def _hf_dir(config) -> str:
-    return os.path.abspath(str(config.clip_import.hf_dir)) if config.clip_import.hf_dir else ""
+    from unclip_jax import paths
+    return str(paths.path(str(config.clip_import.hf_dir))) if config.clip_import.hf_dir else ""
 
 
 @functools.lru_cache(maxsize=4)
@@ -47,25 +49,22 @@ def _spec(hf_dir: str) -> dict:
 
 def clip_spec(config) -> dict:
     """The sizes of the configured CLIP (VIT_L14 while no folder is named or present)."""
+    from unclip_jax import paths
     d = _hf_dir(config)
-    return _spec(d) if d and os.path.isdir(d) else dict(VIT_L14)
+    return _spec(d) if d and paths.path(d).is_dir() else dict(VIT_L14)
 
 
 # ----------------------------------------------------------------------------------- hooks
 def prepare(config, workdir: str):
-    """Smoke runs (config.make_inputs): shards and a random HF CLIP under <workdir>/inputs."""
-    from unclip_jax import paths
-    if paths.is_url(workdir):
-        raise ValueError(f"--workdir={workdir}: the webdata recipe links its imported CLIP folder "
-                         "and makes its smoke inputs by local path, so its workdir is a local or "
-                         "shared (NFS) path for now (its data shards may be on gs://); "
-                         "experiments/shapes.py runs on a gs:// workdir")
+    """Smoke runs (config.make_inputs): shards and a random HF CLIP under <workdir>/inputs
+    (local or gs://, each written once for all processes)."""
     if not bool(config.make_inputs):
         return config
+    from unclip_jax import paths
     from unclip_jax.stages.smoke import write_inputs
     m = config.make_inputs_sizes
     pattern, hf = write_inputs(
-        os.path.join(os.path.abspath(workdir), "inputs"), shard_size=int(m.shard_size),
+        os.path.join(str(paths.path(workdir)), "inputs"), shard_size=int(m.shard_size),
         splits={"train": int(m.num_train), "test": int(m.num_test)},
         image_size=int(m.image_size), clip=m.clip.to_dict())
     config = config.copy_and_resolve_references()
@@ -93,13 +92,14 @@ def _check_captions(config, split: str, n: int = 8):
 
 
 def check(config, workdir: str, cfgs: dict):
+    from unclip_jax import paths
     hf = _hf_dir(config)
     if not hf:
-        raise ValueError("config.clip_import.hf_dir is empty: name a local Hugging Face CLIP "
-                         "folder (config.json, model.safetensors, tokenizer files)")
+        raise ValueError("config.clip_import.hf_dir is empty: name a Hugging Face CLIP folder "
+                         "(config.json, model.safetensors, tokenizer files; local or gs://)")
     clip_import.check_hf_clip_dir(hf)
     linked = clip_import.linked_hf_dir(os.path.join(workdir, "clip"))
-    if linked is not None and os.path.abspath(linked) != hf:
+    if linked is not None and str(paths.path(linked)) != hf:
         raise ValueError(f"{workdir}/clip/hf_clip.json imports {linked}, but "
                          f"config.clip_import.hf_dir is {hf}: this run's cache and stages were "
                          "made with that CLIP; use a new workdir for another")
@@ -140,6 +140,7 @@ def _import_clip(run):
 
 
 def _evaluate(run):
+    from unclip_jax import paths
     from unclip_jax.eval.evaluator import default_out, evaluate
     e = run.config.evaluate.copy_and_resolve_references()
     with e.unlocked():
@@ -148,8 +149,8 @@ def _evaluate(run):
         for k, v in run.config.sample.settings.items():
             if k not in e.sampling:
                 e.sampling[k] = v
-    out = default_out(e, os.path.abspath(run.workdir))
-    if os.path.exists(os.path.join(out, "eval.json")):
+    out = default_out(e, str(paths.path(run.workdir)))
+    if (paths.path(out) / "eval.json").exists():
         say(f"[evaluate] {out}/eval.json exists: skipped")
         return
     t = time.perf_counter()
