@@ -150,6 +150,7 @@ def written(path: str) -> bool:
     from unclip_jax import paths
     p = paths.path(path)
     if paths.is_url(path):
+        paths.refresh(path)  # written by another process, maybe after this one listed it
         return p.is_file() or (p / DONE_FILE).exists()
     return p.exists() and (not p.is_dir() or any(p.iterdir()))
 

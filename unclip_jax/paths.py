@@ -50,6 +50,21 @@ def glob(pattern: str) -> list[str]:
     return sorted(str(p) for p in base.glob("/".join(parts[fixed:])))
 
 
+
+def _fs(p):
+    """(filesystem, path within it) of a URL: the fsspec instance epath itself uses, so that
+    what this module writes is seen at once by every epath call of this process (a second
+    instance would keep its own stale listing cache)."""
+    fs = epath.backend.fsspec_backend.fs(str(p))
+    return fs, fs._strip_protocol(str(p))
+
+
+def refresh(p) -> None:
+    """Forget the cached listings of `p` and its parents: another process may have written
+    there since this one listed it (gcsfs answers `exists` from its listing cache)."""
+    if is_url(p):
+        _fs(p)[0].invalidate_cache(_fs(p)[1])
+
 @contextlib.contextmanager
 def atomic_write(p, mode: str = "wb"):
     """A file object to write `p` whole: a reader sees the old file or the new one, never half
@@ -58,12 +73,11 @@ def atomic_write(p, mode: str = "wb"):
     commits an object only once its upload completes)."""
     p = path(p)
     if is_url(p):
-        import fsspec
         fd, tmp = tempfile.mkstemp(prefix="unclip_jax_upload_")
         try:
             with os.fdopen(fd, mode) as f:
                 yield f
-            fs, target = fsspec.core.url_to_fs(str(p))
+            fs, target = _fs(p)
             fs.put_file(tmp, target)
         finally:
             os.remove(tmp)
@@ -117,8 +131,7 @@ def np_load(p):
 
 def upload(local: str, url: str) -> None:
     """Copy a local file, or a directory's files (recursively), to `url`."""
-    import fsspec
-    fs, target = fsspec.core.url_to_fs(str(url))
+    fs, target = _fs(url)
     if os.path.isdir(local):
         for root, _, files in os.walk(local):
             for name in sorted(files):
@@ -153,8 +166,7 @@ def local_file(p) -> str:
     key = hashlib.sha1(f"{p}|{st.length}|{st.mtime}".encode()).hexdigest()[:20]
     dst = os.path.join(_mirror_dir(), f"{key}_{src.name}")
     if not os.path.exists(dst):
-        import fsspec
-        fs, target = fsspec.core.url_to_fs(str(p))
+        fs, target = _fs(p)
         tmp = f"{dst}.tmp{os.getpid()}"
         fs.get_file(target, tmp)
         os.replace(tmp, dst)
@@ -177,11 +189,10 @@ def local_dir(p) -> str:
                        .encode()).hexdigest()[:20]
     dst = os.path.join(_mirror_dir(), f"{key}_{src.name}")
     if not os.path.exists(dst):
-        import fsspec
-        fs, _ = fsspec.core.url_to_fs(str(p))
+        fs, _ = _fs(p)
         tmp = f"{dst}.tmp{os.getpid()}"
         os.makedirs(tmp)
         for f in files:
-            fs.get_file(fsspec.core.url_to_fs(str(f))[1], os.path.join(tmp, f.name))
+            fs.get_file(_fs(f)[1], os.path.join(tmp, f.name))
         os.replace(tmp, dst)
     return dst
