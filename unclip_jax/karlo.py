@@ -56,14 +56,14 @@ def is_karlo_workdir(workdir: str) -> bool:
     return os.path.exists(os.path.join(workdir, WORKDIR_FILE))
 
 
-def _restore(path: str):
-    """Params as stored (float32 or bfloat16), cast to float32: the modules' compute dtype
-    decides the arithmetic."""
+def _restore(path: str, dtype=jnp.float32):
+    """Params as stored (float32 or bfloat16), cast to the pipeline's compute dtype: float32
+    weights for float32 arithmetic, bfloat16 ones (half the memory) for bfloat16."""
     import orbax.checkpoint as ocp
     if not os.path.isdir(path):
         raise FileNotFoundError(f"karlo workdir: {path} is missing")
     params = ocp.StandardCheckpointer().restore(os.path.abspath(path))
-    return jax.tree.map(lambda a: jnp.asarray(a, jnp.float32), params)
+    return jax.tree.map(lambda a: jnp.asarray(a, dtype), params)
 
 
 class _Program:
@@ -227,7 +227,7 @@ class KarloPipeline:
         names = ["prior", "decoder", "super_res_first", "super_res_last", "text_encoder"]
         if self.program.has_vision:
             names.append("image_encoder")
-        self.params = {n: _restore(os.path.join(workdir, n)) for n in names}
+        self.params = {n: _restore(os.path.join(workdir, n), dtype) for n in names}
         with np.load(os.path.join(workdir, "prior_stats.npz")) as s:
             self.params["prior_stats"] = {k: jnp.asarray(s[k]) for k in ("image_mean",
                                                                         "image_std")}
@@ -439,10 +439,44 @@ class KarloPipeline:
                              jax.random.PRNGKey(seed)))[:n]
 
 
-def param_shardings(params, mesh, fsdp: bool):
-    """Replicated weights, or with `fsdp` each weight of at least FSDP_MIN_SIZE elements split
-    over all the mesh's devices along its largest dimension they divide (XLA gathers it where it
-    is used): per device, about 1/N of the weights."""
+def abstract_params(program: _Program, dtype=jnp.float32) -> dict:
+    """The text -> image path's params as ShapeDtypeStructs (what KarloPipeline.params holds,
+    without the image encoder), from the models' shapes alone: plans at Karlo's full
+    architecture need no weights."""
+    from flax import linen as nn
+
+    from unclip_jax.models import karlo_import as ki
+    p = program
+
+    def shapes(model, *args, **kw):
+        tree = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), *args, **kw))
+        return nn.meta.unbox(tree)["params"]
+    d, ctx = p.prior.embed_dim, p.prior.text_ctx
+    cond = {"z_t": jnp.zeros((1, d)), "token_embeddings": jnp.zeros((1, ctx, d)),
+            "token_mask": jnp.ones((1, ctx), bool)}
+    t = jnp.zeros((1,), jnp.int32)
+    args, kw = ki.decoder_inputs(p.decoder)
+    size = 8 * 2 ** (len(p.super_res.unet["channel_mult"]) - 1)
+    x = jnp.zeros((1, size, size, 3))
+    sr = shapes(p.super_res, x, t, x)
+    clip = shapes(p.clip, jnp.zeros((1, int(p.clip.text["ctx"])), jnp.int32),
+                  method=p.clip.encode_text)
+    out = {"prior": shapes(p.prior, jnp.zeros((1, d)), t, cond),
+           "decoder": shapes(p.decoder, *args, **kw), "super_res_first": sr,
+           "super_res_last": sr,
+           "text_encoder": {k: v for k, v in clip.items()
+                            if k in ("text_model", "text_projection", "logit_scale")}}
+    out = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, dtype), out)
+    out["prior_stats"] = {k: jax.ShapeDtypeStruct((d,), jnp.float32)
+                          for k in ("image_mean", "image_std")}
+    return out
+
+
+def param_shardings(params, mesh, fsdp: bool, min_size: int | None = None):
+    """Replicated weights, or with `fsdp` each weight of at least `min_size` (FSDP_MIN_SIZE)
+    elements split over all the mesh's devices along its largest dimension they divide (XLA
+    gathers it where it is used): per device, about 1/N of the weights."""
+    min_size = FSDP_MIN_SIZE if min_size is None else min_size
     rep = NamedSharding(mesh, P())
     if not fsdp:
         return jax.tree.map(lambda _: rep, params)
@@ -451,7 +485,7 @@ def param_shardings(params, mesh, fsdp: bool):
 
     def spec(x):
         shape = np.shape(x)
-        if int(np.prod(shape)) < FSDP_MIN_SIZE:
+        if int(np.prod(shape)) < min_size:
             return rep
         dims = [d for d in np.argsort(shape)[::-1] if shape[d] % k == 0]
         if not dims:

@@ -540,3 +540,46 @@ def scheduler_settings(cfg: dict, where: str) -> dict:
     clip = float(cfg.get("clip_sample_range", 1.0)) if cfg.get("clip_sample", True) else None
     return {"var_type": var[vt], "parameterization": pred[pt], "clip_x0": clip,
             "num_timesteps": int(cfg.get("num_train_timesteps", 1000)), "schedule": "cosine"}
+
+
+# ------------------------------------------------------------------- Karlo's full architecture
+def karlo_v1_alpha() -> dict:
+    """kakaobrain/karlo-v1-alpha's architecture as a converted workdir's karlo.json holds it
+    ({"configs": the components' config.json, "schedulers": our sampler's settings}), from
+    diffusers' conversion script (scripts/convert_kakao_brain_unclip_to_diffusers.py): for plans
+    and benchmarks at the real sizes without the weights (`karlo.abstract_params`)."""
+    unet = dict(layers_per_block=3, block_out_channels=[320, 640, 960, 1280],
+                norm_num_groups=32)
+    down = ["ResnetDownsampleBlock2D"] + ["SimpleCrossAttnDownBlock2D"] * 3
+    up = ["SimpleCrossAttnUpBlock2D"] * 3 + ["ResnetUpsampleBlock2D"]
+    sr = dict(unet, _class_name="UNet2DModel", sample_size=256, in_channels=6, out_channels=3,
+              add_attention=False, down_block_types=["ResnetDownsampleBlock2D"] * 4,
+              up_block_types=["ResnetUpsampleBlock2D"] * 4)
+    configs = {
+        "prior": dict(_class_name="PriorTransformer", num_attention_heads=32,
+                      attention_head_dim=64, num_layers=20, embedding_dim=768,
+                      num_embeddings=77, additional_embeddings=4),
+        "text_proj": dict(_class_name="UnCLIPTextProjModel", clip_extra_context_tokens=4,
+                          clip_embeddings_dim=768, time_embed_dim=1280,
+                          cross_attention_dim=1536),
+        "decoder": dict(unet, _class_name="UNet2DConditionModel", sample_size=64,
+                        in_channels=3, out_channels=6, cross_attention_dim=1536,
+                        down_block_types=down, up_block_types=up,
+                        mid_block_type="UNetMidBlock2DSimpleCrossAttn",
+                        class_embed_type="identity", attention_head_dim=64,
+                        resnet_time_scale_shift="scale_shift"),
+        "super_res_first": sr, "super_res_last": dict(sr),
+        "text_encoder": dict(architectures=["CLIPTextModelWithProjection"], vocab_size=49408,
+                             hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
+                             num_attention_heads=12, max_position_embeddings=77,
+                             projection_dim=768, hidden_act="quick_gelu", bos_token_id=49406,
+                             eos_token_id=49407, pad_token_id=1, layer_norm_eps=1e-5),
+    }
+    sched = {"prior": dict(variance_type="fixed_small_log", prediction_type="sample",
+                           clip_sample_range=5.0),
+             "decoder": dict(variance_type="learned_range", prediction_type="epsilon"),
+             "super_res": dict(variance_type="fixed_small_log", prediction_type="epsilon")}
+    return {"configs": configs,
+            "schedulers": {k: scheduler_settings(dict(v, beta_schedule="squaredcos_cap_v2",
+                                                      num_train_timesteps=1000), k)
+                           for k, v in sched.items()}}
