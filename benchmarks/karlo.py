@@ -1,6 +1,7 @@
 """Karlo text -> image: ours (converted workdir) against diffusers' UnCLIPPipeline, same weights.
 
   python -m benchmarks.karlo --size=tiny|small|full [--batch=1] [--rounds=3] [--json=out.json]
+  python -m benchmarks.karlo --mode=steps --size=full [--models=prior,decoder,super_res] ...
 
 Builds a randomly initialised diffusers UnCLIPPipeline (Karlo's block types; `full` is
 kakaobrain/karlo-v1-alpha's architecture, ~3.3B parameters, `small` the same layout at about a
@@ -9,6 +10,12 @@ and times the whole text -> 256px (tiny: 16px) path with Karlo's preset (prior 2
 guidance 4, decoder 25 at 8, super-res 7) on both sides in float32, in interleaved rounds.
 Our compile time (the first call) is reported apart from the timed rounds. Needs torch and
 diffusers (the test extra); not used by the package.
+
+`--mode=steps` times one denoising call of each model instead (one at a time, so only one
+model's weights are in memory on each side): the prior and the decoder (with its text
+projection) on the guided batch (2 x --batch rows, as classifier-free guidance runs them), the
+super-resolution U-Net (with its bicubic resize of the 64px image) on --batch rows; the same
+random weights on both sides (converted in memory), the outputs compared as a check.
 """
 from __future__ import annotations
 
@@ -24,6 +31,9 @@ _BATCH = flags.DEFINE_integer("batch", 1, "Prompts per call.")
 _ROUNDS = flags.DEFINE_integer("rounds", 3, "Interleaved timed rounds (median reported).")
 _THREADS = flags.DEFINE_integer("threads", 0, "torch threads (0: torch's default).")
 _JSON = flags.DEFINE_string("json", None, "Write the figures to this JSON file.")
+_MODE = flags.DEFINE_enum("mode", "text_to_image", ["text_to_image", "steps"],
+                          "The whole text -> image path, or one denoising call per model.")
+_MODELS = flags.DEFINE_list("models", ["prior", "decoder", "super_res"], "--mode=steps: which.")
 
 DOWN = ("ResnetDownsampleBlock2D", "SimpleCrossAttnDownBlock2D", "SimpleCrossAttnDownBlock2D",
         "SimpleCrossAttnDownBlock2D")
@@ -115,8 +125,136 @@ def build(size: str, directory: str):
     return pipe, src
 
 
+def _step_case(name: str, c: dict, batch: int):
+    """(our jitted call, its args, diffusers' call) for one denoising call of model `name`."""
+    import diffusers
+    import jax
+    import numpy as np
+    import torch
+    from diffusers.pipelines.deprecated.unclip.text_proj import UnCLIPTextProjModel
+
+    from unclip_jax.models import karlo_import as ki
+
+    def comp(m):
+        return {"config": dict(m.config), "tensors": {
+            k: v.detach().numpy() for k, v in m.state_dict().items()}}
+    r = np.random.default_rng(0)
+    rows = batch if name == "super_res" else 2 * batch     # guided: cond + uncond rows
+    t = np.full((rows,), 500, np.int32)
+    torch.manual_seed(0)
+    if name == "prior":
+        ref = diffusers.PriorTransformer(**c["prior"]).eval()
+        model, params, _, _ = ki.convert_prior(comp(ref))
+        d, n = model.embed_dim, model.text_ctx
+        x, z, h = (r.standard_normal(s).astype(np.float32) for s in ((rows, d), (rows, d),
+                                                                     (rows, n, d)))
+        mask = np.ones((rows, n), bool)
+        ours = jax.jit(model.apply)
+        args = ({"params": params}, x, t, {"z_t": z, "token_embeddings": h, "token_mask": mask})
+
+        def theirs():
+            return ref(torch.tensor(x), timestep=torch.tensor(t).long(),
+                       proj_embedding=torch.tensor(z), encoder_hidden_states=torch.tensor(h),
+                       attention_mask=torch.tensor(mask)).predicted_image_embedding
+        return ours, args, theirs, ref
+    if name == "decoder":
+        proj = UnCLIPTextProjModel(**c["text_proj"]).eval()
+        ref = diffusers.UNet2DConditionModel(
+            in_channels=3, out_channels=6, mid_block_type="UNetMidBlock2DSimpleCrossAttn",
+            resnet_time_scale_shift="scale_shift", class_embed_type="identity",
+            **c["decoder"]).eval()
+        model, params, _ = ki.convert_decoder(comp(ref), comp(proj))
+        d, n, size = model.clip_dim, 77, c["decoder"]["sample_size"]
+        x = r.standard_normal((rows, size, size, 3)).astype(np.float32)
+        z, e = (r.standard_normal((rows, d)).astype(np.float32) for _ in range(2))
+        h = r.standard_normal((rows, n, d)).astype(np.float32)
+        mask = np.ones((rows, n), bool)
+        args = ({"params": params}, x, t, z)
+
+        def call(p, x, t, z):
+            return model.apply(p, x, t, z, token_mask=mask, text_emb=e, text_states=h)
+        ours = jax.jit(call)
+
+        def theirs():
+            ctx, emb = proj(image_embeddings=torch.tensor(z), prompt_embeds=torch.tensor(e),
+                            text_encoder_hidden_states=torch.tensor(h),
+                            do_classifier_free_guidance=False)
+            m = torch.nn.functional.pad(torch.tensor(mask), (proj.clip_extra_context_tokens, 0),
+                                        value=True)
+            return ref(sample=torch.tensor(x).permute(0, 3, 1, 2), timestep=torch.tensor(t).long(),
+                       encoder_hidden_states=ctx, class_labels=emb,
+                       attention_mask=m).sample.permute(0, 2, 3, 1)
+        return ours, args, theirs, (ref, proj)
+    sr = dict(in_channels=6, out_channels=3, add_attention=False, **c["super_res"])
+    ref = diffusers.UNet2DModel(**sr).eval()
+    model, params, _ = ki.convert_upsampler(comp(ref), "super_res_first")
+    size = c["super_res"]["sample_size"]
+    low_size = size // 4
+    x = r.standard_normal((rows, size, size, 3)).astype(np.float32)
+    low = np.clip(r.standard_normal((rows, low_size, low_size, 3)), -1, 1).astype(np.float32)
+    ours = jax.jit(model.apply)
+    args = ({"params": params}, x, t, low)
+
+    def theirs():
+        up = torch.nn.functional.interpolate(torch.tensor(low).permute(0, 3, 1, 2),
+                                             size=[size, size], mode="bicubic",
+                                             align_corners=False, antialias=True)
+        return ref(sample=torch.cat([torch.tensor(x).permute(0, 3, 1, 2), up], 1),
+                   timestep=torch.tensor(t).long()).sample.permute(0, 2, 3, 1)
+    return ours, args, theirs, ref
+
+
+def steps_main():
+    """--mode=steps: one denoising call per model, ours against diffusers, interleaved."""
+    import gc
+
+    import jax
+    import numpy as np
+    import torch
+
+    c = configs(_SIZE.value)
+    res = {"size": _SIZE.value, "batch": _BATCH.value, "dtype": "float32",
+           "devices": str(jax.devices()[0].device_kind),
+           "torch_threads": torch.get_num_threads(), "models": {}}
+    for name in _MODELS.value:
+        ours, args, theirs, ref = _step_case(name, c, _BATCH.value)
+        n_params = sum(int(np.prod(np.shape(x))) for x in jax.tree.leaves(args[0]))
+        t0 = time.perf_counter()
+        out = jax.block_until_ready(ours(*args))
+        first = time.perf_counter() - t0
+        times = {"ours": [], "diffusers": []}
+        with torch.no_grad():
+            ref_out = theirs().numpy()
+            for r in range(_ROUNDS.value):
+                for side, fn in (("ours", lambda: jax.block_until_ready(ours(*args))),
+                                 ("diffusers", theirs)):
+                    t0 = time.perf_counter()
+                    fn()
+                    times[side].append(time.perf_counter() - t0)
+                print(f"{name} round {r}: ours {times['ours'][-1]:.2f} s, "
+                      f"diffusers {times['diffusers'][-1]:.2f} s", flush=True)
+        ours_s, ref_s = (statistics.median(times[k]) for k in ("ours", "diffusers"))
+        err = float(np.abs(np.asarray(out) - ref_out).max() / (np.abs(ref_out).max() + 1e-12))
+        res["models"][name] = {"params": n_params, "rows": int(np.shape(args[1])[0]),
+                               "ours_s": ours_s, "diffusers_s": ref_s,
+                               "ours_over_diffusers": ours_s / ref_s,
+                               "ours_compile_s": first - ours_s, "max_rel_diff": err,
+                               "rounds": times}
+        print(json.dumps({name: res["models"][name]}), flush=True)
+        del ours, args, theirs, ref, out, ref_out
+        gc.collect()
+    return res
+
+
 def main(argv):
     del argv
+    if _MODE.value == "steps":
+        res = steps_main()
+        print(json.dumps(res, indent=1))
+        if _JSON.value:
+            with open(_JSON.value, "w") as f:
+                json.dump(res, f, indent=1)
+        return
     import os
 
     import jax

@@ -1,26 +1,49 @@
-"""Sampling from a converted tiny Karlo workdir through the CLI code path and the Python API."""
+"""A converted tiny Karlo workdir (with the vision tower of Karlo's image-variations layout):
+text -> image through the CLI code path and the Python API, sharded over the 8 fake devices,
+from bfloat16 weights, image variations through the CLI, and the evaluator."""
 import json
 import os
+import shutil
 
 import numpy as np
 import pytest
 
 import jax
 
-from helpers.karlo_pipeline import build_tiny_karlo
+from helpers.karlo_pipeline import build_tiny_karlo, build_tiny_variations
 from unclip_jax import convert, karlo, parallel, sample
 from unclip_jax.inference import Pipeline, SampleSettings
 
 FEW = ["--prior_steps=karlo3", "--decoder_steps=karlo3", "--upsampler_steps=karlo2"]
+PROMPTS = ["a red", "red"]
+
+
+def few_settings():
+    return karlo.preset_settings(SampleSettings(prior_steps="karlo3", decoder_steps="karlo3",
+                                                upsampler_steps="karlo2"),
+                                 keep={"prior_steps", "decoder_steps", "upsampler_steps"})
 
 
 @pytest.fixture(scope="module")
-def workdir(tmp_path_factory):
+def built(tmp_path_factory):
     root = tmp_path_factory.mktemp("karlo_wd")
-    src, _ = build_tiny_karlo(root)
+    src, pipe = build_tiny_karlo(root)
+    variations, _ = build_tiny_variations(root, pipe)
     wd = str(root / "wd")
-    convert.convert_karlo(src, wd)
-    return wd
+    convert.convert_karlo(src, wd, image_encoder=variations)
+    return dict(root=root, src=src, variations=variations, wd=wd)
+
+
+@pytest.fixture(scope="module")
+def workdir(built):
+    return built["wd"]
+
+
+@pytest.fixture(scope="module")
+def api(workdir):
+    """The Python API's text -> image for PROMPTS (seed 0, few steps): the reference below."""
+    pipe = Pipeline.from_workdir(workdir)
+    return pipe, pipe.text_to_image(PROMPTS, seed=0, settings=few_settings())
 
 
 def test_preset_is_karlos_and_explicit_flags_win():
@@ -30,10 +53,12 @@ def test_preset_is_karlos_and_explicit_flags_win():
     assert s.decoder_guidance == 2.0 and s.num_candidates == 1
 
 
-def test_text_to_image_through_cli_and_api(workdir, tmp_path):
+def test_text_to_image_through_cli_and_api(workdir, api, tmp_path):
+    pipe, ref = api
+    assert isinstance(pipe, karlo.KarloPipeline)
     out = str(tmp_path / "out")
     # A Karlo workdir samples with Karlo's preset (no --preset needed); the step flags win.
-    res = sample.run(["--workdir", workdir, "--prompt", "a red", "--prompt", "red",
+    res = sample.run(["--workdir", workdir, "--prompt", PROMPTS[0], "--prompt", PROMPTS[1],
                       "--out", out, *FEW])
     imgs = res["images"]
     assert imgs.shape == (2, 16, 16, 3)          # super_res_first/last's sample_size
@@ -43,19 +68,119 @@ def test_text_to_image_through_cli_and_api(workdir, tmp_path):
     assert (rec["prior_guidance"], rec["decoder_guidance"], rec["prior_steps"]) == (
         4.0, 8.0, "karlo3")
     assert sorted(os.listdir(out)) == ["0000.png", "0001.png", "settings.json"]
-    pipe = Pipeline.from_workdir(workdir)
-    assert isinstance(pipe, karlo.KarloPipeline)
-    s = karlo.preset_settings(SampleSettings(prior_steps="karlo3", decoder_steps="karlo3",
-                                             upsampler_steps="karlo2"),
-                              keep={"prior_steps", "decoder_steps", "upsampler_steps"})
-    api = pipe.text_to_image(["a red", "red"], seed=0, settings=s)
     # The same seed and settings give the CLI's images (one compiled program per batch).
-    np.testing.assert_allclose(api["images"], imgs, atol=1e-5)
-    assert api["decoder_images"].shape == (2, 8, 8, 3)
-    other = pipe.text_to_image(["a red", "red"], seed=1, settings=s)
-    assert np.abs(other["images"] - api["images"]).max() > 1e-3
-    # Sharded over a 2-device mesh (batch split, weights replicated): the same images.
-    mesh = parallel.make_mesh({"data": 2}, jax.devices()[:2])
-    sharded = Pipeline.from_workdir(workdir, mesh=mesh).text_to_image(["a red", "red"], seed=0,
-                                                                       settings=s)
-    np.testing.assert_allclose(sharded["images"], api["images"], atol=1e-4)
+    np.testing.assert_allclose(ref["images"], imgs, atol=1e-5)
+    assert ref["decoder_images"].shape == (2, 8, 8, 3)
+    other = pipe.text_to_image(PROMPTS, seed=1, settings=few_settings())
+    assert np.abs(other["images"] - ref["images"]).max() > 1e-3
+
+
+def test_sharded_over_8_devices_with_fsdp_equals_one_device(workdir, api):
+    _, ref = api
+    mesh = parallel.make_mesh({"data": 1, "fsdp": 8}, jax.devices()[:8])
+    pipe = karlo.KarloPipeline.from_workdir(workdir, mesh=mesh, fsdp=True)
+    # The large weights are split 8 ways, the small ones replicated.
+    w = pipe.params["decoder"]["unet"]["up_1_0"]["conv_in"]["Conv_0"]["kernel"]
+    assert w.size >= karlo.FSDP_MIN_SIZE
+    assert w.addressable_shards[0].data.size == w.size // 8
+    b = pipe.params["decoder"]["unet"]["up_1_0"]["conv_in"]["Conv_0"]["bias"]
+    assert b.addressable_shards[0].data.size == b.size
+    out = pipe.text_to_image(PROMPTS, seed=0, settings=few_settings())   # 2 rows, padded to 8
+    for k in ("images", "decoder_images", "image_embedding"):
+        np.testing.assert_allclose(out[k], ref[k], atol=1e-4, err_msg=k)
+
+
+def test_bfloat16_workdir_loads_and_is_close_to_float32(built, api, tmp_path):
+    _, ref = api
+    wd16 = str(tmp_path / "wd16")
+    convert.convert_karlo(built["src"], wd16, "bfloat16", image_encoder=built["variations"])
+    with open(os.path.join(wd16, "manifest.json")) as f:
+        assert json.load(f)["dtype"] == "bfloat16"
+    pipe = Pipeline.from_workdir(wd16)
+    import orbax.checkpoint as ocp
+    stored = ocp.StandardCheckpointer().restore(os.path.join(wd16, "decoder"))
+    assert {str(a.dtype) for a in jax.tree.leaves(stored)} == {"bfloat16"}
+    out = pipe.text_to_image(PROMPTS, seed=0, settings=few_settings())
+    assert np.all(np.isfinite(out["images"])) and out["images"].shape == ref["images"].shape
+
+    # bfloat16 keeps 8 bits of mantissa: weights move by up to 2^-9 relative, and the models'
+    # outputs by about that, amplified a little through the layers and the prior's steps (the
+    # tiny random decoder's sampled pixels, clipped at +-1 under guidance 8, are too chaotic to
+    # compare: its single denoising output is compared instead).
+    def rel(a, b):
+        return float(np.linalg.norm(np.asarray(a) - b) / np.linalg.norm(b))
+    assert 0 < rel(out["text_embedding"], ref["text_embedding"]) < 1e-2
+    assert 0 < rel(out["image_embedding"], ref["image_embedding"]) < 3e-2
+    r = np.random.default_rng(0)
+    x = r.standard_normal((2, 8, 8, 3)).astype(np.float32)
+    t = np.array([999, 300], np.int32)
+    ref_pipe = api[0]
+    dec = jax.jit(ref_pipe.program.decoder.apply)
+    kw = dict(token_mask=np.ones((2, 8), bool), text_emb=ref["text_embedding"],
+              text_states=r.standard_normal((2, 8, 16)).astype(np.float32))
+    y32, y16 = (dec({"params": p.params["decoder"]}, x, t, ref["image_embedding"], **kw)
+                for p in (ref_pipe, pipe))
+    assert 0 < rel(y16, y32) < 3e-2
+
+
+def test_variation_of_an_image_through_cli(workdir, tmp_path):
+    from unclip_jax.images import write_image
+    image = str(tmp_path / "in.png")
+    write_image(np.random.default_rng(0).uniform(-1, 1, (20, 20, 3)), image)
+    out = str(tmp_path / "var")
+    res = sample.run(["variations", "--workdir", workdir, "--image", image, "--num", "2",
+                      "--out", out, "--decoder_steps=karlo3", "--upsampler_steps=karlo2"])
+    imgs = res["images"]
+    assert imgs.shape == (2, 16, 16, 3)          # the upsamplers' resolution
+    assert np.all(np.isfinite(imgs)) and np.abs(imgs).max() <= 1.0
+    assert np.abs(imgs[0] - imgs[1]).max() > 1e-3   # eta = 1: two different variations
+    assert sorted(os.listdir(out)) == ["settings.json", "strip.png"]
+    # Without the vision tower: one clear error naming what is missing and how to add it.
+    bare = str(tmp_path / "bare")
+    shutil.copytree(workdir, bare)
+    shutil.rmtree(os.path.join(bare, "image_encoder"))
+    with open(os.path.join(bare, karlo.WORKDIR_FILE)) as f:
+        meta = json.load(f)
+    del meta["configs"]["image_encoder"]
+    with open(os.path.join(bare, karlo.WORKDIR_FILE), "w") as f:
+        json.dump(meta, f)
+    with pytest.raises(ValueError, match="no image encoder.*--image_encoder"):
+        sample.run(["variations", "--workdir", bare, "--image", image, "--out",
+                    str(tmp_path / "v2")])
+
+
+def test_evaluate_takes_the_karlo_workdir(workdir, api, tmp_path, monkeypatch):
+    from unclip_jax.data import default_data_config
+    from unclip_jax.eval import evaluator, load, plan
+    from unclip_jax.eval.config import eval_config
+    from unclip_jax.images import from_uint8
+
+    pipe, _ = api
+    c = eval_config(name="karlo", data=default_data_config("shapes"), save_images=True)
+    c.protocol.num_samples = 2
+    c.metrics.update(precision_recall=False)
+    assert plan.sample_settings(c, workdir) == karlo.preset_settings(SampleSettings())
+    assert plan.sample_settings(c, str(tmp_path)) == SampleSettings()   # not a Karlo workdir
+    # The test's few steps (the compiled program of the tests above: one device, 2 rows).
+    c.sampling.update(batch_size=2, preset="none", **{
+        k: getattr(few_settings(), k) for k in ("prior_steps", "prior_guidance",
+                                                "num_candidates", "decoder_steps",
+                                                "decoder_guidance", "upsampler_steps")})
+    monkeypatch.setattr(load, "local_mesh", lambda: None)
+    res = evaluator.evaluate(c, workdir, str(tmp_path / "eval"), log=lambda *_: None)
+    assert res["num_samples"] == 2 and res["data"]["resolution"] == 16
+    assert res["step"] == 0 and res["settings"]["decoder_guidance"] == 8.0
+    with np.load(os.path.join(tmp_path / "eval", "samples.npz")) as f:
+        s = {k: f[k] for k in f.files}
+    # The generated images' embeddings are Karlo's vision tower's, and the CLIP score is
+    # computed from them and the captions' Karlo z_t.
+    gen = pipe.encode_images(from_uint8(s["images"]))
+    np.testing.assert_allclose(s["gen_clip"], gen, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(s["text_embedding"],
+                               pipe.encode_text(list(s["caption"]))["text_embedding"],
+                               rtol=1e-4, atol=1e-4)
+    cos = (gen * s["text_embedding"]).sum(1) / (np.linalg.norm(gen, axis=1) * np.linalg.norm(
+        s["text_embedding"], axis=1))
+    assert res["metrics"]["clip_score"] == pytest.approx(100 * np.maximum(cos, 0).mean(),
+                                                         abs=1e-3)
+    assert s["prior_diffusion"].shape == (2, 16) and np.all(np.isfinite(s["prior_diffusion"]))

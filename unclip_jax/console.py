@@ -51,15 +51,17 @@ def quiet_terminal(level: int = pylogging.WARNING) -> None:
         logging.get_absl_handler().setLevel(level)
 
 
-def define_tool_flags() -> None:
+def define_tool_flags(config_required: bool = True) -> None:
     """The flags every measuring tool (bench, bench_conv, bench_sampling, aot) shares: the
-    experiment config (required) and a JSON file for the figures."""
+    experiment config (required unless told: aot --karlo needs none) and a JSON file for the
+    figures."""
     from absl import flags
     from ml_collections import config_flags
     config_flags.DEFINE_config_file("config", None, "Experiment config (get_config), "
                                     "overridable with --config.x.y=value.", lock_config=True)
     flags.DEFINE_string("json", None, "Also write the figures to this JSON file.")
-    flags.mark_flags_as_required(["config"])
+    if config_required:
+        flags.mark_flags_as_required(["config"])
 
 
 def report(text: str, figures, json_path: str | None) -> None:

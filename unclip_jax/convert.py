@@ -1,14 +1,21 @@
 """Convert released weights into an unclip-jax workdir: `karlo` (kakaobrain/karlo-v1-alpha).
 
   python -m unclip_jax.convert karlo --src=DIR --out=WORKDIR [--dtype=bfloat16]
+      [--image_encoder=VDIR]
 
 DIR is a local copy of Karlo in diffusers' UnCLIPPipeline layout (download it yourself, e.g.
 `huggingface-cli download kakaobrain/karlo-v1-alpha --local-dir DIR`); nothing is fetched here.
 WORKDIR receives prior/, decoder/ (with the text projection), super_res_first/, super_res_last/
-and text_encoder/ as Orbax checkpoints of our models' params (float32 or bfloat16), tokenizer/,
+and text_encoder/ as Orbax checkpoints of our models' params (float32 or bfloat16; --dtype, also
+recorded in karlo.json and manifest.json), tokenizer/,
 prior_stats.npz (the prior's clip_mean / clip_std), karlo.json (the source configs, from which
 the models are rebuilt, the scheduler settings and Karlo's sampling preset) and manifest.json
-(the source and every converted tensor's name and shape). Input that is not Karlo's layout (a
+(the source and every converted tensor's name and shape). With a CLIP vision tower,
+image_encoder/ too, which image variations, interpolations, text diffs and evaluation need:
+VDIR is Karlo's image-variations release (kakaobrain/karlo-v1-alpha-image-variations, whose
+image_encoder/ is the ViT-L/14 matching Karlo's text encoder), a CLIPVisionModelWithProjection
+folder or a Hugging Face CLIPModel folder; without --image_encoder, DIR/image_encoder/ is used
+when present. Input that is not Karlo's layout (a
 missing component, an unknown block type, a tensor of the wrong shape) is reported in one line
 naming the folder or tensor, and WORKDIR is not created: the conversion is written to a
 temporary folder beside it and renamed at the end.
@@ -25,6 +32,7 @@ from absl import app, flags
 
 COMMANDS = ("karlo",)
 CHECKPOINTED = ("prior", "decoder", "super_res_first", "super_res_last", "text_encoder")
+IMAGE_ENCODER = "image_encoder"   # checkpointed too when a vision tower is converted
 WORKDIR_FILE = "karlo.json"
 # Karlo's defaults (diffusers' UnCLIPPipeline.__call__): prior 25 steps at guidance 4, decoder
 # 25 at guidance 8, super-resolution 7 (super_res_first for all but the last step).
@@ -37,6 +45,10 @@ def define_flags(fv: flags.FlagValues) -> None:
     flags.DEFINE_string("src", None, "The local diffusers-layout folder to convert.", **f)
     flags.DEFINE_string("out", None, "The workdir to write (must not exist).", **f)
     flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Stored weights' dtype.", **f)
+    flags.DEFINE_string("image_encoder", None, "The CLIP vision tower to convert (for variations "
+                        "and evaluation): karlo-v1-alpha-image-variations, a "
+                        "CLIPVisionModelWithProjection or a HF CLIPModel folder. Default: "
+                        "--src's image_encoder/ when present.", **f)
 
 
 def _save_params(path: str, params) -> None:
@@ -46,8 +58,11 @@ def _save_params(path: str, params) -> None:
     ckpt.wait_until_finished()
 
 
-def convert_karlo(src: str, out: str, dtype: str = "float32") -> dict:
-    """Convert the Karlo folder `src` into the new workdir `out`; returns the manifest."""
+def convert_karlo(src: str, out: str, dtype: str = "float32",
+                  image_encoder: str | None = None) -> dict:
+    """Convert the Karlo folder `src` into the new workdir `out`; returns the manifest.
+    `image_encoder`: the folder of the CLIP vision tower (see the module docstring); None:
+    `src`/image_encoder when present."""
     import jax
     import jax.numpy as jnp
     import numpy as np
@@ -57,6 +72,9 @@ def convert_karlo(src: str, out: str, dtype: str = "float32") -> dict:
     if os.path.exists(out):
         raise FileExistsError(f"convert: --out {out!r} exists; give a new workdir")
     comps = ki.read_pipeline(src)   # every folder and config checked before anything converts
+    if image_encoder is None and os.path.isdir(os.path.join(src, IMAGE_ENCODER)):
+        image_encoder = src
+    vision = ki.read_image_encoder(image_encoder) if image_encoder else None
     store = jnp.dtype(dtype)
     converted, manifest = {}, {"source": os.path.abspath(src), "dtype": dtype, "tensors": {}}
     _, converted["prior"], scaling, manifest["tensors"]["prior"] = ki.convert_prior(
@@ -67,6 +85,10 @@ def convert_karlo(src: str, out: str, dtype: str = "float32") -> dict:
         _, converted[name], manifest["tensors"][name] = ki.convert_upsampler(comps[name], name)
     _, converted["text_encoder"], manifest["tensors"]["text_encoder"] = \
         ki.convert_text_encoder(comps["text_encoder"])
+    if vision is not None:
+        _, converted[IMAGE_ENCODER], manifest["tensors"][IMAGE_ENCODER] = \
+            ki.convert_image_encoder(vision, comps["text_encoder"]["config"])
+        manifest["image_encoder_source"] = os.path.abspath(vision["dir"])
     schedulers = {name: ki.scheduler_settings(comps[f"{name}_scheduler"]["config"],
                                               f"{name}_scheduler")
                   for name in ("prior", "decoder", "super_res")}
@@ -77,7 +99,7 @@ def convert_karlo(src: str, out: str, dtype: str = "float32") -> dict:
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=".convert-", dir=parent)
     try:
-        for name in CHECKPOINTED:
+        for name in converted:
             params = jax.tree.map(lambda a: jnp.asarray(a, store), converted[name])
             _save_params(os.path.join(tmp, name), params)
         with open(os.path.join(tmp, "prior_stats.npz"), "wb") as f:
@@ -87,8 +109,11 @@ def convert_karlo(src: str, out: str, dtype: str = "float32") -> dict:
         configs = {n: comps[n]["config"] for n in ("prior", "text_proj", "decoder",
                                                    "super_res_first", "super_res_last",
                                                    "text_encoder")}
+        if vision is not None:
+            configs[IMAGE_ENCODER] = vision["config"]
         with open(os.path.join(tmp, WORKDIR_FILE), "w") as f:
             json.dump({"kind": "karlo", "source": manifest["source"], "dtype": dtype,
+                       "image_encoder_source": manifest.get("image_encoder_source"),
                        "configs": configs, "schedulers": schedulers, "preset": PRESET}, f,
                       indent=1)
         with open(os.path.join(tmp, "manifest.json"), "w") as f:
@@ -112,12 +137,15 @@ def main(argv):
     console.quiet_terminal()
     from unclip_jax.models.karlo_import import KarloFormatError
     try:
-        manifest = convert_karlo(fv.src, fv.out, fv.dtype)
+        manifest = convert_karlo(fv.src, fv.out, fv.dtype, fv.image_encoder)
     except (KarloFormatError, FileNotFoundError, FileExistsError, KeyError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     n = sum(len(v) for v in manifest["tensors"].values())
-    print(f"wrote {fv.out}: {n} tensors from {fv.src} ({fv.dtype})")
+    vision = (f", image encoder from {manifest['image_encoder_source']}"
+              if "image_encoder_source" in manifest else
+              "; no image encoder (variations and evaluation need --image_encoder)")
+    print(f"wrote {fv.out}: {n} tensors from {fv.src} ({fv.dtype}){vision}")
 
 
 if __name__ == "__main__":

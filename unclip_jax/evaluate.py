@@ -5,7 +5,9 @@ r"""Evaluate a trained unCLIP run: sample for an evaluation set's captions and s
 
 `--workdir` is the main job's workdir (stages clip/, diffusion_prior/, ar_prior/, decoder/,
 upsampler/; EMA weights); `config.stages.<name>` overrides single stage directories (then the
-workdir may hold nothing). Output (default `<workdir>/eval/<config.name>`, so TensorBoard on the
+workdir may hold nothing). A converted Karlo workdir (`python -m unclip_jax.convert karlo`, with
+its vision tower: --image_encoder) is taken as it is, sampled with Karlo's preset unless
+`config.sampling.preset` is "none", its CLIP metrics in Karlo's own ViT-L/14 space. Output (default `<workdir>/eval/<config.name>`, so TensorBoard on the
 run shows it too):
   eval.json          every metric below, the settings, checkpoint steps, counts, timings
   samples.npz        per caption: caption, index, text_embedding (z_t), true_image_embedding

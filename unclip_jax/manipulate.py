@@ -4,8 +4,9 @@ x_T comes from DDIM inversion of the decoder conditioned on z_i (no caption: the
 caption), so decoding (z_i, x_T) with DDIM eta = 0 reconstructs the image.
   variations     decode (z_i, x_T) with eta > 0: same semantics, new details
   interpolate    slerp between two images' z_i, x_T fixed (first image's) or slerped too
-  text_diff      z_d = normalise(z_t(to) - z_t(from)); decode slerp(z_i, z_d, theta), x_T fixed
-All take a Pipeline and return images [n, H, W, 3] in [-1, 1] at the decoder's resolution, or
+  text_diff      z_d = normalise(z_t(to) - z_t(from)), scaled to |z_i| (1 for our normalised
+                 embeddings; Karlo's are unnormalised); decode slerp(z_i, z_d, theta), x_T fixed
+All take a Pipeline (or a karlo.KarloPipeline) and return images [n, H, W, 3] in [-1, 1] at the decoder's resolution, or
 after the upsamplers with upsample=True.
 """
 from __future__ import annotations
@@ -80,7 +81,9 @@ def text_diff(pipe: Pipeline, image, caption_from: str, caption_to: str, thetas,
     """Decode slerp(z_i, z_d, theta) for each theta (0 reproduces the plain reconstruction)."""
     z, x_T = invert(pipe, image, settings)
     zt = pipe.encode_text([caption_from, caption_to])["text_embedding"]
-    z_d = text_diff_embedding(zt[:1], zt[1:])
+    # On the sphere of z_i's radius: slerp interpolates the norms too, and an unnormalised z_i
+    # (Karlo's) would otherwise shrink towards the unit z_d.
+    z_d = text_diff_embedding(zt[:1], zt[1:]) * np.linalg.norm(z, axis=-1, keepdims=True)
     th = np.asarray(thetas, np.float32)
     zs = np.asarray(slerp(np.repeat(z, len(th), 0), np.repeat(z_d, len(th), 0), th))
     s = _ddim(settings)

@@ -11,7 +11,9 @@
 
 The command word comes first or anywhere among the flags; `text` is the default. Writes PNGs (one
 per image for text, a strip for manipulations) and settings.json into --out; the workdir is only
-read (EMA weights unless --raw). Errors in the input are reported in one line.
+read (EMA weights unless --raw). A converted Karlo workdir (unclip_jax.convert) works too: text
+with Karlo's preset; the manipulations need its vision tower (convert --image_encoder). Errors
+in the input are reported in one line.
 """
 from __future__ import annotations
 

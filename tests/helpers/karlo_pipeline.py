@@ -57,3 +57,31 @@ def build_tiny_karlo(root):
         super_res_scheduler=sched(variance_type="fixed_small_log", prediction_type="epsilon"))
     pipe.save_pretrained(src)
     return src, pipe
+
+
+VISION_SIZE = 16      # the tiny vision tower's input size
+
+
+def build_tiny_variations(root, pipe):
+    """Karlo's image-variations layout (UnCLIPImageVariationPipeline) around `pipe`'s decoder,
+    text and super-resolution components, with a tiny random CLIPVisionModelWithProjection of
+    the text encoder's projection width, saved under root/variations; returns (dir, pipeline)."""
+    from diffusers import UnCLIPImageVariationPipeline
+
+    torch.manual_seed(1)
+    image_encoder = transformers.CLIPVisionModelWithProjection(transformers.CLIPVisionConfig(
+        hidden_size=24, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
+        image_size=VISION_SIZE, patch_size=8, projection_dim=D))
+    with torch.no_grad():
+        for _, p in image_encoder.named_parameters():
+            p.add_(0.2 * torch.randn_like(p))
+    fe = transformers.CLIPImageProcessor(crop_size=VISION_SIZE,
+                                         size={"shortest_edge": VISION_SIZE})
+    vpipe = UnCLIPImageVariationPipeline(
+        decoder=pipe.decoder, text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer,
+        text_proj=pipe.text_proj, feature_extractor=fe, image_encoder=image_encoder,
+        super_res_first=pipe.super_res_first, super_res_last=pipe.super_res_last,
+        decoder_scheduler=pipe.decoder_scheduler, super_res_scheduler=pipe.super_res_scheduler)
+    out = str(root / "variations")
+    vpipe.save_pretrained(out)
+    return out, vpipe

@@ -12,7 +12,7 @@ import pytest
 
 import torch  # the `test` extra installs torch (CPU) and diffusers for this file
 
-from helpers.karlo_pipeline import D, L, build_tiny_karlo
+from helpers.karlo_pipeline import D, L, VISION_SIZE, build_tiny_karlo, build_tiny_variations
 from unclip_jax import convert, diffusion
 from unclip_jax.models import karlo_import as ki
 from unclip_jax.models.clip import CLIP
@@ -25,7 +25,9 @@ RTOL = ATOL = 1e-4
 def karlo(tmp_path_factory):
     root = tmp_path_factory.mktemp("karlo")
     src, pipe = build_tiny_karlo(root)
-    return dict(src=src, root=root, pipe=pipe, comps=ki.read_pipeline(src))
+    variations, vpipe = build_tiny_variations(root, pipe)
+    return dict(src=src, root=root, pipe=pipe, comps=ki.read_pipeline(src),
+                variations=variations, vpipe=vpipe)
 
 
 def _rng(seed=0):
@@ -135,6 +137,49 @@ def test_text_encoder_matches_transformers(karlo):
     _close(ours["token_encodings"], ref.last_hidden_state)
 
 
+def test_image_encoder_matches_transformers(karlo):
+    """The vision tower of Karlo's image-variations layout: our z_i (projected, unnormalised)
+    against CLIPVisionModelWithProjection's image_embeds for the same pixels."""
+    from unclip_jax.models.clip import to_clip_pixels
+    comp = ki.read_image_encoder(karlo["variations"])
+    assert comp["dir"].endswith("image_encoder")
+    model, params, manifest = ki.convert_image_encoder(comp, karlo["comps"]["text_encoder"][
+        "config"])
+    assert sorted(params) == ["vision_model", "visual_projection"]
+    assert ("visual_projection.weight", [D, 24]) in [tuple(m) for m in manifest]
+    x = _rng(5).uniform(-1, 1, (B, VISION_SIZE, VISION_SIZE, 3)).astype(np.float32)
+    # (CLIP's setup needs its temperature; the pipeline merges the text encoder's params in.)
+    ours = model.apply({"params": dict(params, logit_scale=jnp.zeros(()))}, jnp.asarray(x),
+                       method=CLIP.encode_image)
+    with torch.no_grad():
+        ref = karlo["vpipe"].image_encoder(
+            pixel_values=_t(to_clip_pixels(x)).permute(0, 3, 1, 2)).image_embeds
+    _close(ours["features"], ref)
+    # The embeddings differ between images (a constant output would also "match" a bug).
+    assert np.abs(np.asarray(ours["features"][0] - ours["features"][1])).max() > 1e-2
+
+
+def test_image_encoder_from_a_hf_clip_folder_and_bad_ones(karlo, tmp_path):
+    from unclip_jax.models.clip_import import write_random_hf_clip
+    text_cfg = karlo["comps"]["text_encoder"]["config"]
+    hf = str(tmp_path / "hf")
+    write_random_hf_clip(hf, image_size=16, patch=8, vision_width=24, projection_dim=D)
+    comp = ki.read_image_encoder(hf)           # a CLIPModel folder: its vision tower only
+    assert not [k for k in comp["tensors"] if k.startswith("text_model")]
+    _, params, _ = ki.convert_image_encoder(comp, text_cfg)
+    from safetensors.numpy import load_file
+    w = load_file(os.path.join(hf, "model.safetensors"))["visual_projection.weight"]
+    np.testing.assert_array_equal(params["visual_projection"]["Dense_0"]["kernel"], w.T)
+    with pytest.raises(ki.KarloFormatError, match="projection_dim 8"):
+        bad = str(tmp_path / "hf8")
+        write_random_hf_clip(bad, image_size=16, patch=8, vision_width=24, projection_dim=8)
+        ki.convert_image_encoder(ki.read_image_encoder(bad), text_cfg)
+    with pytest.raises(ki.KarloFormatError, match="without image_encoder"):
+        ki.read_image_encoder(karlo["src"])    # the text -> image release has no vision tower
+    with pytest.raises(ki.KarloFormatError, match="CLIPTextModelWithProjection"):
+        ki.read_image_encoder(os.path.join(karlo["src"], "text_encoder"))
+
+
 @pytest.mark.parametrize("which", ["prior", "decoder", "super_res"])
 def test_scheduler_step_matches_diffusers(karlo, which):
     """Karlo's spacing, variance (fixed_small_log / learned_range) and x0 clipping, step by step."""
@@ -184,8 +229,10 @@ def test_scheduler_step_matches_diffusers(karlo, which):
 # ---------------------------------------------------------------------------------- converting
 def test_convert_writes_workdir_with_manifest(karlo, tmp_path):
     out = str(tmp_path / "wd")
-    manifest = convert.convert_karlo(karlo["src"], out, "bfloat16")
-    for name in convert.CHECKPOINTED + ("tokenizer",):
+    manifest = convert.convert_karlo(karlo["src"], out, "bfloat16",
+                                     image_encoder=karlo["variations"])
+    assert manifest["image_encoder_source"] == os.path.join(karlo["variations"], "image_encoder")
+    for name in convert.CHECKPOINTED + ("tokenizer", "image_encoder"):
         assert os.path.isdir(os.path.join(out, name)), name
     with open(os.path.join(out, "manifest.json")) as f:
         on_disk = json.load(f)
@@ -196,10 +243,14 @@ def test_convert_writes_workdir_with_manifest(karlo, tmp_path):
     names = {n for n, _ in on_disk["tensors"]["decoder+text_proj"]}
     assert "learned_classifier_free_guidance_embeddings" in names
     assert "mid_block.attentions.0.add_k_proj.weight" in names
+    assert ["vision_model.post_layernorm.weight", [24]] in on_disk["tensors"]["image_encoder"]
     with open(os.path.join(out, convert.WORKDIR_FILE)) as f:
-        assert json.load(f)["schedulers"]["prior"] == {
-            "var_type": "fixed_small", "parameterization": "x0", "clip_x0": 5.0,
-            "num_timesteps": 1000, "schedule": "cosine"}
+        meta = json.load(f)
+    assert meta["dtype"] == on_disk["dtype"] == "bfloat16"
+    assert meta["configs"]["image_encoder"]["image_size"] == VISION_SIZE
+    assert meta["schedulers"]["prior"] == {
+        "var_type": "fixed_small", "parameterization": "x0", "clip_x0": 5.0,
+        "num_timesteps": 1000, "schedule": "cosine"}
     import orbax.checkpoint as ocp
     restored = ocp.StandardCheckpointer().restore(os.path.join(out, "prior"))
     assert restored["query"].dtype == jnp.bfloat16

@@ -1,5 +1,6 @@
 """Ahead-of-time compilation of the real train step for a TPU topology, on this CPU host."""
 import numpy as np
+import pytest
 
 from unclip_jax.tools import aot
 
@@ -77,3 +78,56 @@ def test_decoder_plan_memory_is_consistent_with_sharded_state():
     # The step donates the state: its outputs alias the state arguments (counted once).
     assert 0.95 * raw <= p["memory_breakdown_per_device"]["aliased"] <= args
     assert p["fits"] and p["model_flops_per_step"] > 0
+
+
+def _minimal_karlo():
+    """Karlo's layout (every block type its sampler runs) at the smallest widths: one level
+    per U-Net, one transformer layer; the TPU compile of the sampler costs ~1 s per level."""
+    from unclip_jax.models import karlo_import as ki
+    arch = ki.karlo_v1_alpha()
+    c = arch["configs"]
+    unet = dict(layers_per_block=1, block_out_channels=[8], norm_num_groups=4,
+                attention_head_dim=8)
+    c["decoder"].update(unet, sample_size=8, cross_attention_dim=8,
+                        down_block_types=["SimpleCrossAttnDownBlock2D"],
+                        up_block_types=["SimpleCrossAttnUpBlock2D"])
+    c["text_proj"].update(clip_extra_context_tokens=2, clip_embeddings_dim=8, time_embed_dim=32,
+                          cross_attention_dim=8)
+    for k in ("super_res_first", "super_res_last"):
+        c[k].update(unet, sample_size=16, down_block_types=["ResnetDownsampleBlock2D"],
+                    up_block_types=["ResnetUpsampleBlock2D"])
+    c["prior"].update(num_attention_heads=1, attention_head_dim=8, num_layers=1,
+                      embedding_dim=8, num_embeddings=4)
+    c["text_encoder"].update(vocab_size=64, hidden_size=8, intermediate_size=16,
+                             num_hidden_layers=1, num_attention_heads=1,
+                             max_position_embeddings=4, projection_dim=8, bos_token_id=62,
+                             eos_token_id=63, pad_token_id=0)
+    return arch
+
+
+def test_karlo_sampling_plan_memory_is_the_sharded_weights_and_batch():
+    # Karlo's text -> image program on 4 v5p chips, batch over the chips, weights fsdp-split
+    # (threshold lowered so the tiny model's larger weights split too).
+    import jax
+    p = aot.karlo_plan(_minimal_karlo(), "v5p:2x2x1", batch=8, fsdp=True, dtype="float32",
+                       fsdp_min_size=64)
+    assert p["chips"] == 4 and p["mesh"] == {"data": 1, "fsdp": 4, "tensor": 1}
+    assert p["per_chip_batch"] == 2 and p["image_size"] == 16
+    leaves = jax.tree.leaves(p["abstract_params"])
+    assert p["params"] == sum(int(np.prod(x.shape)) for x in leaves)
+    shards = [x.sharding.shard_shape(x.shape) for x in leaves]
+    split = [s != x.shape for s, x in zip(shards, leaves)]
+    assert any(split) and not all(split)
+    raw = sum(int(np.prod(s)) * 4 for s in shards)
+    padded = sum(_tile_padded_bytes(s, 4) for s in shards)
+    # This chip's 2 rows of the tokens, masks and their "" twins (int32 / bool) and the key.
+    batch_raw = 2 * (2 * 4 * 4 + 2 * 4 * 1)
+    batch_padded = 4 * _tile_padded_bytes((2, 4), 4) + _tile_padded_bytes((2,), 4)
+    args = p["memory_breakdown_per_device"]["arguments"]
+    assert raw + batch_raw <= args <= padded + batch_padded
+    assert raw < p["params"] * 4                   # less than the whole (replicated) model
+    assert p["memory_per_chip_bytes"] >= args and p["fits"]
+    # The implied rate is the traced model FLOPs at the assumed MFU of the 4 chips' peak.
+    from unclip_jax.tools import hardware
+    rate = 8 * hardware.TPU["v5p"]["peak_flops"] * 4 * 0.4 / p["model_flops_per_call"]
+    assert p["images_per_s_at_mfu"] == pytest.approx(rate)

@@ -26,8 +26,10 @@ def eval_config(**kw) -> ml_collections.ConfigDict:
     ))
     # Stage workdirs overriding <workdir>/<stage> (upsampler: comma-separated, in order).
     c.stages = ml_collections.ConfigDict({k: "" for k in UNCLIP_STAGES})
-    # batch_size plus any unclip_jax.inference.SampleSettings field.
-    c.sampling = ml_collections.ConfigDict(dict(batch_size=64))
+    # batch_size, preset plus any unclip_jax.inference.SampleSettings field. preset "auto":
+    # Karlo's sampling settings (karlo.PRESET) over these fields when the workdir is a converted
+    # Karlo; "karlo": always; "none": the fields as they are.
+    c.sampling = ml_collections.ConfigDict(dict(batch_size=64, preset="auto"))
     c.guidance_sweep = ()             # decoder guidance scales for the FID / CLIP-score curve
     c.inception_weights = ""          # pytorch-fid's pt_inception-2015-12-05 (.pth or .npz)
     c.reference_stats = ""            # cache of the real images' statistics; "": <out>/...

@@ -55,7 +55,7 @@ def _inputs(config, workdir: str, out: str, timings: dict) -> _Inputs:
     """Everything read before sampling; raises on bad input before anything is written."""
     import jax
     check_config(config, jax.process_count())
-    settings = sample_settings(config)
+    settings = sample_settings(config, workdir)
     inception = None
     if wants_inception(config):
         from unclip_jax.eval.inception import InceptionFeatures

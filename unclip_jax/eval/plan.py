@@ -11,17 +11,26 @@ class EvalError(ValueError):
     """Bad evaluation input; the CLI prints it in one line and exits with code 2."""
 
 
-def sample_settings(config):
-    """SampleSettings from config.sampling (its fields plus batch_size); unknown fields are an
-    error rather than silently ignored (a misspelt guidance would change every number)."""
+def sample_settings(config, workdir: str | None = None):
+    """SampleSettings from config.sampling (its fields plus batch_size and preset); unknown
+    fields are an error rather than silently ignored (a misspelt guidance would change every
+    number). preset "auto" (the default) applies Karlo's settings when `workdir` is a converted
+    Karlo workdir, "karlo" always, "none" never."""
+    from unclip_jax import karlo
     from unclip_jax.inference import SampleSettings
     fields = {f.name for f in dataclasses.fields(SampleSettings)}
-    given = {k: v for k, v in config.sampling.items() if k != "batch_size"}
+    given = {k: v for k, v in config.sampling.items() if k not in ("batch_size", "preset")}
     unknown = sorted(set(given) - fields)
     if unknown:
         raise EvalError(f"config.sampling has unknown fields {unknown}; SampleSettings fields: "
-                        f"{sorted(fields)} (plus batch_size)")
-    return SampleSettings(**given)
+                        f"{sorted(fields)} (plus batch_size, preset)")
+    preset = config.sampling.get("preset", "auto")
+    if preset not in ("auto", "karlo", "none"):
+        raise EvalError(f"config.sampling.preset must be auto, karlo or none, got {preset!r}")
+    s = SampleSettings(**given)
+    if preset == "karlo" or (preset == "auto" and workdir and karlo.is_karlo_workdir(workdir)):
+        s = karlo.preset_settings(s)
+    return s
 
 
 def _choice(config, name: str, auto: bool) -> bool:

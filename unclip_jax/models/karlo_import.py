@@ -5,6 +5,9 @@
     decoder, params = convert_decoder(comps["decoder"], comps["text_proj"])
     up, params = convert_upsampler(comps["super_res_first"])  # and super_res_last
     clip, params = convert_text_encoder(comps["text_encoder"])  # our CLIP, text tower only
+    clip, params = convert_image_encoder(read_image_encoder(DIR2), comps["text_encoder"]["config"])
+        # its vision tower (variations, evaluation): DIR2 is karlo-v1-alpha-image-variations,
+        # a CLIPVisionModelWithProjection folder or a Hugging Face CLIPModel folder
 
 Each diffusers module maps onto an existing module of ours with the options Karlo needs:
 `PriorTransformer` -> `DiffusionPrior(gelu_approximate=False)` (its sequence and causal mask are
@@ -404,34 +407,123 @@ def convert_upsampler(comp: dict, where: str, dtype=jnp.float32):
 
 
 # ----------------------------------------------------------------------------- text encoder
-def text_encoder_model(cfg: dict, dtype=jnp.float32):
-    """Our CLIP for a `CLIPTextModelWithProjection` config (its vision tower is a placeholder
-    with no weights: only `encode_text` is used)."""
+# Stands in for the vision tower when none was converted: no weights, never run.
+_NO_VISION = dict(image_size=8, patch_size=8, hidden_size=8, num_hidden_layers=0,
+                  num_attention_heads=1, intermediate_size=8)
+
+
+def text_encoder_model(cfg: dict, dtype=jnp.float32, vision_cfg: dict | None = None):
+    """Our CLIP for a `CLIPTextModelWithProjection` config and, when given, the vision config of
+    the image encoder (`read_image_encoder`); without it the vision tower is a placeholder with
+    no weights (only `encode_text` is used)."""
     full = {"text_config": cfg, "projection_dim": cfg["projection_dim"],
-            "vision_config": dict(image_size=8, patch_size=8, hidden_size=8,
-                                  num_hidden_layers=0, num_attention_heads=1,
-                                  intermediate_size=8)}
+            "vision_config": vision_cfg or _NO_VISION}
     return clip_import.model_from_hf_config(full, dtype)
 
 
 def convert_text_encoder(comp: dict, dtype=jnp.float32):
     """(CLIP, text params, manifest): clip_import's tensor map, text tower only."""
-    from flax import linen as nn
-    from flax.traverse_util import flatten_dict
-
     model = text_encoder_model(comp["config"], dtype)
-    tok = jnp.zeros((1, int(model.text["ctx"])), jnp.int32)
-    shapes = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), tok,
-                                               method=model.encode_text))
-    expected = {k: v for k, v in flatten_dict(nn.meta.unbox(shapes)["params"]).items()
-                if k[0] in ("text_model", "text_projection")}   # no logit_scale in Karlo
-    mapping = {k: v for k, v in clip_import.param_map(model).items() if k in expected}
     tensors = {k: v for k, v in comp["tensors"].items()
                if k != "text_model.embeddings.position_ids"}   # a buffer in older exports
-    params = clip_import.map_tensors(expected, mapping, tensors, "karlo text_encoder")
+    params = _clip_tower(model, tensors, ("text_model", "text_projection"), "text_encoder")
     # CLIP's setup creates its temperature on every method; Karlo has none and never uses it.
     params["logit_scale"] = jnp.asarray(model.logit_scale_init, jnp.float32)
     manifest = [(n, list(np.shape(v))) for n, v in sorted(tensors.items())]
+    return model, params, manifest
+
+
+def _clip_tower(model, tensors: dict, keys: tuple, where: str) -> dict:
+    """Our params under `keys` (one tower and its projection) from HF CLIP tensors."""
+    from flax import linen as nn
+    from flax.traverse_util import flatten_dict
+
+    tok = jnp.zeros((1, int(model.text["ctx"])), jnp.int32)
+    size = int(model.vision["image_size"])
+    img = jnp.zeros((1, size, size, 3))
+    shapes = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), img, tok))
+    expected = {k: v for k, v in flatten_dict(nn.meta.unbox(shapes)["params"]).items()
+                if k[0] in keys}
+    mapping = {k: v for k, v in clip_import.param_map(model).items() if k in expected}
+    return clip_import.map_tensors(expected, mapping, tensors, f"karlo {where}")
+
+
+# ---------------------------------------------------------------------------- image encoder
+VISION_CLASSES = ("CLIPVisionModelWithProjection", "CLIPModel")
+
+
+def read_image_encoder(path: str) -> dict:
+    """The CLIP vision tower (for variations and evaluation) from `path`: Karlo's image-variations
+    release (an UnCLIPImageVariationPipeline folder: its image_encoder/ and feature_extractor/),
+    a `CLIPVisionModelWithProjection` folder, or a Hugging Face `CLIPModel` folder (its vision
+    tower). {"dir", "config" (HF vision config + projection_dim), "tensors" (vision tower and
+    projection only), "preprocessor" (dict or None)}; `KarloFormatError` names what is wrong."""
+    if not os.path.isdir(path):
+        raise KarloFormatError(f"karlo: image encoder {path!r} is not a directory")
+    pre_dir = path
+    index = os.path.join(path, "model_index.json")
+    if os.path.exists(index):   # a diffusers pipeline folder: its image_encoder/
+        with open(index) as f:
+            idx = json.load(f)
+        enc = os.path.join(path, "image_encoder")
+        if "image_encoder" not in idx or not os.path.isdir(enc):
+            raise KarloFormatError(f"karlo: {path!r} is a {idx.get('_class_name')!r} folder "
+                                   "without image_encoder/ (Karlo's image-variations release, "
+                                   "karlo-v1-alpha-image-variations, has one)")
+        pre_dir = os.path.join(path, "feature_extractor")
+        path = enc
+    cfg_file = os.path.join(path, "config.json")
+    if not os.path.exists(cfg_file):
+        raise KarloFormatError(f"karlo: image encoder: {cfg_file} is missing")
+    with open(cfg_file) as f:
+        cfg = json.load(f)
+    arch = (cfg.get("architectures") or [None])[0]
+    if arch not in VISION_CLASSES:
+        raise KarloFormatError(f"karlo: {cfg_file} describes a {arch!r}; the image encoder must "
+                               f"be one of {VISION_CLASSES}")
+    vision = dict(cfg["vision_config"] if arch == "CLIPModel" else cfg)
+    vision["projection_dim"] = int(cfg["projection_dim"])
+    try:
+        tensors = clip_import.read_safetensors(path)
+    except FileNotFoundError as e:
+        raise KarloFormatError(f"karlo: image encoder: {e}") from None
+    tensors = {k: v for k, v in tensors.items() if k.startswith(("vision_model.",
+               "visual_projection.")) and k != "vision_model.embeddings.position_ids"}
+    pre = None
+    pre_file = os.path.join(pre_dir, "preprocessor_config.json")
+    if os.path.exists(pre_file):
+        with open(pre_file) as f:
+            pre = json.load(f)
+    return {"dir": path, "config": vision, "tensors": tensors, "preprocessor": pre,
+            "preprocessor_file": pre_file if pre is not None else None}
+
+
+def convert_image_encoder(comp: dict, text_cfg: dict, dtype=jnp.float32):
+    """(CLIP with both towers, vision params, manifest). The projection must match the text
+    encoder's (the prior and decoder take both towers' embeddings), and the preprocessing, when
+    the folder has one, must be CLIP's (our `to_clip_pixels` and a bicubic resize)."""
+    from unclip_jax.models.clip import CLIP_MEAN, CLIP_STD
+
+    vis = comp["config"]
+    if int(vis["projection_dim"]) != int(text_cfg["projection_dim"]):
+        raise KarloFormatError(f"karlo: image encoder {comp['dir']}: projection_dim "
+                               f"{vis['projection_dim']} != the text encoder's "
+                               f"{text_cfg['projection_dim']} (not the same CLIP)")
+    pre = comp.get("preprocessor")
+    if pre is not None:
+        for k, want in (("image_mean", CLIP_MEAN), ("image_std", CLIP_STD)):
+            if k in pre and not np.allclose(pre[k], want, atol=1e-6):
+                raise KarloFormatError(f"karlo: {comp['preprocessor_file']}: {k}={pre[k]} is "
+                                       f"not CLIP's {want.tolist()}")
+        crop = pre.get("crop_size")
+        crop = crop.get("height") if isinstance(crop, dict) else crop
+        if crop is not None and int(crop) != int(vis["image_size"]):
+            raise KarloFormatError(f"karlo: {comp['preprocessor_file']}: crop_size {crop} != "
+                                   f"the model's image_size {vis['image_size']}")
+    model = text_encoder_model(text_cfg, dtype, vis)
+    params = _clip_tower(model, comp["tensors"], ("vision_model", "visual_projection"),
+                         "image_encoder")
+    manifest = [(n, list(np.shape(v))) for n, v in sorted(comp["tensors"].items())]
     return model, params, manifest
 
 
@@ -448,3 +540,46 @@ def scheduler_settings(cfg: dict, where: str) -> dict:
     clip = float(cfg.get("clip_sample_range", 1.0)) if cfg.get("clip_sample", True) else None
     return {"var_type": var[vt], "parameterization": pred[pt], "clip_x0": clip,
             "num_timesteps": int(cfg.get("num_train_timesteps", 1000)), "schedule": "cosine"}
+
+
+# ------------------------------------------------------------------- Karlo's full architecture
+def karlo_v1_alpha() -> dict:
+    """kakaobrain/karlo-v1-alpha's architecture as a converted workdir's karlo.json holds it
+    ({"configs": the components' config.json, "schedulers": our sampler's settings}), from
+    diffusers' conversion script (scripts/convert_kakao_brain_unclip_to_diffusers.py): for plans
+    and benchmarks at the real sizes without the weights (`karlo.abstract_params`)."""
+    unet = dict(layers_per_block=3, block_out_channels=[320, 640, 960, 1280],
+                norm_num_groups=32)
+    down = ["ResnetDownsampleBlock2D"] + ["SimpleCrossAttnDownBlock2D"] * 3
+    up = ["SimpleCrossAttnUpBlock2D"] * 3 + ["ResnetUpsampleBlock2D"]
+    sr = dict(unet, _class_name="UNet2DModel", sample_size=256, in_channels=6, out_channels=3,
+              add_attention=False, down_block_types=["ResnetDownsampleBlock2D"] * 4,
+              up_block_types=["ResnetUpsampleBlock2D"] * 4)
+    configs = {
+        "prior": dict(_class_name="PriorTransformer", num_attention_heads=32,
+                      attention_head_dim=64, num_layers=20, embedding_dim=768,
+                      num_embeddings=77, additional_embeddings=4),
+        "text_proj": dict(_class_name="UnCLIPTextProjModel", clip_extra_context_tokens=4,
+                          clip_embeddings_dim=768, time_embed_dim=1280,
+                          cross_attention_dim=1536),
+        "decoder": dict(unet, _class_name="UNet2DConditionModel", sample_size=64,
+                        in_channels=3, out_channels=6, cross_attention_dim=1536,
+                        down_block_types=down, up_block_types=up,
+                        mid_block_type="UNetMidBlock2DSimpleCrossAttn",
+                        class_embed_type="identity", attention_head_dim=64,
+                        resnet_time_scale_shift="scale_shift"),
+        "super_res_first": sr, "super_res_last": dict(sr),
+        "text_encoder": dict(architectures=["CLIPTextModelWithProjection"], vocab_size=49408,
+                             hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
+                             num_attention_heads=12, max_position_embeddings=77,
+                             projection_dim=768, hidden_act="quick_gelu", bos_token_id=49406,
+                             eos_token_id=49407, pad_token_id=1, layer_norm_eps=1e-5),
+    }
+    sched = {"prior": dict(variance_type="fixed_small_log", prediction_type="sample",
+                           clip_sample_range=5.0),
+             "decoder": dict(variance_type="learned_range", prediction_type="epsilon"),
+             "super_res": dict(variance_type="fixed_small_log", prediction_type="epsilon")}
+    return {"configs": configs,
+            "schedulers": {k: scheduler_settings(dict(v, beta_schedule="squaredcos_cap_v2",
+                                                      num_train_timesteps=1000), k)
+                           for k, v in sched.items()}}
