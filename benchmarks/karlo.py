@@ -19,6 +19,7 @@ random weights on both sides (converted in memory), the outputs compared as a ch
 """
 from __future__ import annotations
 
+import functools
 import json
 import statistics
 import tempfile
@@ -204,6 +205,11 @@ def _step_case(name: str, c: dict, batch: int):
     return ours, args, theirs, ref
 
 
+def _run_ours(ours, args):
+    import jax
+    return jax.block_until_ready(ours(*args))
+
+
 def steps_main():
     """--mode=steps: one denoising call per model, ours against diffusers, interleaved."""
     import gc
@@ -226,7 +232,7 @@ def steps_main():
         with torch.no_grad():
             ref_out = theirs().numpy()
             for r in range(_ROUNDS.value):
-                for side, fn in (("ours", lambda: jax.block_until_ready(ours(*args))),
+                for side, fn in (("ours", functools.partial(_run_ours, ours, args)),
                                  ("diffusers", theirs)):
                     t0 = time.perf_counter()
                     fn()
