@@ -90,8 +90,9 @@ def _ideal(shape: str, cx: float, cy: float, half: float, x0: int, y0: int, h: i
 def shape_ious(alpha: np.ndarray) -> dict[str, float]:
     """Soft IoU of one object's coverage map (zeros elsewhere) with each ideal shape fitted to
     it: the square box of side max(width, height) (coverage extents; for the triangle, the side
-    a triangle of the object's area has where that is longer), placed so that the ideal's centroid is the
-    coverage centroid (the triangle's lies a sixth of the side below its box centre)."""
+    a triangle of the object's area has where that is longer), placed so that the ideal's
+    centroid is the coverage centroid (the triangle's lies a sixth of the side below its box
+    centre)."""
     alpha = np.asarray(alpha, np.float64)
     area = alpha.sum()
     if area <= 0:
