@@ -33,8 +33,22 @@ def test_every_rendered_shape_is_read_right(size):
         ious[shape].append(seen["iou"][shape])
         n += 1
     assert n == 540
-    # Calibration: the renders stay clear of the threshold (min IoU 0.96 at 32 px, 0.98 at 64).
-    assert min(min(v) for v in ious.values()) >= shapes_eval.SHAPE_IOU_MIN + 0.03
+    # Calibration: the renders stay clear of the threshold (min IoU 0.97 at 32 px, 0.98 at 64).
+    assert min(min(v) for v in ious.values()) >= shapes_eval.SHAPE_IOU_MIN + 0.04
+
+
+def test_slightly_soft_edges_are_tolerated():
+    """A sampler's edges are rarely as crisp as a render's: renders blurred by a Gaussian of
+    sigma 0.7 px (at 64 px) or put through a 2x nearest-neighbour upsampling from 32 px are
+    still read right."""
+    from scipy import ndimage
+    for k, (shape, image) in enumerate(_renders(32)):
+        if k % 9:
+            continue        # 60 of the 540
+        big = np.repeat(np.repeat(image, 2, 0), 2, 1)
+        soft = ndimage.gaussian_filter(big.astype(np.float32), (0.7, 0.7, 0))
+        for im in (big, np.clip(soft, 0, 255).astype(np.uint8)):
+            assert shapes_eval.classify(im)["shape"] == shape
 
 
 def _near_shape(kind, size, half):
