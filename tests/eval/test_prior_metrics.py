@@ -1,5 +1,7 @@
 """Prior metrics (cosines vs the z_t baseline, sampled through the shared eval.sampling), the
 shared prompt check, and the shapes caption-accuracy evaluator on the dataset's own images."""
+import re
+
 import numpy as np
 import pytest
 
@@ -95,7 +97,9 @@ def test_shapes_accuracy_on_the_datasets_own_images(size):
     images, captions, _ = _dataset(size)
     r = shapes_accuracy(images, captions)
     assert r["single_count"] > 50 and r["two_count"] > 50 and r["unparsed_count"] == 0
-    for k in ("colour_acc", "shape_acc", "both_acc", "binding_acc", "object_acc"):
+    assert r["positions_named_count"] > 30 and r["relations_named_count"] > 20, r
+    for k in ("colour_acc", "shape_acc", "both_acc", "shape_fill_acc", "binding_acc",
+              "object_acc", "position_acc", "relation_acc"):
         assert r[k] >= 0.98, (k, r)
     # [-1, 1] float images are read the same way
     r_float = shapes_accuracy(images.astype(np.float32) / 127.5 - 1.0, captions)
@@ -133,6 +137,25 @@ def test_binding_needs_the_right_colour_shape_pairing():
     assert r["binding_count"] == 0 and r["two_count"] == len(two)
 
 
+def test_position_and_relation_words_that_do_not_hold_score_zero():
+    """The dataset's captions with every position word and relation turned to its opposite
+    (left <-> right, top <-> bottom, above <-> below, ...): none is honoured; the centre, which
+    has no opposite, is left out."""
+    images, captions, _ = _dataset(64)
+    flip = {"on the left": "on the right", "on the right": "on the left", "at the top":
+            "at the bottom", "at the bottom": "at the top", "above": "below", "below": "above",
+            "to the left of": "to the right of", "to the right of": "to the left of"}
+    pattern = re.compile("|".join(sorted(map(re.escape, flip), key=len, reverse=True)))
+    keep = [i for i, c in enumerate(captions) if pattern.search(c)
+            and not re.search("centre|middle", c)]
+    flipped = [pattern.sub(lambda m: flip[m.group(0)], captions[i]) for i in keep]
+    right = shapes_accuracy(images[keep], [captions[i] for i in keep])
+    r = shapes_accuracy(images[keep], flipped)
+    assert r["positions_named_count"] > 20 and r["relations_named_count"] > 20, r
+    assert right["position_acc"] == right["relation_acc"] == 1.0, right
+    assert r["positions_right_count"] == r["relations_right_count"] == 0, r
+
+
 def test_shape_confusion_counts_asked_against_read():
     """Single-object images under captions naming another shape: each sample is counted under
     (shape asked for, shape in the image), a blank image under "none"; the rows sum to the
@@ -149,6 +172,7 @@ def test_shape_confusion_counts_asked_against_read():
                  if p.endswith(asked)]
         want = {read: truth.count(read) for read in shapes.SHAPES}
         want["none"] = 1 if asked == "circle" else 0
+        want["blob"] = 0
         assert conf[asked] == want, (asked, conf[asked], want)
     assert sum(sum(row.values()) for row in conf.values()) == r["single_count"] == len(single) + 1
     assert sum(conf[s][s] for s in shapes.SHAPES) == r["shape_count"] == 0

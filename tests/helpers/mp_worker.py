@@ -19,7 +19,8 @@ from helpers.trainer import host_tree, toy_config  # noqa: E402
 
 def _shapes_parts(pid):
     """This process's per-batch shapes_accuracy results: rendered scenes under right and wrong
-    captions, a blank image ("none") and a two-object caption, so every kind of count is used."""
+    captions (one with a position word), a blank image ("none") and a two-object caption with a
+    relation, so every kind of count is used (no accuracy is NaN)."""
     import numpy as np
     from unclip_jax.data import shapes
     from unclip_jax.eval.shapes_accuracy import shapes_accuracy
@@ -33,7 +34,9 @@ def _shapes_parts(pid):
         images += [np.full((64, 64, 3), 255, np.uint8), images[0]]
         o = [s["objects"][0] for s in scenes]
         prompts = [f"a {x['colour']} {x['shape'] if k % 2 else nxt[x['shape']]}"
-                   for k, x in enumerate(o)] + ["a red circle", "a red triangle and a blue circle"]
+                   + (" on the left" if k == 1 else "")      # a position word
+                   for k, x in enumerate(o)]
+        prompts += ["a red circle", "a red triangle above a blue circle"]
         parts.append(shapes_accuracy(np.stack(images), prompts))
     return parts
 

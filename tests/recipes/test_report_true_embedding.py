@@ -50,7 +50,7 @@ class EchoUpsamplePipe(EchoPipe):
 def _diagonal(prompts, per_prompt):
     """Confusion counts of a check that reads every single-object prompt's shape right."""
     shapes_ = ("circle", "square", "triangle")
-    conf = {s: {x: 0 for x in shapes_ + ("none",)} for s in shapes_}
+    conf = {s: {x: 0 for x in shapes_ + ("blob", "none")} for s in shapes_}
     for p in prompts:
         conf[p.split()[-1]][p.split()[-1]] += per_prompt
     return conf

@@ -52,6 +52,13 @@ def test_all_stages_trained_and_reported(run):
         assert sum(conf[s][s] for s in conf) == report[key]["shape_count"]
     assert "upsampled |" in md and "| diffusion prior | circle |" in md
     assert os.path.exists(os.path.join(wd, "samples", "report_grid_true_z.png"))
+    # The two-object and position prompts of the :smoke config, one each, 2 samples.
+    assert report["accuracy_binding"]["two_count"] == 2
+    assert report["accuracy_position"]["positions_named_count"] == 2
+    assert list(report["prompt_checks"]) == ["a red square and a green circle",
+                                             "a blue circle on the left"]
+    assert "| a red square and a green circle |" in md and "| all |" in md
+    assert os.path.exists(os.path.join(wd, "samples", "report_grid_binding.png"))
     # The priors' baseline is cos(z_t, z_i) of the cache's test split, computed here directly.
     from unclip_jax.data import cache
     zi = np.asarray(cache.load_field(os.path.join(wd, "embed"), "test", "image_embedding"))

@@ -4,8 +4,14 @@ Used by the data tests (an independent check of the generator) and by the end-to
 of generated samples (64x64 or smaller). Each pixel is explained as a mix of the background and
 one palette colour: its coverage `alpha` is its position on the segment background -> colour.
 Object size and shape then come from coverage sums, which are robust to antialiasing:
-  area = sum(alpha); width = sum over columns of the column's max alpha (height likewise);
-  fill = area / (width * height): circle ~0.785, square ~1.0, triangle ~0.5.
+  area = sum(alpha); width = sum over columns of the column's max alpha (height likewise).
+Shape (strict): the object's coverage is compared with the ideal circle, square and upright
+triangle drawn antialiased in the square box it spans (side max(width, height), placed so that
+the ideal's centroid is the object's), both slightly blurred: the soft IoU sum(min) / sum(max)
+of the best must reach SHAPE_IOU_MIN, else the object is no shape (None: a blob, a rounded
+square, a pentagon...).
+The fill ratio area / (width * height) (circle ~0.785, square ~1.0, triangle ~0.5) is kept as
+`shape_fill`: it reads any blob of circle-like fill as a circle, so it overstates shape accuracy.
 """
 from __future__ import annotations
 
@@ -24,6 +30,10 @@ _COL_RGB = np.array([shapes.COLOURS[n] for n in _COL_NAMES], np.float32)
 # Fill-ratio boundaries halfway between triangle (0.5), circle (pi/4) and square (1.0).
 _FILL_TRIANGLE_CIRCLE = (0.5 + np.pi / 4) / 2
 _FILL_CIRCLE_SQUARE = (np.pi / 4 + 1.0) / 2
+# Strict shape check: see the module docstring; calibrated in data/test_shapes_eval.py.
+SHAPE_IOU_MIN = 0.92
+_SUPERSAMPLE = 8
+_BLUR = 1 / 64      # sigma of the blur both sides get, as a fraction of the image side
 _SIZE_BOUNDARY = shapes.HALF_EXTENT["small"] + shapes.HALF_EXTENT["large"]  # on the full extent
 
 
@@ -61,6 +71,57 @@ def coverage(image: np.ndarray, bg: str) -> tuple[np.ndarray, np.ndarray]:
     return idx, alpha
 
 
+def _ideal(shape: str, cx: float, cy: float, half: float, x0: int, y0: int, h: int,
+           w: int) -> np.ndarray:
+    """Coverage [h, w] of pixels [y0, y0+h) x [x0, x0+w) by the ideal `shape` of half side `half`
+    centred (box centre) at (cx, cy), in pixel units (pixel j covers [j, j+1)), supersampled."""
+    offs = (np.arange(_SUPERSAMPLE) + 0.5) / _SUPERSAMPLE
+    u = (x0 + np.arange(w)[:, None] + offs).reshape(-1) - cx      # [w * S]
+    v = (y0 + np.arange(h)[:, None] + offs).reshape(-1) - cy      # [h * S]
+    u, v = u[None, :], v[:, None]
+    if shape == "circle":
+        inside = u * u + v * v <= half * half
+    elif shape == "square":
+        inside = (np.abs(u) <= half) & (np.abs(v) <= half)
+    else:   # upright triangle: apex (0, -half), base corners (+-half, half)
+        inside = (v <= half) & (2 * np.abs(u) <= v + half)
+    return inside.reshape(h, _SUPERSAMPLE, w, _SUPERSAMPLE).mean((1, 3))
+
+
+def shape_ious(alpha: np.ndarray) -> dict[str, float]:
+    """Soft IoU of one object's coverage map (zeros elsewhere) with each ideal shape fitted to
+    it: the square box of side max(width, height) (coverage extents; for the triangle, the side
+    a triangle of the object's area has where that is longer), placed so that the ideal's
+    centroid is the coverage centroid (the triangle's lies a sixth of the side below its box
+    centre). Both are blurred alike first (Gaussian, sigma 1/64 of the image side): a sampler's
+    slightly soft edges then cost little, a wrong outline (corners, lumps) still does."""
+    alpha = np.asarray(alpha, np.float64)
+    area = alpha.sum()
+    if area <= 0:
+        return {s: 0.0 for s in shapes.SHAPES}
+    n_rows, n_cols = alpha.shape
+    extent = max(alpha.max(0).sum(), alpha.max(1).sum())
+    gx = ((alpha.sum(0) * (np.arange(n_cols) + 0.5)).sum() / area)
+    gy = ((alpha.sum(1) * (np.arange(n_rows) + 0.5)).sum() / area)
+    sigma = _BLUR * max(n_rows, n_cols)
+    blurred = ndimage.gaussian_filter(alpha, sigma, mode="constant")
+    out = {}
+    for shape in shapes.SHAPES:
+        # Coverage extents miss a triangle's thin tips (apex rows, base corners): its side is
+        # the one its area implies where that is longer.
+        half = (max(extent, np.sqrt(2 * area)) if shape == "triangle" else extent) / 2
+        cy = gy - (half / 3 if shape == "triangle" else 0.0)
+        x0, y0 = max(int(np.floor(gx - half)) - 1, 0), max(int(np.floor(cy - half)) - 1, 0)
+        x1 = min(int(np.ceil(gx + half)) + 1, n_cols)
+        y1 = min(int(np.ceil(cy + half)) + 1, n_rows)
+        ideal = np.zeros_like(alpha)
+        ideal[y0:y1, x0:x1] = _ideal(shape, gx, cy, half, x0, y0, y1 - y0, x1 - x0)
+        ideal = ndimage.gaussian_filter(ideal, sigma, mode="constant")
+        inter = np.minimum(blurred, ideal).sum()
+        out[shape] = float(inter / (blurred.sum() + ideal.sum() - inter))
+    return out
+
+
 def _describe(alpha: np.ndarray, colour_idx: int) -> dict:
     """Shape, size and position of one object from its coverage map (zeros elsewhere)."""
     size = alpha.shape[0]
@@ -68,18 +129,22 @@ def _describe(alpha: np.ndarray, colour_idx: int) -> dict:
     width, height, area = cols.sum(), rows.sum(), alpha.sum()
     fill = float(area / max(width * height, 1e-6))
     if fill >= _FILL_CIRCLE_SQUARE:
-        shape = "square"
+        shape_fill = "square"
     elif fill >= _FILL_TRIANGLE_CIRCLE:
-        shape = "circle"
+        shape_fill = "circle"
     else:
-        shape = "triangle"
+        shape_fill = "triangle"
+    ious = shape_ious(alpha)
+    best = max(ious, key=ious.get)
+    shape = best if ious[best] >= SHAPE_IOU_MIN else None
     # Bounding-box centre as a fraction of the side (pixel j covers [j, j+1)).
     x = float((cols * (np.arange(size) + 0.5)).sum() / max(width, 1e-6) / size)
     y = float((rows * (np.arange(size) + 0.5)).sum() / max(height, 1e-6) / size)
     extent = float(max(width, height) / size)
     position = min(shapes.ANCHORS, key=lambda p: (shapes.ANCHORS[p][0] - x) ** 2
                    + (shapes.ANCHORS[p][1] - y) ** 2)
-    return {"colour": _COL_NAMES[colour_idx], "shape": shape, "fill": fill,
+    return {"colour": _COL_NAMES[colour_idx], "shape": shape, "shape_fill": shape_fill,
+            "fill": fill, "iou": ious,
             "size": "large" if extent >= _SIZE_BOUNDARY else "small", "extent": extent,
             "position": position, "x": x, "y": y}
 
@@ -113,7 +178,8 @@ def classify(image: np.ndarray) -> dict:
     a = np.where(idx == c, alpha, 0.0)
     labels, n = ndimage.label(a > 0.5, structure=np.ones((3, 3)))
     if n == 0:
-        return {"background": bg, "colour": None, "shape": None, "size": None, "position": None}
+        return {"background": bg, "colour": None, "shape": None, "shape_fill": None, "size": None,
+                "position": None}
     # Keep the largest solid region plus its soft (antialiased) rim.
     sizes = ndimage.sum(np.ones_like(a), labels, range(1, n + 1))
     core = labels == (int(np.argmax(sizes)) + 1)

@@ -92,6 +92,7 @@ def _report(config, workdir: str, pipe: Pipeline, timings: dict):
     timings["report_sampling"] = time.perf_counter() - t
     save_grid(from_uint8(images), os.path.join(workdir, "samples", "report_grid.png"),
               int(r.per_prompt))
+    checks = _check_prompt_groups(pipe, r, settings, os.path.join(workdir, "samples"), timings)
     acc_ar = None
     if pipe.ar_prior is not None and bool(r.ar_prior):
         import dataclasses
@@ -123,7 +124,7 @@ def _report(config, workdir: str, pipe: Pipeline, timings: dict):
             if rows:
                 stages[name] = {"step": rows[-1]["step"], "loss": rows[-1].get("loss"),
                                 "first_loss": rows[0].get("loss")}
-    report = {"accuracy": acc, "accuracy_ar_prior": acc_ar,
+    report = {"accuracy": acc, **checks, "accuracy_ar_prior": acc_ar,
               "accuracy_true_embedding": acc_true,
               "accuracy_upsampled_render": true.get("upsampled_render"),
               "accuracy_rendered": true.get("rendered"),
@@ -135,13 +136,52 @@ def _report(config, workdir: str, pipe: Pipeline, timings: dict):
     if jax.process_index() == 0:
         paths.write_text(path, json.dumps(report, indent=2))
         paths.write_text(os.path.join(workdir, "report.md"), _markdown(report))
+    b, p = report.get("accuracy_binding"), report.get("accuracy_position")
     say(f"[report] single-object prompts: colour {acc['colour_acc']:.1%}, shape "
          f"{acc['shape_acc']:.1%}, both {acc['both_acc']:.1%} over {acc['single_count']} "
-         f"samples (diffusion prior)" + (
+         f"samples (diffusion prior; strict shape check)" + (
+             f"; two-object binding {b['binding_acc']:.1%}" if b else "") + (
+             f"; position words {p['position_acc']:.1%}" if p else "") + (
              f"; AR prior: colour {acc_ar['colour_acc']:.1%}, shape {acc_ar['shape_acc']:.1%},"
              f" both {acc_ar['both_acc']:.1%}" if acc_ar else "") + (
              f"; decoder from the true z_i: colour {acc_true['colour_acc']:.1%}, shape "
              f"{acc_true['shape_acc']:.1%}" if acc_true else "") + f"; {path}")
+
+
+def _check_prompt_groups(pipe: Pipeline, r, settings: SampleSettings, samples_dir: str,
+                         timings: dict) -> dict:
+    """The two-object prompts (`report.binding_prompts`: is each named colour-shape pair drawn
+    as one object) and the prompts with position words or relations (`report.position_prompts`:
+    are they honoured), sampled with the diffusion prior in one pass (same batch shape as the
+    single-object prompts: no new compile). Returns {"accuracy_binding", "accuracy_position",
+    "prompt_checks": per prompt}; empty without such prompts. Grid:
+    samples/report_grid_binding.png, one row per prompt."""
+    from unclip_jax.data import shapes_eval
+    from unclip_jax.eval.shapes_accuracy import shapes_accuracy
+    groups = {"accuracy_binding": tuple(r.get("binding_prompts", ())),
+              "accuracy_position": tuple(r.get("position_prompts", ()))}
+    per = int(r.per_prompt)
+    unique = [p for ps in groups.values() for p in ps]
+    for p in unique:
+        shapes_eval.parse_caption(p)    # a prompt outside the caption grammar: a clear error
+    if not unique:
+        return {}
+    t = time.perf_counter()
+    _, images = check_prompts(pipe, [p for p in unique for _ in range(per)], seed=int(r.seed),
+                              settings=settings)
+    timings["report_sampling_binding_position"] = time.perf_counter() - t
+    save_grid(from_uint8(images), os.path.join(samples_dir, "report_grid_binding.png"), per)
+    out, start = {}, 0
+    for key, ps in groups.items():
+        n = len(ps) * per
+        out[key] = shapes_accuracy(images[start:start + n], [p for p in ps for _ in range(per)])
+        start += n
+    out["prompt_checks"] = {}
+    for i, p in enumerate(unique):
+        a = shapes_accuracy(images[i * per:(i + 1) * per], [p] * per)
+        out["prompt_checks"][p] = {k: (None if np.isnan(a[f"{k}_acc"]) else a[f"{k}_acc"])
+                                   for k in ("both", "binding", "position", "relation")}
+    return out
 
 
 def _prior_cosines(pipe: Pipeline, cache_dir: str, settings: SampleSettings, n: int,
@@ -168,12 +208,19 @@ def _prior_cosines(pipe: Pipeline, cache_dir: str, settings: SampleSettings, n: 
                             settings=settings, priors=priors)
 
 
+def _pct(x) -> str:
+    return "" if x is None or np.isnan(x) else f"{x:.1%}"
+
+
 def _markdown(r: dict) -> str:
     a = r["accuracy"]
     lines = ["# unclip-jax run report", "",
-             f"Pixel check of {a['single_count']} samples for {len(r['eval_prompts'])} single-object "
-             "prompts (colour of the object's pixels, shape from its fill ratio):", "",
-             "| prior | colour | shape | both |", "|---|---|---|---|"]
+             f"Pixel check of {a['single_count']} samples for {len(r['eval_prompts'])} "
+             "single-object prompts. Colour: the object's pixels. Shape (strict): the object against the ideal "
+             "circle, square and upright triangle fitted to its box; a blob is no shape. Fill "
+             "ratio: the old check (area / box area), which reads any blob as a circle.", "",
+             "| prior | colour | shape | both | shape (fill ratio) | both (fill ratio) |",
+             "|---|---|---|---|---|---|"]
     for key, name in (("accuracy", "diffusion"), ("accuracy_ar_prior", "AR"),
                       ("accuracy_true_embedding", "none: true z_i of rendered scenes, decoded"),
                       ("accuracy_upsampled_render",
@@ -181,22 +228,39 @@ def _markdown(r: dict) -> str:
                       ("accuracy_rendered", "none: the rendered scenes themselves")):
         if r.get(key):
             b = r[key]
-            lines.append(f"| {name} | {b['colour_acc']:.1%} | {b['shape_acc']:.1%} | "
-                         f"{b['both_acc']:.1%} |")
+            lines.append(f"| {name} | {_pct(b['colour_acc'])} | {_pct(b['shape_acc'])} | "
+                         f"{_pct(b['both_acc'])} | {_pct(b.get('shape_fill_acc'))} | "
+                         f"{_pct(b.get('both_fill_acc'))} |")
     confusions = [(name, r[key]["shape_confusion"]) for key, name in (
         ("accuracy", "diffusion prior"), ("accuracy_true_embedding", "true z_i, decoded"))
         if r.get(key) and r[key].get("shape_confusion")]
     if confusions:
         from unclip_jax.data.shapes import SHAPES
-        read = SHAPES + ("none",)
-        lines += ["", "Shape asked for (rows) and shape read from the pixels (columns; none: no "
-                  "object found), single-object samples:", "",
+        read = SHAPES + ("blob", "none")
+        lines += ["", "Shape asked for (rows) and shape read from the pixels by the strict check "
+                  "(columns; blob: an object that is no shape; none: no object found), "
+                  "single-object samples:", "",
                   "| samples | asked | " + " | ".join(read) + " |",
                   "|---|---|" + "---|" * len(read)]
         for name, conf in confusions:
             for asked in SHAPES:
                 lines.append(f"| {name} | {asked} | "
-                             + " | ".join(str(conf[asked][x]) for x in read) + " |")
+                             + " | ".join(str(conf[asked].get(x, 0)) for x in read) + " |")
+    if r.get("prompt_checks"):
+        per = r["per_prompt"]
+        lines += ["", f"Two-object prompts and position words, diffusion prior, {per} samples "
+                  "per prompt. Binding: each named colour-shape pair is seen as one object (a "
+                  "swapped pairing fails). Position: the named object's box centre is nearest "
+                  "that position. Relation: both objects bound and the relation holds.", "",
+                  "| prompt | both (one object) | binding | position | relation |",
+                  "|---|---|---|---|---|"]
+        for p, c in r["prompt_checks"].items():
+            lines.append(f"| {p} | {_pct(c['both'])} | {_pct(c['binding'])} | "
+                         f"{_pct(c['position'])} | {_pct(c['relation'])} |")
+        parts = [r.get("accuracy_binding") or {}, r.get("accuracy_position") or {}]
+        lines.append(f"| all |  | {_pct(_pooled(parts, 'binding', 'two'))} | "
+                     f"{_pct(_pooled(parts, 'positions_right', 'positions_named'))} | "
+                     f"{_pct(_pooled(parts, 'relations_right', 'relations_named'))} |")
     if r.get("prior_cosines"):
         from unclip_jax.eval.prior_metrics import prior_table
         lines += ["", "Priors on the cache's test split (cosine to the true CLIP image embedding):",
@@ -209,9 +273,16 @@ def _markdown(r: dict) -> str:
     lines += ["", f"Sampling settings: `{json.dumps(r['settings'])}`", "",
               "Samples: `samples/grid.png` (fixed prompts), `samples/report_grid.png` (evaluation; "
               "`report_grid_ar.png` with the AR prior, `report_grid_true_z.png` decoded from the "
-              "true z_i of rendered scenes: the decoder's share of the errors).",
+              "true z_i of rendered scenes: the decoder's share of the errors; "
+              "`report_grid_binding.png`: the two-object and position prompts, one row each).",
               ""]
     return "\n".join(lines)
+
+
+def _pooled(parts: list[dict], right: str, named: str) -> float:
+    """Sum of the `<right>_count` over the sum of the `<named>_count` of shapes_accuracy results."""
+    n = sum(p.get(f"{named}_count", 0) for p in parts)
+    return sum(p.get(f"{right}_count", 0) for p in parts) / n if n else float("nan")
 
 
 # The runner's hooks (recipes/runner.py): the shapes recipe adds the pixel report.
