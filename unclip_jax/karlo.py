@@ -505,7 +505,7 @@ def _settings(settings):
     """`settings`, or None -> SampleSettings with Karlo's PRESET."""
     if settings is not None:
         return settings
-    from unclip_jax.inference import SampleSettings
+    from unclip_jax.settings import SampleSettings
     return preset_settings(SampleSettings())
 
 
