@@ -1,4 +1,6 @@
 """DDIM inversion with a trained tiny decoder, then eta=0 decoding, gives back the input."""
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -7,7 +9,7 @@ import optax
 from unclip_jax import diffusion
 from unclip_jax.models import model_from_config
 
-from helpers.models import decoder_inputs, init_jit, tiny_decoder_cfg
+from helpers.models import OPTIMIZED, decoder_inputs, init_jit, tiny_decoder_cfg
 
 
 def test_inversion_then_ddim_reconstructs_trained_decoder_inputs():
@@ -32,7 +34,7 @@ def test_inversion_then_ddim_reconstructs_trained_decoder_inputs():
         return jnp.mean(diffusion.diffusion_loss(sched, out, imgs, x_t, t, noise,
                                                  learned_variance=True)[0])
 
-    @jax.jit
+    @functools.partial(jax.jit, compiler_options=OPTIMIZED)  # run 300 times
     def step(p, s, rng):
         loss, g = jax.value_and_grad(loss_fn)(p, rng)
         upd, s = opt.update(g, s, p)
@@ -47,11 +49,11 @@ def test_inversion_then_ddim_reconstructs_trained_decoder_inputs():
 
     cond = {"z": z, "tok": tok, "mask": mask}
     fast = diffusion.respace(sched, "ddim100")
-    x_T = jax.jit(lambda x: diffusion.ddim_invert(model_fn, fast, x, cond,
-                                                  learned_sigma=True))(imgs)
+    x_T = jax.jit(lambda x: diffusion.ddim_invert(model_fn, fast, x, cond, learned_sigma=True),
+                  compiler_options=OPTIMIZED)(imgs)   # 100 model calls, as decode's
     decode = jax.jit(lambda xt: diffusion.sample(model_fn, fast, imgs.shape, None, cond,
                                                  method="ddim", eta=0.0, learned_sigma=True,
-                                                 x_T=xt))
+                                                 x_T=xt), compiler_options=OPTIMIZED)
     recon = decode(x_T)
     err = float(jnp.sqrt(jnp.mean((recon - imgs) ** 2)))
     # Another image's x_T with this image's conditioning: x_T must carry the image itself.

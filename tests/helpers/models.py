@@ -8,6 +8,10 @@ from unclip_jax.models import decoder_model_config
 
 B = 4
 
+# conftest compiles at LLVM -O0 (the tests mostly compile); a program the test runs hundreds of
+# times asks for XLA's default optimisation back: jax.jit(f, compiler_options=OPTIMIZED).
+OPTIMIZED = {"xla_backend_optimization_level": 2}
+
 
 def tiny_decoder_cfg(**kw):
     c = dict(image_size=16, base_channels=32, channel_mult=(1, 2), num_res_blocks=1,

@@ -1,4 +1,6 @@
 """AR prior: codec round trip, overfitting a fixed nonlinear map, top-half dot token, top-k."""
+import functools
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -11,6 +13,8 @@ from unclip_jax.models import ar_prior_model_config
 from unclip_jax.models.ar_prior import ARCodec, fit_codec, filter_logits, sample_ar_prior
 from unclip_jax.stages.ar_prior import ARPriorStage
 from unclip_jax.stages.diffusion_prior import synthetic_pairs
+
+from helpers.models import OPTIMIZED
 
 DIM, CTX, N, K, BUCKETS = 16, 8, 16, 10, 8
 
@@ -69,7 +73,7 @@ def trained(tmp_path_factory):
     tx = optax.adam(2e-3)
     opt = tx.init(params)
 
-    @jax.jit
+    @functools.partial(jax.jit, compiler_options=OPTIMIZED)  # run 250 times
     def step(params, opt, rng):
         (loss, m), g = jax.value_and_grad(
             lambda p: stage.loss(model, p, batch, rng, c), has_aux=True)(params)

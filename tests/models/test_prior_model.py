@@ -1,4 +1,5 @@
 """Diffusion prior: overfits a fixed nonlinear text -> image-embedding map; best-of-N reranking."""
+import functools
 
 import flax.linen as nn
 import jax
@@ -13,6 +14,8 @@ from unclip_jax.diffusion import diffusion_config
 from unclip_jax.models import diffusion_prior_model_config
 from unclip_jax.models.prior import EmbeddingScaling, best_of_n, sample_prior
 from unclip_jax.stages.diffusion_prior import DiffusionPriorStage, synthetic_pairs
+
+from helpers.models import OPTIMIZED
 
 DIM, CTX, N = 16, 8, 16
 
@@ -45,7 +48,7 @@ def trained():
     tx = optax.adam(2e-3)
     opt = tx.init(params)
 
-    @jax.jit
+    @functools.partial(jax.jit, compiler_options=OPTIMIZED)  # run 400 times
     def step(params, opt, rng):
         (loss, _), g = jax.value_and_grad(
             lambda p: stage.loss(model, p, batch, rng, config), has_aux=True)(params)

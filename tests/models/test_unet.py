@@ -1,4 +1,6 @@
 """Decoder / upsampler U-Nets: shapes, zero-init, conditioning, null path, crops, GroupNorm."""
+import functools
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -11,7 +13,8 @@ from unclip_jax.models import (GroupNorm, model_from_config,
                                upsampler_model_config)
 from unclip_jax.parallel import DEFAULT_RULES, make_mesh
 
-from helpers.models import B, decoder_inputs, init_jit, rerandomise_zeros, tiny_decoder_cfg
+from helpers.models import (OPTIMIZED, B, decoder_inputs, init_jit, rerandomise_zeros,
+                            tiny_decoder_cfg)
 
 @pytest.fixture(scope="module")
 def decoder():
@@ -330,7 +333,7 @@ def test_tiny_decoder_overfits_images_from_embeddings(decoder):
         out = model.apply({"params": p}, noise, t, zz, tok, mask)[..., :3]
         return jnp.mean((out - imgs) ** 2)
 
-    @jax.jit
+    @functools.partial(jax.jit, compiler_options=OPTIMIZED)  # run 150 times
     def step(p, s, rng):
         loss, g = jax.value_and_grad(loss_fn)(p, jax.random.normal(rng, imgs.shape), z)
         upd, s = opt.update(g, s, p)

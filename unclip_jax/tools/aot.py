@@ -50,6 +50,29 @@ def topology_devices(topology: str):
         ) from e
 
 
+def _topology(topology: str):
+    """(TPU generation, the topology's devices, chips, devices per chip)."""
+    devices = topology_devices(topology)
+    chips = len({tuple(d.coords) for d in devices})
+    return hardware.tpu_generation(topology), devices, chips, len(devices) // chips
+
+
+def _memory(compiled, devices_per_chip: int):
+    """The plan's memory fields of a compiled program (bytes per chip: arguments + outputs -
+    aliased + temporaries + code, per device, times the devices of a chip), and that figure."""
+    mem = compiled.memory_analysis()
+    per_device = (mem.argument_size_in_bytes + mem.output_size_in_bytes - mem.alias_size_in_bytes
+                  + mem.temp_size_in_bytes + mem.generated_code_size_in_bytes)
+    per_chip = per_device * devices_per_chip
+    return {"memory_per_chip_bytes": int(per_chip),
+            "memory_breakdown_per_device": {
+                "arguments": int(mem.argument_size_in_bytes),
+                "outputs": int(mem.output_size_in_bytes),
+                "aliased": int(mem.alias_size_in_bytes),
+                "temporaries": int(mem.temp_size_in_bytes),
+                "code": int(mem.generated_code_size_in_bytes)}}, per_chip
+
+
 def plan(config, topology: str | None = None, mfu: float = 0.4) -> dict:
     """Compile `config`'s train step for `topology` and return the plan's figures."""
     from unclip_jax.tools.flops import step_model_flops
@@ -59,10 +82,7 @@ def plan(config, topology: str | None = None, mfu: float = 0.4) -> dict:
     topology = topology or config.aot.topology
     if not topology:
         raise ValueError("no topology: pass --topology or set config.aot.topology")
-    gen = hardware.tpu_generation(topology)
-    devices = topology_devices(topology)
-    chips = len({tuple(d.coords) for d in devices})
-    devices_per_chip = len(devices) // chips
+    gen, devices, chips, devices_per_chip = _topology(topology)
     validate_config(config, None, len(devices), 1)
     mesh = parallel.make_mesh(config.mesh, devices=devices)
     t0 = time.perf_counter()
@@ -73,10 +93,7 @@ def plan(config, topology: str | None = None, mfu: float = 0.4) -> dict:
         compiled = lowered.compile()
     compile_s = time.perf_counter() - t0
 
-    mem = compiled.memory_analysis()
-    per_device = (mem.argument_size_in_bytes + mem.output_size_in_bytes - mem.alias_size_in_bytes
-                  + mem.temp_size_in_bytes + mem.generated_code_size_in_bytes)
-    per_chip = per_device * devices_per_chip
+    memory, per_chip = _memory(compiled, devices_per_chip)
     hbm = hardware.TPU[gen]["hbm"]
     cost = compiled.cost_analysis() or {}
     if isinstance(cost, (list, tuple)):
@@ -96,11 +113,7 @@ def plan(config, topology: str | None = None, mfu: float = 0.4) -> dict:
         "mesh": {k: int(v) for k, v in mesh.shape.items()},
         "global_batch": global_batch,
         "per_chip_batch": global_batch / chips,
-        "memory_per_chip_bytes": int(per_chip),
-        "memory_breakdown_per_device": {
-            "arguments": int(mem.argument_size_in_bytes), "outputs": int(mem.output_size_in_bytes),
-            "aliased": int(mem.alias_size_in_bytes), "temporaries": int(mem.temp_size_in_bytes),
-            "code": int(mem.generated_code_size_in_bytes)},
+        **memory,
         "hbm_per_chip_bytes": int(hbm),
         "fits": bool(per_chip <= hbm),
         "model_flops_per_step": model_flops,
@@ -137,10 +150,7 @@ def karlo_plan(source: str = "full", topology: str = "v5e:2x2", batch: int | Non
     else:
         with open(os.path.join(source, karlo.WORKDIR_FILE)) as f:
             arch = json.load(f)
-    gen = hardware.tpu_generation(topology)
-    devices = topology_devices(topology)
-    chips = len({tuple(d.coords) for d in devices})
-    devices_per_chip = len(devices) // chips
+    gen, devices, chips, devices_per_chip = _topology(topology)
     batch = int(batch or 4 * chips)
     if batch % len(devices):
         raise ValueError(f"batch {batch} must be a multiple of the {len(devices)} devices")
@@ -162,10 +172,7 @@ def karlo_plan(source: str = "full", topology: str = "v5e:2x2", batch: int | Non
     compiled = jax.jit(fn).lower(abstract, tok, mask, tok, mask, rng).compile()
     compile_s = time.perf_counter() - t0
 
-    mem = compiled.memory_analysis()
-    per_device = (mem.argument_size_in_bytes + mem.output_size_in_bytes - mem.alias_size_in_bytes
-                  + mem.temp_size_in_bytes + mem.generated_code_size_in_bytes)
-    per_chip = per_device * devices_per_chip
+    memory, per_chip = _memory(compiled, devices_per_chip)
     hbm = hardware.TPU[gen]["hbm"]
     plain = lambda t: jax.tree.map(  # noqa: E731
         lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), t)
@@ -184,11 +191,7 @@ def karlo_plan(source: str = "full", topology: str = "v5e:2x2", batch: int | Non
         "steps": {k: karlo.PRESET[k] for k in ("prior_steps", "decoder_steps",
                                                "upsampler_steps")},
         "image_size": program.out_size,
-        "memory_per_chip_bytes": int(per_chip),
-        "memory_breakdown_per_device": {
-            "arguments": int(mem.argument_size_in_bytes), "outputs": int(mem.output_size_in_bytes),
-            "aliased": int(mem.alias_size_in_bytes), "temporaries": int(mem.temp_size_in_bytes),
-            "code": int(mem.generated_code_size_in_bytes)},
+        **memory,
         "hbm_per_chip_bytes": int(hbm), "fits": bool(per_chip <= hbm),
         "model_flops_per_call": flops, "mfu_assumed": mfu,
         "call_time_at_mfu_s": call_s, "images_per_s_at_mfu": batch / call_s,
