@@ -90,6 +90,31 @@ def test_sharded_over_8_devices_with_fsdp_equals_one_device(workdir, api):
         np.testing.assert_allclose(out[k], ref[k], atol=1e-4, err_msg=k)
 
 
+def test_convert_reads_a_gcs_source(built, tmp_path):
+    """--src and --image_encoder on object storage (a local GCS emulator): the same manifest
+    and weights as the local conversion, the URL recorded as the source, nothing written to a
+    local folder named "gs:"."""
+    import orbax.checkpoint as ocp
+
+    from helpers.gcs import emulator
+    from unclip_jax import paths
+    with emulator() as bucket:
+        paths.upload(built["src"], f"{bucket}/karlo")
+        paths.upload(built["variations"], f"{bucket}/variations")
+        wd = str(tmp_path / "wd")
+        man = convert.convert_karlo(f"{bucket}/karlo", wd,
+                                    image_encoder=f"{bucket}/variations")
+    with open(os.path.join(built["wd"], "manifest.json")) as f:
+        ref = json.load(f)
+    assert man["source"] == f"{bucket}/karlo"
+    assert json.loads(json.dumps(man["tensors"])) == ref["tensors"]
+    for name in ("prior", "decoder", "image_encoder"):
+        a, b = (ocp.StandardCheckpointer().restore(os.path.join(w, name))
+                for w in (wd, built["wd"]))
+        jax.tree.map(np.testing.assert_array_equal, a, b)
+    assert not any("gs:" in d for _, dirs, _ in os.walk(tmp_path) for d in dirs)
+
+
 def test_bfloat16_workdir_loads_and_is_close_to_float32(built, api, tmp_path):
     _, ref = api
     wd16 = str(tmp_path / "wd16")

@@ -158,3 +158,21 @@ def test_webdata_inputs_and_imported_clip_on_gcs(bucket, tmp_path, monkeypatch):
                                                 r"\*.safetensors"):
         clip_import.check_hf_clip_dir(f"{bucket}/half_clip")
     assert os.listdir(tmp_path) == ["hf"]   # nothing else local: no folder named "gs:"
+
+
+def test_weights_to_import_on_gcs(bucket, tmp_path, monkeypatch):
+    """Inception weights (.npz) named by a gs:// URL are read from a local copy; a missing one
+    is the same clear error as a missing local file, naming the URL."""
+    import numpy as np
+
+    from unclip_jax.eval.inception_weights import read_state
+    monkeypatch.chdir(tmp_path)
+    state = {"conv.weight": np.arange(6, dtype=np.float32).reshape(2, 3), "fc.bias": np.ones(2)}
+    paths.save_npz(f"{bucket}/weights/inception.npz", **state)
+    got = read_state(f"{bucket}/weights/inception.npz")
+    assert sorted(got) == sorted(state)
+    for k in state:
+        np.testing.assert_array_equal(got[k], state[k])
+    with pytest.raises(FileNotFoundError, match=f"{bucket}/weights/missing.npz"):
+        read_state(f"{bucket}/weights/missing.npz")
+    assert os.listdir(tmp_path) == []

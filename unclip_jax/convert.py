@@ -42,13 +42,14 @@ PRESET = {"prior_steps": 25, "prior_guidance": 4.0, "decoder_steps": 25,
 
 def define_flags(fv: flags.FlagValues) -> None:
     f = dict(flag_values=fv)
-    flags.DEFINE_string("src", None, "The local diffusers-layout folder to convert.", **f)
+    flags.DEFINE_string("src", None, "The diffusers-layout folder to convert (a local path, or "
+                        "a gs:// URL read from a local copy).", **f)
     flags.DEFINE_string("out", None, "The workdir to write (must not exist).", **f)
     flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Stored weights' dtype.", **f)
     flags.DEFINE_string("image_encoder", None, "The CLIP vision tower to convert (for variations "
                         "and evaluation): karlo-v1-alpha-image-variations, a "
-                        "CLIPVisionModelWithProjection or a HF CLIPModel folder. Default: "
-                        "--src's image_encoder/ when present.", **f)
+                        "CLIPVisionModelWithProjection or a HF CLIPModel folder (local or gs://). "
+                        "Default: --src's image_encoder/ when present.", **f)
 
 
 def _save_params(path: str, params) -> None:
@@ -69,14 +70,21 @@ def convert_karlo(src: str, out: str, dtype: str = "float32",
 
     from unclip_jax.models import karlo_import as ki
 
+    from unclip_jax import paths
+
     if os.path.exists(out):
         raise FileExistsError(f"convert: --out {out!r} exists; give a new workdir")
+    # A gs:// (object store) source is read from a local copy; the manifest names the URL.
+    src_name, src = (src if paths.is_url(src) else os.path.abspath(src)), paths.local_dir(
+        src, recursive=True)
+    if image_encoder is not None and paths.is_url(image_encoder):
+        image_encoder = paths.local_dir(image_encoder, recursive=True)
     comps = ki.read_pipeline(src)   # every folder and config checked before anything converts
     if image_encoder is None and os.path.isdir(os.path.join(src, IMAGE_ENCODER)):
         image_encoder = src
     vision = ki.read_image_encoder(image_encoder) if image_encoder else None
     store = jnp.dtype(dtype)
-    converted, manifest = {}, {"source": os.path.abspath(src), "dtype": dtype, "tensors": {}}
+    converted, manifest = {}, {"source": src_name, "dtype": dtype, "tensors": {}}
     _, converted["prior"], scaling, manifest["tensors"]["prior"] = ki.convert_prior(
         comps["prior"])
     _, converted["decoder"], man = ki.convert_decoder(comps["decoder"], comps["text_proj"])

@@ -7,8 +7,8 @@ fsspec, e.g. gcsfs). Orbax uses the same layer for checkpoints.
   atomic_write(p)  -> a file object that writes p whole (readers never see half a file)
   write_text, write_bytes, save_npy, save_npz: whole files through atomic_write
   np_load(p)       -> np.load of a whole file
-  local_file(p), local_dir(p) -> a local copy of p, for readers that take only local files
-                                 (memory-mapped arrays, tokenizer libraries)
+  local_file(p), local_dir(p[, recursive]) -> a local copy of p, for readers that take only
+                                 local files (memory-mapped arrays, tokenizer libraries)
 """
 from __future__ import annotations
 
@@ -173,18 +173,25 @@ def local_file(p) -> str:
     return dst
 
 
-def local_dir(p) -> str:
-    """`p` itself when local; else a local copy of the directory's files (not sub-folders), for
-    readers that only take local paths (Hugging Face tokenizers and weights, array_record
-    files), downloaded once per process and version (URL, every file's name, size and
-    modification time)."""
+def local_dir(p, recursive: bool = False) -> str:
+    """`p` itself when local; else a local copy of the directory's files (with `recursive`, its
+    sub-folders' too), for readers that only take local paths (Hugging Face tokenizers and
+    weights, array_record files, a diffusers pipeline folder), downloaded once per process and
+    version (URL, every file's name, size and modification time)."""
     if not is_url(p):
         return os.fspath(path(p))
     src = epath.Path(str(p))
     if not src.is_dir():
         raise FileNotFoundError(f"{p} is not a directory")
-    files = sorted((f for f in src.iterdir() if not f.is_dir()), key=lambda f: f.name)
-    stats = [(f.name, f.stat()) for f in files]
+    if recursive:   # epath's gs:// rglob refuses "**" (one request per folder, as here)
+        files, todo = [], [src]
+        while todo:
+            for f in todo.pop().iterdir():
+                (todo if f.is_dir() else files).append(f)
+        files.sort(key=str)
+    else:
+        files = sorted((f for f in src.iterdir() if not f.is_dir()), key=lambda f: f.name)
+    stats = [(os.path.relpath(str(f), str(src)), f.stat()) for f in files]
     key = hashlib.sha1("|".join([str(p)] + [f"{n}:{st.length}:{st.mtime}" for n, st in stats])
                        .encode()).hexdigest()[:20]
     dst = os.path.join(_mirror_dir(), f"{key}_{src.name}")
@@ -192,7 +199,8 @@ def local_dir(p) -> str:
         fs, _ = _fs(p)
         tmp = f"{dst}.tmp{os.getpid()}"
         os.makedirs(tmp)
-        for f in files:
-            fs.get_file(_fs(f)[1], os.path.join(tmp, f.name))
+        for f, (rel, _) in zip(files, stats):
+            os.makedirs(os.path.dirname(os.path.join(tmp, rel)), exist_ok=True)
+            fs.get_file(_fs(f)[1], os.path.join(tmp, rel))
         os.replace(tmp, dst)
     return dst

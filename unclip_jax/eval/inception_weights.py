@@ -40,6 +40,11 @@ def _missing_file_message(path: str) -> str:
 
 def read_state(path: str) -> dict[str, np.ndarray]:
     """Tensor name -> numpy array from a .pth state_dict (needs torch) or an .npz."""
+    from unclip_jax import paths
+    if paths.is_url(path):   # gs://...: read from a local copy
+        if not paths.path(path).is_file():
+            raise FileNotFoundError(_missing_file_message(path))
+        path = paths.local_file(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(_missing_file_message(path))
     if path.endswith(".npz"):
