@@ -107,6 +107,7 @@ def test_convert_reads_a_gcs_source(built, tmp_path):
     with open(os.path.join(built["wd"], "manifest.json")) as f:
         ref = json.load(f)
     assert man["source"] == f"{bucket}/karlo"
+    assert man["image_encoder_source"].startswith(f"{bucket}/variations")
     assert json.loads(json.dumps(man["tensors"])) == ref["tensors"]
     for name in ("prior", "decoder", "image_encoder"):
         a, b = (ocp.StandardCheckpointer().restore(os.path.join(w, name))

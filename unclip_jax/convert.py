@@ -74,17 +74,32 @@ def convert_karlo(src: str, out: str, dtype: str = "float32",
 
     if os.path.exists(out):
         raise FileExistsError(f"convert: --out {out!r} exists; give a new workdir")
-    # A gs:// (object store) source is read from a local copy; the manifest names the URL.
-    src_name, src = (src if paths.is_url(src) else os.path.abspath(src)), paths.local_dir(
-        src, recursive=True)
-    if image_encoder is not None and paths.is_url(image_encoder):
-        image_encoder = paths.local_dir(image_encoder, recursive=True)
+    # A gs:// (object store) folder is read from a local copy; the manifest names the URL.
+    mirrors = {}   # local copy -> its URL
+
+    def local(p: str) -> str:
+        if not paths.is_url(p):
+            return os.path.abspath(p)
+        d = paths.local_dir(p, recursive=True)
+        mirrors[d] = p.rstrip("/")
+        return d
+
+    def named(p: str) -> str:
+        p = os.path.abspath(p)
+        for d, url in mirrors.items():
+            if p == d or p.startswith(d + os.sep):
+                return url + p[len(d):].replace(os.sep, "/")
+        return p
+
+    src = local(src)
+    if image_encoder is not None:
+        image_encoder = local(image_encoder)
     comps = ki.read_pipeline(src)   # every folder and config checked before anything converts
     if image_encoder is None and os.path.isdir(os.path.join(src, IMAGE_ENCODER)):
         image_encoder = src
     vision = ki.read_image_encoder(image_encoder) if image_encoder else None
     store = jnp.dtype(dtype)
-    converted, manifest = {}, {"source": src_name, "dtype": dtype, "tensors": {}}
+    converted, manifest = {}, {"source": named(src), "dtype": dtype, "tensors": {}}
     _, converted["prior"], scaling, manifest["tensors"]["prior"] = ki.convert_prior(
         comps["prior"])
     _, converted["decoder"], man = ki.convert_decoder(comps["decoder"], comps["text_proj"])
@@ -96,7 +111,7 @@ def convert_karlo(src: str, out: str, dtype: str = "float32",
     if vision is not None:
         _, converted[IMAGE_ENCODER], manifest["tensors"][IMAGE_ENCODER] = \
             ki.convert_image_encoder(vision, comps["text_encoder"]["config"])
-        manifest["image_encoder_source"] = os.path.abspath(vision["dir"])
+        manifest["image_encoder_source"] = named(vision["dir"])
     schedulers = {name: ki.scheduler_settings(comps[f"{name}_scheduler"]["config"],
                                               f"{name}_scheduler")
                   for name in ("prior", "decoder", "super_res")}
