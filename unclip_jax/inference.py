@@ -188,28 +188,6 @@ class Pipeline:
         return [t for t in (self.clip, self.prior, self.ar_prior, self.decoder, *self.upsamplers)
                 if t is not None]
 
-    # -- sharding -------------------------------------------------------------------------
-    def _pad(self, n: int) -> int:
-        k = 1 if self.mesh is None else self.mesh.devices.size
-        return -(-n // k) * k
-
-    def _put(self, x):
-        x = jnp.asarray(x)
-        if self.mesh is None:
-            return x
-        return jax.device_put(x, NamedSharding(self.mesh, P(("data", "fsdp"))))
-
-    def _batch(self, arrays: dict, n: int) -> dict:
-        """Pad the batch to a multiple of the device count (repeating the last row) and shard."""
-        m = self._pad(n)
-        out = {}
-        for k, v in arrays.items():
-            v = np.asarray(v)
-            if m > n:
-                v = np.concatenate([v, np.repeat(v[-1:], m - n, 0)], 0)
-            out[k] = self._put(v)
-        return out
-
     # -- text and images --------------------------------------------------------------------
     def tokenize(self, prompts) -> tuple[np.ndarray, np.ndarray]:
         if isinstance(prompts, str):
@@ -423,10 +401,11 @@ class Pipeline:
         self._check_prior(settings)
         tokens, mask = self.tokenize(prompts)
         n = len(tokens)
-        b = self._batch({"tokens": tokens, "mask": mask}, n)
-        fn = self._jit(("t2i", settings, len(b["tokens"])), lambda: jax.jit(
+        # Rows padded to a multiple of the mesh's devices; the first n are the prompts'.
+        tokens, mask = parallel.shard_rows(self.mesh, tokens, mask)
+        fn = self._jit(("t2i", settings, len(tokens)), lambda: jax.jit(
             functools.partial(self._text_to_image_fn, s=settings)))
-        out = fn(self._params(), b["tokens"], b["mask"], jax.random.PRNGKey(seed))
+        out = fn(self._params(), tokens, mask, jax.random.PRNGKey(seed))
         return {k: np.asarray(v)[:n] for k, v in out.items()}
 
     def sample_prior(self, prompts, *, seed: int = 0,

@@ -35,7 +35,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from unclip_jax import diffusion
+from unclip_jax import diffusion, parallel
 from unclip_jax.models.prior import EmbeddingScaling
 
 WORKDIR_FILE = "karlo.json"
@@ -276,16 +276,7 @@ class KarloPipeline:
 
     # -- batches ----------------------------------------------------------------------------
     def _rows(self, *arrays):
-        """Pad the batch to a multiple of the mesh's devices (repeating the last row) and shard
-        it over them; without a mesh, as they are."""
-        if self.mesh is None:
-            return tuple(jnp.asarray(a) for a in arrays)
-        k = self.mesh.devices.size
-        n = len(arrays[0])
-        m = -(-n // k) * k
-        rows = NamedSharding(self.mesh, P(("data", "fsdp")))
-        return tuple(jax.device_put(np.concatenate([np.asarray(a), np.repeat(
-            np.asarray(a)[-1:], m - n, 0)]), rows) for a in arrays)
+        return parallel.shard_rows(self.mesh, *arrays)
 
     def _jit(self, key, fn):
         if key not in self._compiled:

@@ -160,5 +160,22 @@ def batch_sharding(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, P(("data", "fsdp")))
 
 
+def shard_rows(mesh: Mesh | None, *arrays) -> tuple:
+    """Each array with its leading (batch) dimension padded to a multiple of the mesh's devices
+    (repeating the last row: the caller keeps its first rows) and sharded by batch_sharding;
+    without a mesh, the arrays as they are."""
+    if mesh is None:
+        return tuple(jax.numpy.asarray(a) for a in arrays)
+    k = mesh.devices.size
+    out = []
+    for a in arrays:
+        a = np.asarray(a)
+        m = -(-len(a) // k) * k
+        if m > len(a):
+            a = np.concatenate([a, np.repeat(a[-1:], m - len(a), 0)], 0)
+        out.append(jax.device_put(a, batch_sharding(mesh)))
+    return tuple(out)
+
+
 def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, P())
