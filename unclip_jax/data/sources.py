@@ -11,19 +11,15 @@ from __future__ import annotations
 
 import json
 import os
-import tarfile
 import threading
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import ml_collections
 import numpy as np
-from absl import logging
 
 from unclip_jax import paths
-from unclip_jax.data import cache
+from unclip_jax.data import cache, shard_index
 
-_IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 # Webdataset example ids: shard number in the sorted shard list, and position inside the shard.
 SHARD_BITS = 32
 
@@ -148,144 +144,102 @@ def open_shapes(cfg, split: str, process_index: int, process_count: int) -> Shap
 
 
 # ------------------------------------------------------------------------------------ webdataset
-def _index_tar(path: str) -> list[dict]:
-    """Examples of one img2dataset tar shard, in tar order: key -> member (offset, size).
-
-    A truncated or damaged shard (an interrupted download) keeps the examples whose members lie
-    wholly before the damage, with a warning naming the shard; one that is not a tar at all
-    gives none."""
-    examples: dict[str, dict] = {}
-    file_size = paths.path(path).stat().length
-    try:
-        with _open_shard(path) as f, tarfile.open(fileobj=f, mode="r:") as tar:
-            for m in tar:
-                if not m.isfile() or m.offset_data + m.size > file_size:
-                    continue
-                base = os.path.basename(m.name)
-                if "." not in base or base.startswith("."):
-                    continue
-                stem, ext = base.split(".", 1)
-                key = os.path.join(os.path.dirname(m.name), stem)
-                ex = examples.setdefault(key, {"key": key})
-                ext = ext.lower()
-                if ext in _IMAGE_EXTS and "image" not in ex:
-                    ex["image"] = (m.offset_data, m.size)
-                elif ext in ("txt", "json"):
-                    ex[ext] = (m.offset_data, m.size)
-    except (tarfile.TarError, EOFError, OSError) as e:
-        logging.warning("webdataset shard %s is damaged (%s: %s); using the %d examples before "
-                        "the damage", path, type(e).__name__, e, len(examples))
-    return list(examples.values())
-
-
-def _open_shard(path: str):
-    return open(path, "rb") if not paths.is_url(path) else paths.path(path).open("rb")
-
-
-INDEX_SUFFIX = ".index.json"
-
-
-def shard_index(path: str) -> list[dict]:
-    """`_index_tar(path)`, built once and stored beside the shard (SHARD.tar.index.json, valid
-    while the shard keeps its size and modification time); later starts read that file instead
-    of the tar headers. A read-only dataset folder is indexed in memory at each start, with a
-    warning."""
-    index_path = paths.path(path + INDEX_SUFFIX)
-    st = paths.path(path).stat()
-    size, mtime = int(st.length), float(st.mtime)
-    try:
-        stored = json.loads(index_path.read_text())
-        if stored.get("size") == size and stored.get("mtime") == mtime:
-            return [{k: (tuple(v) if isinstance(v, list) else v) for k, v in ex.items()}
-                    for ex in stored["examples"]]
-    except (OSError, ValueError, KeyError, AttributeError):
-        pass  # absent, stale or unreadable: rebuilt below
-    examples = _index_tar(path)
-    try:
-        paths.write_text(index_path, json.dumps({"size": size, "mtime": mtime,
-                                                 "examples": examples}))
-    except OSError as e:
-        logging.warning("cannot store the index of %s beside it (%s); it is rebuilt at every "
-                        "start", path, e)
-    return examples
+# Shard indexes held at once by a source (see WebDatasetSource).
+INDEX_CACHE_SHARDS = 64
 
 
 class WebDatasetSource:
     """img2dataset tar shards (KEY.jpg|png|webp, KEY.txt, optional KEY.json), indexed.
 
-    Shard i of the sorted list goes to process i % process_count; a process reads the stored
-    index (`shard_index`) of its own shards only, and of another shard only when asked for one
-    of its examples by global index (`read`). The training stream opens the shards as one
-    process (every stored index, read once per start) and each process then reads only the
-    examples of its rows (see unclip_jax.data.loader). Shards may be local or on object storage
-    (`gs://bucket/shards/*.tar`). A missing KEY.txt falls back to the "caption" field of KEY.json.
+    Shard i of the sorted list goes to process i % process_count. The training stream opens the
+    shards as one process and each process then reads only the examples of its rows (see
+    unclip_jax.data.loader). Shards may be local or on object storage (`gs://b/shards/*.tar`).
+    A missing KEY.txt falls back to the "caption" field of KEY.json.
+
+    Memory is O(number of shards): what a source holds for the whole dataset is each shard's
+    size, mtime and example count (`shard_index.counts`, from one summary file per folder,
+    built on first use: a source read only by global index, as join_images does, never counts
+    the shards it is not asked about). A shard's per-example index is opened only when one of
+    its examples is read, and at most `cache_shards` are held (least recently used dropped):
+    on object storage an index is read whole (48 bytes per example), and an index mapped
+    into memory for each of tens of thousands of local shards would still hold a mapping
+    each (the kernel caps their number), so one bound serves both; a local index is
+    memory-mapped, so that a held shard costs only the pages of the examples read.
     """
 
     extra_fields: tuple[str, ...] = ()
 
-    def __init__(self, pattern: str, process_index: int, process_count: int):
+    def __init__(self, pattern: str, process_index: int, process_count: int,
+                 cache_shards: int = INDEX_CACHE_SHARDS):
         self.path = pattern
         self.shards = sorted(p for pat in pattern.split(",") for p in paths.glob(pat.strip())
-                             if not p.endswith(INDEX_SUFFIX))
+                             if not shard_index.is_index_file(p))
         if not self.shards:
             raise FileNotFoundError(f"no webdataset shards match {pattern!r}")
-        self._mine = list(range(process_index, len(self.shards), process_count))
+        self._mine = range(process_index, len(self.shards), process_count)
         if not self._mine:
             raise ValueError(f"{len(self.shards)} shards match {pattern!r}, fewer than the "
                              f"{process_count} processes reading them")
         self._process_index = process_index
-        self._index: dict[int, list[dict]] = {}
+        # Per shard, once counted: its (size, mtime) when listed and its examples (-1: unknown).
+        self._size = np.full(len(self.shards), -1, np.int64)
+        self._mtime = np.zeros(len(self.shards), np.float64)
+        self._count = np.full(len(self.shards), -1, np.int64)
+        self._starts = None   # first local position of each of this process's shards
         self._lock = threading.Lock()
-        self._local_list = None
+        self._index = shard_index.LRU(self._load_index, cache_shards)
 
-    def _shard_index(self, s: int) -> list[dict]:
-        with self._lock:
-            if s not in self._index:
-                self._index[s] = shard_index(self.shards[s])
-            return self._index[s]
+    def _load_index(self, s: int) -> np.ndarray:
+        known = self._size[s] >= 0
+        rows = shard_index.load(self.shards[s], (int(self._size[s]), float(self._mtime[s]))
+                                if known else None, mmap=True)
+        if known and len(rows) != self._count[s]:
+            raise RuntimeError(f"the index of webdataset shard {self.shards[s]} holds "
+                               f"{len(rows)} examples, {self._count[s]} when the job started")
+        return rows
 
     @property
-    def _local(self) -> list[tuple[int, int]]:
-        # Built on first use: a source read only by global index (join_images) never indexes
-        # the shards it is not asked about.
-        if self._local_list is None:
-            # The stored indexes (one small file per shard) read in parallel: on object storage
-            # each read is a round trip.
-            todo = [s for s in self._mine if s not in self._index]
-            with ThreadPoolExecutor(max(1, min(16, len(todo)))) as pool:
-                for s, idx in zip(todo, pool.map(shard_index, [self.shards[s] for s in todo])):
-                    self._index.setdefault(s, idx)
-            local = [(s, k) for s in self._mine for k in range(len(self._shard_index(s)))]
-            if not local:
-                raise ValueError(f"webdataset shards {self.path!r} hold no examples for process "
-                                 f"{self._process_index}")
-            self._local_list = local
-        return self._local_list
+    def _local_starts(self) -> np.ndarray:
+        with self._lock:
+            if self._starts is None:
+                mine = list(self._mine)
+                size, mtime, count = shard_index.counts([self.shards[s] for s in mine])
+                self._size[mine], self._mtime[mine], self._count[mine] = size, mtime, count
+                if not count.sum():
+                    raise ValueError(f"webdataset shards {self.path!r} hold no examples for "
+                                     f"process {self._process_index}")
+                self._starts = np.concatenate([[0], np.cumsum(count)])
+            return self._starts
 
     def __len__(self) -> int:
-        return len(self._local)
+        return int(self._local_starts[-1])
 
     def global_index(self, i: int) -> int:
-        s, k = self._local[i]
-        return (s << SHARD_BITS) | k
+        starts = self._local_starts
+        j = int(np.searchsorted(starts, i, side="right")) - 1
+        return (self._mine[j] << SHARD_BITS) | (int(i) - int(starts[j]))
 
     def read(self, index: int) -> dict:
         s, k = index >> SHARD_BITS, index & ((1 << SHARD_BITS) - 1)
-        ex = self._shard_index(s)[k]
+        rows = self._index.get(s)
+        if k >= len(rows):
+            raise IndexError(f"example {k} of webdataset shard {self.shards[s]}: its index "
+                             f"holds {len(rows)}")
+        (img_at, img_n, txt_at, txt_n, json_at, json_n) = rows[k].tolist()
         out = {"index": index, "image": None, "caption": None}
-        with _open_shard(self.shards[s]) as f:
-            def member(name):
-                f.seek(ex[name][0])
-                return f.read(ex[name][1])
-            if "image" in ex:
-                out["image"] = member("image")
+        with shard_index.open_shard(self.shards[s]) as f:
+            def member(at, n):
+                f.seek(at)
+                return f.read(n)
+            if img_at >= 0:
+                out["image"] = member(img_at, img_n)
             else:
                 out["missing"] = "no_image"
-            if "txt" in ex:
-                out["caption"] = _as_text(member("txt"))
-            elif "json" in ex:
+            if txt_at >= 0:
+                out["caption"] = _as_text(member(txt_at, txt_n))
+            elif json_at >= 0:
                 try:
-                    out["caption"] = _as_text(json.loads(member("json")).get("caption"))
+                    out["caption"] = _as_text(json.loads(member(json_at, json_n)).get("caption"))
                 except (ValueError, AttributeError):
                     pass
         return out

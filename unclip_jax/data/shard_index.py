@@ -1,0 +1,227 @@
+"""The webdataset shard index: where each example's members lie in its tar shard, built once per
+shard, stored beside it, and read with a process's memory bounded by the number of shards.
+
+  SHARD.tar.index.npy   int64 [n + 1, 6]: row 0 = (MAGIC, shard size, shard mtime as float64
+                        bits, n, 0, 0); row 1 + k = example k's (offset, size) of its image, txt
+                        and json members, -1 where absent. Example k is the k-th key in tar order.
+  DIR/webdataset_index_summary.npz   per shard of DIR (by file name): size, mtime and example
+                        count, so that start-up reads one small file per folder, not every index.
+
+Both are valid while the shard keeps its size and modification time; a stale or unreadable one
+is rebuilt (in a read-only folder: in memory at each start, with a warning). A valid index of
+the earlier format (SHARD.tar.index.json) is converted, not rescanned.
+"""
+from __future__ import annotations
+
+import collections
+import json
+import os
+import tarfile
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+from absl import logging
+
+from unclip_jax import paths
+
+INDEX_SUFFIX = ".index.npy"
+JSON_SUFFIX = ".index.json"   # the earlier format, converted when still valid
+SUMMARY_NAME = "webdataset_index_summary.npz"
+MAGIC = 0x57445358_00000001   # "WDSX", format 1
+MEMBERS = ("image", "txt", "json")
+IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
+
+
+def is_index_file(p: str) -> bool:
+    return p.endswith((INDEX_SUFFIX, JSON_SUFFIX)) or os.path.basename(p) == SUMMARY_NAME
+
+
+def stat(path: str) -> tuple[int, float]:
+    st = paths.path(path).stat()
+    return int(st.length), float(st.mtime)
+
+
+def open_shard(path: str):
+    return open(path, "rb") if not paths.is_url(path) else paths.path(path).open("rb")
+
+
+def scan_tar(path: str) -> np.ndarray:
+    """The index rows [n, 6] of an img2dataset tar shard, from its tar headers.
+
+    A truncated or damaged shard (an interrupted download) keeps the examples whose members lie
+    wholly before the damage, with a warning naming the shard; one that is not a tar at all
+    gives none."""
+    examples: dict[str, list[int]] = {}   # key -> row, in order of the key's first member
+    file_size = stat(path)[0]
+    try:
+        with open_shard(path) as f, tarfile.open(fileobj=f, mode="r:") as tar:
+            for m in tar:
+                if not m.isfile() or m.offset_data + m.size > file_size:
+                    continue
+                base = os.path.basename(m.name)
+                if "." not in base or base.startswith("."):
+                    continue
+                stem, ext = base.split(".", 1)
+                row = examples.setdefault(os.path.join(os.path.dirname(m.name), stem), [-1] * 6)
+                ext = "image" if ext.lower() in IMAGE_EXTS else ext.lower()
+                # The first image of a key, its last txt / json.
+                if ext in MEMBERS and (ext != "image" or row[0] < 0):
+                    j = 2 * MEMBERS.index(ext)
+                    row[j:j + 2] = m.offset_data, m.size
+    except (tarfile.TarError, EOFError, OSError) as e:
+        logging.warning("webdataset shard %s is damaged (%s: %s); using the %d examples before "
+                        "the damage", path, type(e).__name__, e, len(examples))
+    return np.array(list(examples.values()), np.int64).reshape(-1, 6)
+
+
+def _mtime_bits(mtime: float) -> int:
+    return int(np.float64(mtime).view(np.int64))
+
+
+def _pack(rows: np.ndarray, size: int, mtime: float) -> np.ndarray:
+    head = np.array([[MAGIC, size, _mtime_bits(mtime), len(rows), 0, 0]], np.int64)
+    return np.concatenate([head, rows])
+
+
+def _rows_if_current(arr: np.ndarray, size: int, mtime: float):
+    """The rows of a stored index when it is of this shard version, else None; ValueError when
+    the file is not an index."""
+    if (arr.dtype != np.int64 or arr.ndim != 2 or arr.shape[1] != 6 or len(arr) < 1
+            or int(arr[0, 0]) != MAGIC or int(arr[0, 3]) != len(arr) - 1):
+        raise ValueError(f"not a shard index: {arr.dtype} {arr.shape}")
+    if int(arr[0, 1]) != size or int(arr[0, 2]) != _mtime_bits(mtime):
+        return None
+    return arr[1:]
+
+
+def _from_json(path: str, size: int, mtime: float):
+    """The rows of a still-valid index of the earlier JSON format, else None."""
+    try:
+        stored = json.loads(paths.path(path + JSON_SUFFIX).read_text())
+        if stored.get("size") != size or stored.get("mtime") != mtime:
+            return None
+        rows = np.full((len(stored["examples"]), 6), -1, np.int64)
+        for i, ex in enumerate(stored["examples"]):
+            for j, m in enumerate(MEMBERS):
+                if m in ex:
+                    rows[i, 2 * j:2 * j + 2] = ex[m]
+        return rows
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return None
+
+
+def load(path: str, version: tuple[int, float] | None = None, mmap: bool = False) -> np.ndarray:
+    """The index rows [n, 6] of shard `path` at `version` (size, mtime; stat'ed when None): the
+    stored index, else the JSON one converted, else a scan of the tar; a built one is stored
+    beside the shard. `mmap`: a local index is memory-mapped, not read."""
+    size, mtime = version or stat(path)
+    ip = path + INDEX_SUFFIX
+    try:
+        if mmap and not paths.is_url(ip):
+            arr = np.load(os.fspath(paths.path(ip)), mmap_mode="r")
+        else:
+            arr = paths.np_load(ip)
+        rows = _rows_if_current(arr, size, mtime)
+        if rows is not None:
+            return rows
+    except FileNotFoundError:
+        pass
+    except (OSError, ValueError, EOFError) as e:
+        logging.warning("the index %s is unreadable (%s: %s); rebuilding it from the shard",
+                        ip, type(e).__name__, e)
+    if version is not None and stat(path) != (size, mtime):
+        raise RuntimeError(f"webdataset shard {path} changed while this job reads it (size, "
+                           f"mtime {stat(path)}, listed as {(size, mtime)}); restart the job")
+    rows = _from_json(path, size, mtime)
+    if rows is None:
+        rows = scan_tar(path)
+    try:
+        paths.save_npy(ip, _pack(rows, size, mtime))
+    except OSError as e:
+        logging.warning("cannot store the index of %s beside it (%s); it is rebuilt at every "
+                        "start", path, e)
+    return rows
+
+
+def _read_summary(folder: str) -> dict[str, tuple[int, float, int]]:
+    p = os.path.join(folder, SUMMARY_NAME)
+    try:
+        z = paths.np_load(p)
+        return {str(n): (int(s), float(t), int(c)) for n, s, t, c in
+                zip(z["name"], z["size"], z["mtime"], z["count"], strict=True)}
+    except FileNotFoundError:
+        return {}
+    except Exception as e:  # noqa: BLE001 - any damage: the counts are taken from the indexes
+        logging.warning("the index summary %s is unreadable (%s: %s); rebuilding it", p,
+                        type(e).__name__, e)
+        return {}
+
+
+def _write_summary(folder: str, entries: dict[str, tuple[int, float, int]]) -> None:
+    names = sorted(entries)
+    cols = list(zip(*(entries[n] for n in names)))
+    try:
+        paths.save_npz(os.path.join(folder, SUMMARY_NAME), name=np.array(names, str),
+                       size=np.array(cols[0], np.int64), mtime=np.array(cols[1], np.float64),
+                       count=np.array(cols[2], np.int64))
+    except OSError as e:
+        logging.warning("cannot store the index summary in %s (%s); the shard indexes are "
+                        "opened at every start", folder, e)
+
+
+def counts(shards: list[str], threads: int = 16) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(size, mtime, examples) of each shard, from its folder's summary where that is current,
+    else from the shard's index (read or built, in parallel: on object storage each is a round
+    trip); the summaries are brought up to date."""
+    with ThreadPoolExecutor(max(1, min(threads, len(shards)))) as pool:
+        versions = list(pool.map(stat, shards))
+        folders = collections.defaultdict(list)
+        for i, p in enumerate(shards):
+            folders[os.path.dirname(p)].append(i)
+        summaries = dict(zip(folders, pool.map(_read_summary, folders)))
+        count = np.full(len(shards), -1, np.int64)
+        for folder, members in folders.items():
+            for i in members:
+                got = summaries[folder].get(os.path.basename(shards[i]))
+                if got is not None and got[:2] == versions[i]:
+                    count[i] = got[2]
+        todo = np.flatnonzero(count < 0).tolist()
+        for i, n in zip(todo, pool.map(lambda i: len(load(shards[i], versions[i], mmap=True)),
+                                       todo)):
+            count[i] = n
+    for folder in {os.path.dirname(shards[i]) for i in todo}:
+        entries = summaries[folder]
+        entries.update({os.path.basename(shards[i]): (*versions[i], int(count[i]))
+                        for i in folders[folder]})
+        _write_summary(folder, entries)
+    size = np.array([v[0] for v in versions], np.int64)
+    mtime = np.array([v[1] for v in versions], np.float64)
+    return size, mtime, count
+
+
+class LRU:
+    """key -> load(key), at most `capacity` values held (the least recently used dropped)."""
+
+    def __init__(self, load, capacity: int):
+        if capacity < 1:
+            raise ValueError(f"index cache capacity must be >= 1, got {capacity}")
+        self._load, self.capacity = load, capacity
+        self._items: collections.OrderedDict = collections.OrderedDict()
+        self._lock = threading.Lock()
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def get(self, key):
+        with self._lock:
+            if key in self._items:
+                self._items.move_to_end(key)
+                return self._items[key]
+        value = self._load(key)   # outside the lock: other threads read other shards meanwhile
+        with self._lock:
+            self._items[key] = value
+            self._items.move_to_end(key)
+            while len(self._items) > self.capacity:
+                self._items.popitem(last=False)
+        return value
