@@ -197,3 +197,25 @@ def test_data_dir_env_var(monkeypatch, tmp_path):
     assert shapes_tfds.default_data_dir() == str(tmp_path)
     monkeypatch.delenv("UNCLIP_DATA_DIR")
     assert shapes_tfds.default_data_dir().endswith("unclip_jax/tfds")
+
+
+def test_two_processes_share_shapes_data_on_gcs():
+    """Two processes (jax.distributed) open the shapes data at a gs:// data_dir: process 0
+    generates and uploads it once (its .complete marker last), process 1 waits and builds
+    nothing, and both read the same records, those of `shapes.example`."""
+    from helpers.gcs import emulator
+    from helpers.processes import run_workers
+
+    from unclip_jax import distributed, paths
+    with emulator() as bucket:
+        data_dir = f"{bucket}/tfds"
+        runs = run_workers(2, 1, data_dir, MP_TASK="shapes_gcs")
+        url = f"{data_dir}/unclip_shapes/n3_2_s0_r16/{shapes_tfds.UnclipShapes.VERSION}"
+        assert distributed.written(url)
+        listed = paths.glob(f"{url}/*")
+    assert [(r["process"], r["generated"], r["uploads"]) for r in runs] == [(0, 2, 1), (1, 0, 0)]
+    assert any(p.endswith(".array_record-00000-of-00001") for p in listed)
+    for split, n in (("train", 3), ("test", 2)):
+        assert runs[0][split] == runs[1][split]
+        assert sorted(runs[0][split]["captions"]) == sorted(   # tfds stores them shuffled
+            shapes.example(0, shapes.SPLIT_IDS[split], i, 16)[1] for i in range(n))

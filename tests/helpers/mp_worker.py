@@ -13,8 +13,6 @@ import jax  # noqa: E402
 jax.config.update("jax_num_cpu_devices", int(os.environ.get("MP_LOCAL_DEVICES", "2")))
 
 from unclip_jax import distributed  # noqa: E402
-from unclip_jax.train.trainer import train  # noqa: E402
-from helpers.trainer import host_tree, toy_config  # noqa: E402
 
 
 def _shapes_parts(pid):
@@ -73,6 +71,38 @@ def ar_codec_main(cache_dir):
         "tokens": np.asarray(codec.encode(z_i, z_t)).tolist()}), flush=True)
 
 
+def shapes_gcs_main(data_dir):
+    """Open the tiniest shapes dataset at an object-store data_dir (process 0 builds and uploads
+    it, the others wait); report how often this process generated examples and uploaded, and a
+    digest of every raw record of each split."""
+    import hashlib
+    from unclip_jax import paths
+    from unclip_jax.data import default_data_config, shapes_tfds, sources
+    calls = {"generated": 0, "uploads": 0}
+    real_gen, real_upload = shapes_tfds.UnclipShapes._generate_examples, paths.upload
+
+    def generate(self, split, n):
+        calls["generated"] += 1
+        return real_gen(self, split, n)
+
+    def upload(local, url):
+        calls["uploads"] += 1
+        return real_upload(local, url)
+    shapes_tfds.UnclipShapes._generate_examples = generate
+    paths.upload = upload
+    c = default_data_config("shapes")
+    c.data_dir = data_dir
+    c.shapes.num_train, c.shapes.num_test, c.shapes.image_size = 3, 2, 16
+    out = {"process": jax.process_index(), **calls}
+    for split in ("train", "test"):
+        src = sources.open_source(c, split, 0, 1)
+        recs = [src[i] for i in range(len(src))]
+        out[split] = {"captions": [r["caption"] for r in recs], "sha1": hashlib.sha1(b"".join(
+            bytes(r["image"]) + r["caption"].encode() for r in recs)).hexdigest()}
+    out.update(calls)
+    print("RESULT " + json.dumps(out), flush=True)
+
+
 def main():
     port, n, pid, workdir = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
     if n > 1:
@@ -81,6 +111,10 @@ def main():
         return merge_shapes_main(pid)
     if os.environ.get("MP_TASK") == "ar_codec":
         return ar_codec_main(workdir)
+    if os.environ.get("MP_TASK") == "shapes_gcs":
+        return shapes_gcs_main(workdir)
+    from unclip_jax.train.trainer import train  # the tasks above need none of the trainer
+    from helpers.trainer import host_tree, toy_config
     over = {"mesh.data": -1}
     if int(os.environ.get("MP_SIGTERM_PROCESS", "-1")) == pid:  # a preemption notice on one host
         over["data.sigterm_at_step"] = int(os.environ["MP_SIGTERM_STEP"])
