@@ -7,6 +7,7 @@ fsspec, e.g. gcsfs). Orbax uses the same layer for checkpoints.
   atomic_write(p)  -> a file object that writes p whole (readers never see half a file)
   write_text, write_bytes, save_npy, save_npz: whole files through atomic_write
   np_load(p)       -> np.load of a whole file
+  read_range(p, start, n) -> n bytes of a file from `start` (on object stores: one ranged read)
   local_file(p), local_dir(p[, recursive]) -> a local copy of p, for readers that take only
                                  local files (memory-mapped arrays, tokenizer libraries)
 """
@@ -116,6 +117,16 @@ def save_npz(p, **arrays) -> None:
     import numpy as np
     with atomic_write(p) as f:
         np.savez(f, **arrays)
+
+
+def read_range(p, start: int, n: int) -> bytes:
+    """Bytes [start, start + n) of a file (fewer at its end): on object storage one ranged
+    request, not a buffered file object (which reads ahead a block of megabytes)."""
+    if not is_url(p):   # (no epath.Path: it costs more than the read, per example)
+        with open(os.path.expanduser(os.fspath(p)), "rb") as f:
+            return os.pread(f.fileno(), n, start)
+    fs, target = _fs(p)
+    return fs.cat_file(target, start=start, end=start + n)
 
 
 def np_load(p):

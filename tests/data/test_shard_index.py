@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 from etils import epath
 
+from unclip_jax import paths
 from unclip_jax.data import shard_index, sources
 
 
@@ -170,7 +171,7 @@ def test_stale_corrupt_and_earlier_format_indexes(tmp_path, monkeypatch, caplog)
         shard_index.load(shard)
 
 
-def test_start_reads_one_summary_and_holds_at_most_the_cache_bound(tmp_path, monkeypatch):
+def test_start_reads_one_summary_and_reads_rows_alone(tmp_path, monkeypatch):
     n_shards, per = 12, 3
     for s in range(n_shards):
         (tmp_path / f"s-{s:02d}.tar").write_bytes(_shard(per, per * s))
@@ -180,29 +181,27 @@ def test_start_reads_one_summary_and_holds_at_most_the_cache_bound(tmp_path, mon
     assert summary["name"].tolist() == [f"s-{s:02d}.tar" for s in range(n_shards)]
     assert summary["count"].tolist() == [per] * n_shards
     # A later start counts the examples from the summary: no shard index opened.
-    loads, alive = [], []
-    real = shard_index.load
+    opened, alive, rows_read = [], [], []
+    real_open, real_row = shard_index.open_index, shard_index.read_row
 
-    def load(path, *a, **k):
-        rows = real(path, *a, **k)
-        loads.append(os.path.basename(path))
+    def open_index(path, *a, **k):
+        rows, at = real_open(path, *a, **k)
+        opened.append(os.path.basename(path))
         alive.append(weakref.ref(rows))
-        return rows
-    monkeypatch.setattr(shard_index, "load", load)
+        return rows, at
+    monkeypatch.setattr(shard_index, "open_index", open_index)
+    monkeypatch.setattr(shard_index, "read_row",
+                        lambda path, at, k: rows_read.append(k) or real_row(path, at, k))
     src = sources.WebDatasetSource(pattern, 0, 1, cache_shards=3)
-    assert len(src) == n_shards * per and loads == []
-    # Random reads over every shard: right examples, never more than 3 indexes held, and
-    # those evicted are freed at once (nothing else keeps them).
+    assert len(src) == n_shards * per and opened == []
+    # Random reads over every shard: each shard's index opened (and checked) once, its later
+    # examples read as rows alone, no index held.
     order = np.random.default_rng(0).permutation(n_shards * per)
     for i in order:
         assert src[int(i)]["caption"] == f"caption {i}"
-        assert len(src._index) <= 3
-        assert sum(r() is not None for r in alive) <= 3
-    assert len(loads) > n_shards   # evicted indexes were loaded again
-    # Examples of one shard read in a row load its index once.
-    loads.clear()
-    assert [src[i]["caption"] for i in range(6, 9)] == [f"caption {i}" for i in range(6, 9)]
-    assert loads == ["s-02.tar"] or loads == []
+        assert sum(r() is not None for r in alive) == 0
+    assert sorted(opened) == sorted(set(opened)) and len(opened) == n_shards
+    assert len(rows_read) == n_shards * (per - 1)
     # A damaged summary is rebuilt from the indexes (not from the tars).
     (tmp_path / shard_index.SUMMARY_NAME).write_bytes(b"not a zip")
     monkeypatch.setattr(shard_index, "scan_tar", lambda p: pytest.fail("scanned"))
@@ -210,3 +209,33 @@ def test_start_reads_one_summary_and_holds_at_most_the_cache_bound(tmp_path, mon
     summary = np.load(tmp_path / shard_index.SUMMARY_NAME)   # process 1's shards now
     assert summary["name"].tolist() == [f"s-{s:02d}.tar" for s in range(1, n_shards, 2)]
     assert summary["count"].tolist() == [per] * (n_shards // 2)
+
+
+def test_indexes_that_cannot_be_stored_are_held_within_the_bound(tmp_path, monkeypatch,
+                                                                  caplog):
+    n_shards, per = 10, 3
+    for s in range(n_shards):
+        (tmp_path / f"s-{s:02d}.tar").write_bytes(_shard(per, per * s))
+    alive = []
+    real_open = shard_index.open_index
+
+    def open_index(path, *a, **k):
+        rows, at = real_open(path, *a, **k)
+        assert at is None
+        alive.append(weakref.ref(rows))
+        return rows, at
+    monkeypatch.setattr(shard_index, "open_index", open_index)
+
+    def read_only(p, data):
+        raise PermissionError(f"read-only: {p}")
+    monkeypatch.setattr(paths, "write_bytes", read_only)
+    monkeypatch.setattr(paths, "save_npz", lambda p, **a: read_only(p, None))
+    src = sources.WebDatasetSource(str(tmp_path / "s-*.tar"), 0, 1, cache_shards=3)
+    assert len(src) == n_shards * per and "cannot store the index" in caplog.text
+    for i in np.random.default_rng(1).permutation(n_shards * per):
+        assert src[int(i)]["caption"] == f"caption {i}"
+        assert len(src._unstored) <= 3
+        # Those dropped are freed at once (nothing else keeps them).
+        assert sum(r() is not None for r in alive) <= 3
+    assert len(alive) > n_shards   # dropped ones were indexed again
+    assert list(tmp_path.glob("*.npy")) == [] and list(tmp_path.glob("*.npz")) == []

@@ -14,6 +14,7 @@ the earlier format (SHARD.tar.index.json) is converted, not rescanned.
 from __future__ import annotations
 
 import collections
+import io
 import json
 import os
 import tarfile
@@ -30,6 +31,7 @@ JSON_SUFFIX = ".index.json"   # the earlier format, converted when still valid
 SUMMARY_NAME = "webdataset_index_summary.npz"
 MAGIC = 0x57445358_00000001   # "WDSX", format 1
 MEMBERS = ("image", "txt", "json")
+ROW_BYTES = 6 * 8
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 
 
@@ -87,7 +89,8 @@ def _pack(rows: np.ndarray, size: int, mtime: float) -> np.ndarray:
 def _rows_if_current(arr: np.ndarray, size: int, mtime: float):
     """The rows of a stored index when it is of this shard version, else None; ValueError when
     the file is not an index."""
-    if (arr.dtype != np.int64 or arr.ndim != 2 or arr.shape[1] != 6 or len(arr) < 1
+    if (arr.dtype != np.dtype("<i8") or arr.ndim != 2 or arr.shape[1] != 6 or len(arr) < 1
+            or not arr.flags.c_contiguous
             or int(arr[0, 0]) != MAGIC or int(arr[0, 3]) != len(arr) - 1):
         raise ValueError(f"not a shard index: {arr.dtype} {arr.shape}")
     if int(arr[0, 1]) != size or int(arr[0, 2]) != _mtime_bits(mtime):
@@ -111,37 +114,66 @@ def _from_json(path: str, size: int, mtime: float):
         return None
 
 
-def load(path: str, version: tuple[int, float] | None = None, mmap: bool = False) -> np.ndarray:
-    """The index rows [n, 6] of shard `path` at `version` (size, mtime; stat'ed when None): the
-    stored index, else the JSON one converted, else a scan of the tar; a built one is stored
+def _stored(ip: str, mmap: bool) -> tuple[np.ndarray, int]:
+    """A stored index file: (its array, the byte offset of the array's data in the file)."""
+    if mmap and not paths.is_url(ip):
+        arr = np.load(os.fspath(paths.path(ip)), mmap_mode="r")
+        return arr, int(arr.offset)
+    data = paths.path(ip).read_bytes()
+    arr = np.load(io.BytesIO(data))
+    return arr, len(data) - arr.nbytes
+
+
+def open_index(path: str, version: tuple[int, float] | None = None,
+               mmap: bool = False) -> tuple[np.ndarray, int | None]:
+    """(rows [n, 6] of shard `path`'s index at `version` (size, mtime; stat'ed when None), the
+    byte offset of example 0's row in the stored index file, None when it could not be stored):
+    the stored index, else the JSON one converted, else a scan of the tar; a built one is stored
     beside the shard. `mmap`: a local index is memory-mapped, not read."""
     size, mtime = version or stat(path)
     ip = path + INDEX_SUFFIX
     try:
-        if mmap and not paths.is_url(ip):
-            arr = np.load(os.fspath(paths.path(ip)), mmap_mode="r")
-        else:
-            arr = paths.np_load(ip)
+        arr, at = _stored(ip, mmap)
         rows = _rows_if_current(arr, size, mtime)
         if rows is not None:
-            return rows
+            return rows, at + ROW_BYTES
     except FileNotFoundError:
         pass
     except (OSError, ValueError, EOFError) as e:
         logging.warning("the index %s is unreadable (%s: %s); rebuilding it from the shard",
-                        ip, type(e).__name__, e)
+                        ip, type(e).__name__, str(e))
     if version is not None and stat(path) != (size, mtime):
         raise RuntimeError(f"webdataset shard {path} changed while this job reads it (size, "
                            f"mtime {stat(path)}, listed as {(size, mtime)}); restart the job")
     rows = _from_json(path, size, mtime)
     if rows is None:
         rows = scan_tar(path)
+    packed = _pack(rows, size, mtime)
+    buf = io.BytesIO()
+    np.save(buf, packed)
     try:
-        paths.save_npy(ip, _pack(rows, size, mtime))
-    except OSError as e:
+        paths.write_bytes(ip, buf.getvalue())
+    except OSError as e:   # (str(e): a log record holding e would keep this frame's rows)
         logging.warning("cannot store the index of %s beside it (%s); it is rebuilt at every "
-                        "start", path, e)
-    return rows
+                        "start", path, str(e))
+        return rows, None
+    return rows, len(buf.getvalue()) - packed.nbytes + ROW_BYTES
+
+
+def load(path: str, version: tuple[int, float] | None = None, mmap: bool = False) -> np.ndarray:
+    """The rows of `open_index`."""
+    return open_index(path, version, mmap)[0]
+
+
+def read_row(path: str, at: int, k: int) -> list[int]:
+    """Example k's row of the stored index of shard `path`, whose example 0 is at byte `at`
+    (from `open_index`): one small read, nothing of the index kept."""
+    ip = path + INDEX_SUFFIX
+    data = paths.read_range(ip, at + k * ROW_BYTES, ROW_BYTES)
+    if len(data) != ROW_BYTES:
+        raise RuntimeError(f"the index {ip} ends before example {k}: it changed while this job "
+                           "reads it; restart the job")
+    return np.frombuffer(data, "<i8").tolist()
 
 
 def _read_summary(folder: str) -> dict[str, tuple[int, float, int]]:
@@ -154,7 +186,7 @@ def _read_summary(folder: str) -> dict[str, tuple[int, float, int]]:
         return {}
     except Exception as e:  # noqa: BLE001 - any damage: the counts are taken from the indexes
         logging.warning("the index summary %s is unreadable (%s: %s); rebuilding it", p,
-                        type(e).__name__, e)
+                        type(e).__name__, str(e))
         return {}
 
 
@@ -167,7 +199,7 @@ def _write_summary(folder: str, entries: dict[str, tuple[int, float, int]]) -> N
                        count=np.array(cols[2], np.int64))
     except OSError as e:
         logging.warning("cannot store the index summary in %s (%s); the shard indexes are "
-                        "opened at every start", folder, e)
+                        "opened at every start", folder, str(e))
 
 
 def counts(shards: list[str], threads: int = 16) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -201,12 +233,12 @@ def counts(shards: list[str], threads: int = 16) -> tuple[np.ndarray, np.ndarray
 
 
 class LRU:
-    """key -> load(key), at most `capacity` values held (the least recently used dropped)."""
+    """At most `capacity` values by key, the least recently used dropped first."""
 
-    def __init__(self, load, capacity: int):
+    def __init__(self, capacity: int):
         if capacity < 1:
             raise ValueError(f"index cache capacity must be >= 1, got {capacity}")
-        self._load, self.capacity = load, capacity
+        self.capacity = capacity
         self._items: collections.OrderedDict = collections.OrderedDict()
         self._lock = threading.Lock()
 
@@ -217,11 +249,11 @@ class LRU:
         with self._lock:
             if key in self._items:
                 self._items.move_to_end(key)
-                return self._items[key]
-        value = self._load(key)   # outside the lock: other threads read other shards meanwhile
+            return self._items.get(key)
+
+    def put(self, key, value) -> None:
         with self._lock:
             self._items[key] = value
             self._items.move_to_end(key)
             while len(self._items) > self.capacity:
                 self._items.popitem(last=False)
-        return value

@@ -144,7 +144,7 @@ def open_shapes(cfg, split: str, process_index: int, process_count: int) -> Shap
 
 
 # ------------------------------------------------------------------------------------ webdataset
-# Shard indexes held at once by a source (see WebDatasetSource).
+# Shard indexes held in memory at once by a source, for shards whose index cannot be stored.
 INDEX_CACHE_SHARDS = 64
 
 
@@ -156,15 +156,17 @@ class WebDatasetSource:
     unclip_jax.data.loader). Shards may be local or on object storage (`gs://b/shards/*.tar`).
     A missing KEY.txt falls back to the "caption" field of KEY.json.
 
-    Memory is O(number of shards): what a source holds for the whole dataset is each shard's
-    size, mtime and example count (`shard_index.counts`, from one summary file per folder,
-    built on first use: a source read only by global index, as join_images does, never counts
-    the shards it is not asked about). A shard's per-example index is opened only when one of
-    its examples is read, and at most `cache_shards` are held (least recently used dropped):
-    on object storage an index is read whole (48 bytes per example), and an index mapped
-    into memory for each of tens of thousands of local shards would still hold a mapping
-    each (the kernel caps their number), so one bound serves both; a local index is
-    memory-mapped, so that a held shard costs only the pages of the examples read.
+    Memory is O(number of shards), whatever their examples: per shard its size, mtime, example
+    count (`shard_index.counts`: one summary file per folder, read on first use, so that a
+    source read only by global index, as join_images does, never counts the shards it is not
+    asked about) and where example 0's row lies in its index file. A shard's index is opened
+    and checked when one of its examples is first read; later reads take the example's row
+    alone (`shard_index.read_row`: one 48-byte read, a ranged request on object storage).
+    Holding whole indexes instead, the training stream's global shuffle would miss any bounded
+    cache of them at almost every read (reading 48 bytes per example of the shard for one), and
+    mapping every index into memory is not possible on object storage and meets the kernel's
+    cap on mappings for tens of thousands of local shards. Only an index that cannot be stored
+    (a read-only folder) is held, at most `cache_shards` of them (least recently used dropped).
     """
 
     extra_fields: tuple[str, ...] = ()
@@ -181,22 +183,42 @@ class WebDatasetSource:
             raise ValueError(f"{len(self.shards)} shards match {pattern!r}, fewer than the "
                              f"{process_count} processes reading them")
         self._process_index = process_index
-        # Per shard, once counted: its (size, mtime) when listed and its examples (-1: unknown).
-        self._size = np.full(len(self.shards), -1, np.int64)
-        self._mtime = np.zeros(len(self.shards), np.float64)
-        self._count = np.full(len(self.shards), -1, np.int64)
+        # Per shard: its (size, mtime) when counted (-1: not yet), its examples, and the byte
+        # offset of example 0's row in its stored index file (-1: not opened yet, or unstored).
+        n = len(self.shards)
+        self._size, self._mtime = np.full(n, -1, np.int64), np.zeros(n, np.float64)
+        self._count, self._row_at = np.full(n, -1, np.int64), np.full(n, -1, np.int64)
         self._starts = None   # first local position of each of this process's shards
         self._lock = threading.Lock()
-        self._index = shard_index.LRU(self._load_index, cache_shards)
+        self._unstored = shard_index.LRU(cache_shards)
 
-    def _load_index(self, s: int) -> np.ndarray:
+    def _open_index(self, s: int) -> np.ndarray:
         known = self._size[s] >= 0
-        rows = shard_index.load(self.shards[s], (int(self._size[s]), float(self._mtime[s]))
-                                if known else None, mmap=True)
+        rows, at = shard_index.open_index(self.shards[s], (int(self._size[s]), float(
+            self._mtime[s])) if known else None, mmap=True)
         if known and len(rows) != self._count[s]:
             raise RuntimeError(f"the index of webdataset shard {self.shards[s]} holds "
                                f"{len(rows)} examples, {self._count[s]} when the job started")
+        self._count[s] = len(rows)
+        if at is None:
+            self._unstored.put(s, rows)
+        else:
+            self._row_at[s] = at
         return rows
+
+    def _entry(self, s: int, k: int) -> list[int]:
+        """Example k of shard s: (offset, size) of its image, txt and json (-1: absent)."""
+        rows = None
+        if self._row_at[s] < 0:
+            rows = self._unstored.get(s)
+            if rows is None:
+                rows = self._open_index(s)
+        if not 0 <= k < self._count[s]:
+            raise IndexError(f"example {k} of webdataset shard {self.shards[s]}: its index "
+                             f"holds {self._count[s]}")
+        if rows is not None:
+            return rows[k].tolist()
+        return shard_index.read_row(self.shards[s], int(self._row_at[s]), k)
 
     @property
     def _local_starts(self) -> np.ndarray:
@@ -221,27 +243,31 @@ class WebDatasetSource:
 
     def read(self, index: int) -> dict:
         s, k = index >> SHARD_BITS, index & ((1 << SHARD_BITS) - 1)
-        rows = self._index.get(s)
-        if k >= len(rows):
-            raise IndexError(f"example {k} of webdataset shard {self.shards[s]}: its index "
-                             f"holds {len(rows)}")
-        (img_at, img_n, txt_at, txt_n, json_at, json_n) = rows[k].tolist()
+        img_at, img_n, txt_at, txt_n, json_at, json_n = self._entry(s, k)
+        caption = (txt_at, txt_n) if txt_at >= 0 else (json_at, json_n)
+        want = [(at, n) for at, n in ((img_at, img_n), caption) if at >= 0]
+        blob, lo = None, 0
+        if want:
+            lo, hi = min(a for a, _ in want), max(a + n for a, n in want)
+            if hi - lo <= sum(n for _, n in want) + 8192:   # adjacent, as a tar holds a key's
+                blob = paths.read_range(self.shards[s], lo, hi - lo)   # one read for both
+
+        def member(at, n):
+            if blob is not None:
+                return blob[at - lo:at - lo + n]
+            return paths.read_range(self.shards[s], at, n)
         out = {"index": index, "image": None, "caption": None}
-        with shard_index.open_shard(self.shards[s]) as f:
-            def member(at, n):
-                f.seek(at)
-                return f.read(n)
-            if img_at >= 0:
-                out["image"] = member(img_at, img_n)
-            else:
-                out["missing"] = "no_image"
-            if txt_at >= 0:
-                out["caption"] = _as_text(member(txt_at, txt_n))
-            elif json_at >= 0:
-                try:
-                    out["caption"] = _as_text(json.loads(member(json_at, json_n)).get("caption"))
-                except (ValueError, AttributeError):
-                    pass
+        if img_at >= 0:
+            out["image"] = member(img_at, img_n)
+        else:
+            out["missing"] = "no_image"
+        if txt_at >= 0:
+            out["caption"] = _as_text(member(txt_at, txt_n))
+        elif json_at >= 0:
+            try:
+                out["caption"] = _as_text(json.loads(member(json_at, json_n)).get("caption"))
+            except (ValueError, AttributeError):
+                pass
         return out
 
     def __getitem__(self, i: int) -> dict:
