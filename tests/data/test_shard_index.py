@@ -79,6 +79,16 @@ def test_shards_on_gcs(bucket, tmp_path, monkeypatch):
     assert src[4]["image"] == bytes([4]) * 14
     assert epath.Path(f"{bucket}/shards/s-1.tar.index.npy").exists()
     assert epath.Path(f"{bucket}/shards/{shard_index.SUMMARY_NAME}").exists()
+    # A later start: each stored index is opened by its head and single rows (ranged reads),
+    # never read whole; the examples are the same.
+    want = [src[i] for i in range(6)]
+    reads, real = [], paths.read_range
+    monkeypatch.setattr(paths, "read_range", lambda p, a, n: reads.append((p, n)) or real(p, a, n))
+    again = sources.WebDatasetSource(f"{bucket}/shards/*.tar", 0, 1)
+    assert [again[i] for i in range(6)] == want
+    # Per shard: its head, its last row (checked when opened), then one row per example.
+    index_reads = sorted(n for p, n in reads if p.endswith(".index.npy"))
+    assert index_reads == [shard_index.ROW_BYTES] * (2 + 6) + [shard_index.HEAD_BYTES] * 2
     assert os.listdir(tmp_path) == []  # nothing under a local "gs:" folder
 
 
@@ -145,9 +155,11 @@ def test_stale_corrupt_and_earlier_format_indexes(tmp_path, monkeypatch, caplog)
     # A corrupt index (not numpy; a truncated one; an array of another shape) is rebuilt with
     # a warning naming it.
     good = open(index, "rb").read()
-    for bad in (b"garbage", good[:-20], None):
+    for bad in (b"garbage", good[:-20], None, 0):
         if bad is None:
             np.save(index, np.zeros((3, 2), np.int64))
+        elif bad == 0:
+            np.save(index, np.int64(7))
         else:
             open(index, "wb").write(bad)
         caplog.clear()

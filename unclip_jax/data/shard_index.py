@@ -32,6 +32,7 @@ SUMMARY_NAME = "webdataset_index_summary.npz"
 MAGIC = 0x57445358_00000001   # "WDSX", format 1
 MEMBERS = ("image", "txt", "json")
 ROW_BYTES = 6 * 8
+HEAD_BYTES = 4096   # the .npy header and row 0 of an index lie within
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 
 
@@ -86,16 +87,27 @@ def _pack(rows: np.ndarray, size: int, mtime: float) -> np.ndarray:
     return np.concatenate([head, rows])
 
 
-def _rows_if_current(arr: np.ndarray, size: int, mtime: float):
-    """The rows of a stored index when it is of this shard version, else None; ValueError when
-    the file is not an index."""
-    if (arr.dtype != np.dtype("<i8") or arr.ndim != 2 or arr.shape[1] != 6 or len(arr) < 1
-            or not arr.flags.c_contiguous
-            or int(arr[0, 0]) != MAGIC or int(arr[0, 3]) != len(arr) - 1):
-        raise ValueError(f"not a shard index: {arr.dtype} {arr.shape}")
-    if int(arr[0, 1]) != size or int(arr[0, 2]) != _mtime_bits(mtime):
-        return None
-    return arr[1:]
+def _check(dtype, shape, c_order: bool, row0: np.ndarray, size: int, mtime: float) -> bool:
+    """Whether a stored index (its array's dtype, shape, order and row 0) is of this shard
+    version; ValueError when the file is not an index."""
+    if (dtype != np.dtype("<i8") or len(shape) != 2 or shape[1] != 6 or shape[0] < 1
+            or not c_order or len(row0) != 6 or int(row0[0]) != MAGIC
+            or int(row0[3]) != shape[0] - 1):
+        raise ValueError(f"not a shard index: {dtype} {shape}")
+    return int(row0[1]) == size and int(row0[2]) == _mtime_bits(mtime)
+
+
+class _RemoteRows:
+    """The rows of an index on object storage, read one at a time (`read_row`)."""
+
+    def __init__(self, path: str, at: int, n: int):
+        self._path, self._at, self._n = path, at, n
+
+    def __len__(self) -> int:
+        return self._n
+
+    def __getitem__(self, k: int) -> np.ndarray:
+        return np.array(read_row(self._path, self._at, int(k)))
 
 
 def _from_json(path: str, size: int, mtime: float):
@@ -114,14 +126,38 @@ def _from_json(path: str, size: int, mtime: float):
         return None
 
 
-def _stored(ip: str, mmap: bool) -> tuple[np.ndarray, int]:
-    """A stored index file: (its array, the byte offset of the array's data in the file)."""
-    if mmap and not paths.is_url(ip):
+def _stored(path: str, size: int, mtime: float, lazy: bool):
+    """(rows, byte offset of example 0's row in the file) of the stored index of shard `path`
+    when it is of this shard version, else (None, None). `lazy`: a local index is memory-mapped;
+    one on object storage is not read whole (its head and last row are checked, its rows are
+    read one at a time): a shard's index is opened on its first example's read, and the
+    training stream's shuffle reads about one example per shard index opened."""
+    ip = path + INDEX_SUFFIX
+    if lazy and paths.is_url(ip):
+        head = paths.read_range(ip, 0, HEAD_BYTES)
+        f = io.BytesIO(head)
+        version = np.lib.format.read_magic(f)
+        shape, fortran, dtype = (np.lib.format.read_array_header_1_0 if version == (1, 0) else
+                                 np.lib.format.read_array_header_2_0)(f)
+        at = f.tell()
+        row0 = np.frombuffer(head[at:at + ROW_BYTES], "<i8")
+        if not _check(dtype, shape, not fortran, row0, size, mtime):
+            return None, None
+        n = shape[0] - 1
+        if len(paths.read_range(ip, at + n * ROW_BYTES, ROW_BYTES)) != ROW_BYTES:
+            raise ValueError(f"truncated: {shape[0]} rows announced")
+        return _RemoteRows(path, at + ROW_BYTES, n), at + ROW_BYTES
+    if lazy:
         arr = np.load(os.fspath(paths.path(ip)), mmap_mode="r")
-        return arr, int(arr.offset)
-    data = paths.path(ip).read_bytes()
-    arr = np.load(io.BytesIO(data))
-    return arr, len(data) - arr.nbytes
+        at = int(arr.offset)
+    else:
+        data = paths.path(ip).read_bytes()
+        arr = np.load(io.BytesIO(data))
+        at = len(data) - arr.nbytes
+    row0 = arr[0] if arr.ndim == 2 and len(arr) else np.zeros(0)
+    if not _check(arr.dtype, arr.shape, arr.flags.c_contiguous, row0, size, mtime):
+        return None, None
+    return arr[1:], at + ROW_BYTES
 
 
 def open_index(path: str, version: tuple[int, float] | None = None,
@@ -129,14 +165,13 @@ def open_index(path: str, version: tuple[int, float] | None = None,
     """(rows [n, 6] of shard `path`'s index at `version` (size, mtime; stat'ed when None), the
     byte offset of example 0's row in the stored index file, None when it could not be stored):
     the stored index, else the JSON one converted, else a scan of the tar; a built one is stored
-    beside the shard. `mmap`: a local index is memory-mapped, not read."""
+    beside the shard. `mmap`: a stored index is opened lazily (see `_stored`)."""
     size, mtime = version or stat(path)
     ip = path + INDEX_SUFFIX
     try:
-        arr, at = _stored(ip, mmap)
-        rows = _rows_if_current(arr, size, mtime)
+        rows, at = _stored(path, size, mtime, mmap)
         if rows is not None:
-            return rows, at + ROW_BYTES
+            return rows, at
     except FileNotFoundError:
         pass
     except (OSError, ValueError, EOFError) as e:
