@@ -163,7 +163,8 @@ class WebDatasetSource:
     and checked when one of its examples is first read; later reads take the example's row
     alone (`shard_index.read_row`: one 48-byte read, a ranged request on object storage).
     Holding whole indexes instead, the training stream's global shuffle would miss any bounded
-    cache of them at almost every read (reading 48 bytes per example of the shard for one), and
+    cache of them at almost every read (each miss reading a whole index, 48 bytes per example
+    of its shard, for one example), and
     mapping every index into memory is not possible on object storage and meets the kernel's
     cap on mappings for tens of thousands of local shards. Only an index that cannot be stored
     (a read-only folder) is held, at most `cache_shards` of them (least recently used dropped).
