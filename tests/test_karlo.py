@@ -299,10 +299,33 @@ def test_evaluate_takes_the_karlo_workdir(workdir, gcs_workdir, api, tmp_path, m
     assert res["metrics"]["clip_score"] == pytest.approx(100 * np.maximum(cos, 0).mean(),
                                                          abs=1e-3)
     assert s["prior_diffusion"].shape == (2, 16) and np.all(np.isfinite(s["prior_diffusion"]))
-    # The workdir converted to object storage (its outputs there too): the same metrics.
-    remote = evaluator.evaluate(c, gcs_workdir, f"{gcs_workdir}_eval", log=lambda *_: None)
-    same = lambda x: json.dumps(x, sort_keys=True)  # noqa: E731 - NaN equals NaN here
-    assert same(remote["metrics"]) == same(res["metrics"])
+    # Folder data (captions.jsonl + images), local and on object storage, evaluated from the
+    # local workdir and from its conversion to object storage (outputs there too): the same
+    # metrics and images.
     from unclip_jax import paths
-    with paths.np_load(f"{gcs_workdir}_eval/samples.npz") as f:
-        np.testing.assert_array_equal(f["images"], s["images"])
+    from unclip_jax.data import shapes
+    from unclip_jax.images import write_image
+    folder = tmp_path / "folder"
+    lines = []
+    for i in range(2):
+        _, caption, image = shapes.example(0, shapes.SPLIT_IDS["test"], i, size=16)
+        write_image(from_uint8(image), str(folder / f"{i}.png"))
+        lines.append(json.dumps({"file": f"{i}.png", "caption": caption}) + "\n")
+    (folder / "captions.jsonl").write_text("".join(lines))
+    paths.upload(str(folder), f"{gcs_workdir}_folder")
+    c.data = default_data_config("folder")
+    c.data.num_threads = 0
+    c.metrics.shapes_accuracy = "false"
+    runs = []
+    for wd, data, out in ((workdir, str(folder), str(tmp_path / "eval_folder")),
+                          (gcs_workdir, f"{gcs_workdir}_folder", f"{gcs_workdir}_eval")):
+        c.data.path = data
+        r = evaluator.evaluate(c, wd, out, log=lambda *_: None)
+        with paths.np_load(f"{out}/samples.npz") as f:
+            runs.append((r, {k: f[k] for k in f.files}))
+    (local, ls), (remote, rs) = runs
+    same = lambda x: json.dumps(x, sort_keys=True)  # noqa: E731 - NaN equals NaN here
+    assert same(remote["metrics"]) == same(local["metrics"])
+    assert list(ls["caption"]) == [json.loads(x)["caption"] for x in lines]
+    for k in ("images", "gen_clip", "text_embedding"):
+        np.testing.assert_array_equal(rs[k], ls[k], err_msg=k)
