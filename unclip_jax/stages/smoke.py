@@ -63,6 +63,7 @@ def prepare(config, workdir: str) -> ml_collections.ConfigDict:
 
     from unclip_jax import paths
     s = config.smoke_data
+    paths.check_bucket(workdir)   # before making any input
     root = str(paths.path(workdir) / "smoke_data")   # a gs:// workdir: the data goes there too
     pattern, clip_dir = write_inputs(
         root, splits={"train": int(s.num_examples)}, shard_size=int(s.shard_size),
