@@ -168,9 +168,10 @@ def test_gcs_workdir_samples_as_the_local_one(workdir, gcs_workdir, api, bucket,
     _no_local_gs(tmp_path, os.path.dirname(workdir))
 
 
-def test_gcs_workdir_bad_paths_are_named(built, gcs_workdir, bucket, tmp_path):
+def test_gcs_workdir_bad_paths_are_named(built, gcs_workdir, bucket, tmp_path, monkeypatch):
     """A missing bucket, an existing --out, a bad input (nothing written to the bucket) and a
-    workdir that is not there: each one error naming the URL."""
+    workdir that is not there: each one error naming the URL. A conversion that fails while
+    writing removes what it wrote."""
     from etils import epath
 
     from unclip_jax import paths
@@ -186,6 +187,19 @@ def test_gcs_workdir_bad_paths_are_named(built, gcs_workdir, bucket, tmp_path):
         convert.convert_karlo(bad, f"{bucket}/bad_wd")
     paths.refresh(f"{bucket}/bad_wd")
     assert not epath.Path(f"{bucket}/bad_wd").exists()
+    written, save = [], convert._save_params
+
+    def fail_second(path, params):   # e.g. the connection lost after the first checkpoint
+        if written:
+            raise OSError("injected write failure")
+        written.append(path)
+        save(path, params)
+    monkeypatch.setattr(convert, "_save_params", fail_second)
+    with pytest.raises(OSError, match="injected"):
+        convert.convert_karlo(built["src"], f"{bucket}/broken_wd")
+    assert written == [f"{bucket}/broken_wd/prior"]
+    paths.refresh(f"{bucket}/broken_wd")
+    assert not epath.Path(f"{bucket}/broken_wd").exists()
     missing = f"{bucket}/no_workdir"
     with pytest.raises(FileNotFoundError, match=missing):
         Pipeline.from_workdir(missing)
