@@ -1,6 +1,7 @@
 """A converted tiny Karlo workdir (with the vision tower of Karlo's image-variations layout):
 text -> image through the CLI code path and the Python API, sharded over the 8 fake devices,
-from bfloat16 weights, image variations through the CLI, and the evaluator."""
+from bfloat16 weights, image variations through the CLI, and the evaluator; the same workdir
+converted to object storage (a local GCS emulator) samples, varies and evaluates the same."""
 import json
 import os
 import shutil
@@ -37,6 +38,27 @@ def built(tmp_path_factory):
 @pytest.fixture(scope="module")
 def workdir(built):
     return built["wd"]
+
+
+@pytest.fixture(scope="module")
+def bucket():
+    from helpers.gcs import emulator
+    with emulator() as b:
+        yield b
+
+
+@pytest.fixture(scope="module")
+def gcs_workdir(built, bucket):
+    """The tiny Karlo converted from the local folders straight into the bucket."""
+    wd = f"{bucket}/karlo_wd"
+    convert.convert_karlo(built["src"], wd, image_encoder=built["variations"])
+    return wd
+
+
+def _no_local_gs(*tops):
+    """Nothing was written to a local folder named after a URL."""
+    for top in tops:
+        assert not [d for d, _, _ in os.walk(top) if os.path.basename(d) == "gs:"], top
 
 
 @pytest.fixture(scope="module")
@@ -90,20 +112,17 @@ def test_sharded_over_8_devices_with_fsdp_equals_one_device(workdir, api):
         np.testing.assert_allclose(out[k], ref[k], atol=1e-4, err_msg=k)
 
 
-def test_convert_reads_a_gcs_source(built, tmp_path):
+def test_convert_reads_a_gcs_source(built, bucket, tmp_path):
     """--src and --image_encoder on object storage (a local GCS emulator): the same manifest
     and weights as the local conversion, the URL recorded as the source, nothing written to a
     local folder named "gs:"."""
     import orbax.checkpoint as ocp
 
-    from helpers.gcs import emulator
     from unclip_jax import paths
-    with emulator() as bucket:
-        paths.upload(built["src"], f"{bucket}/karlo")
-        paths.upload(built["variations"], f"{bucket}/variations")
-        wd = str(tmp_path / "wd")
-        man = convert.convert_karlo(f"{bucket}/karlo", wd,
-                                    image_encoder=f"{bucket}/variations")
+    paths.upload(built["src"], f"{bucket}/karlo")
+    paths.upload(built["variations"], f"{bucket}/variations")
+    wd = str(tmp_path / "wd")
+    man = convert.convert_karlo(f"{bucket}/karlo", wd, image_encoder=f"{bucket}/variations")
     with open(os.path.join(built["wd"], "manifest.json")) as f:
         ref = json.load(f)
     assert man["source"] == f"{bucket}/karlo"
@@ -114,6 +133,79 @@ def test_convert_reads_a_gcs_source(built, tmp_path):
                 for w in (wd, built["wd"]))
         jax.tree.map(np.testing.assert_array_equal, a, b)
     assert not any("gs:" in d for _, dirs, _ in os.walk(tmp_path) for d in dirs)
+
+
+def test_gcs_workdir_samples_as_the_local_one(workdir, gcs_workdir, api, bucket, tmp_path,
+                                              monkeypatch):
+    """convert --out=gs://...: the same files as the local conversion; Pipeline.from_workdir
+    and `sample` (its --out in the bucket too) read it and give the local workdir's images."""
+    from PIL import Image
+    from etils import epath
+
+    from unclip_jax.images import to_uint8
+    monkeypatch.chdir(tmp_path)
+    pipe, ref = api
+    wd = epath.Path(gcs_workdir)
+    names = lambda d: sorted(p.name for p in d.iterdir())  # noqa: E731
+    assert names(wd) == sorted(os.listdir(workdir))
+    for f in ("karlo.json", "manifest.json"):
+        assert json.loads((wd / f).read_text()) == json.loads(open(os.path.join(workdir, f)).read())
+    assert names(wd / "tokenizer") == sorted(os.listdir(os.path.join(workdir, "tokenizer")))
+    remote = Pipeline.from_workdir(gcs_workdir)
+    assert isinstance(remote, karlo.KarloPipeline)
+    jax.tree.map(np.testing.assert_array_equal, remote.params, pipe.params)
+    out = remote.text_to_image(PROMPTS, seed=0, settings=few_settings())
+    for k in ("images", "decoder_images", "image_embedding"):
+        np.testing.assert_array_equal(out[k], ref[k], err_msg=k)
+    res = sample.run(["--workdir", gcs_workdir, "--prompt", PROMPTS[0], "--prompt", PROMPTS[1],
+                      "--out", f"{bucket}/karlo_out", *FEW])
+    np.testing.assert_allclose(res["images"], ref["images"], atol=1e-5)
+    assert res["record"]["workdir"] == gcs_workdir
+    out_dir = epath.Path(f"{bucket}/karlo_out")
+    assert names(out_dir) == ["0000.png", "0001.png", "settings.json"]
+    with (out_dir / "0001.png").open("rb") as f:
+        np.testing.assert_array_equal(np.asarray(Image.open(f)), to_uint8(res["images"])[1])
+    _no_local_gs(tmp_path, os.path.dirname(workdir))
+
+
+def test_gcs_workdir_bad_paths_are_named(built, gcs_workdir, bucket, tmp_path, monkeypatch):
+    """A missing bucket, an existing --out, a bad input (nothing written to the bucket) and a
+    workdir that is not there: each one error naming the URL. A conversion that fails while
+    writing removes what it wrote."""
+    from etils import epath
+
+    from unclip_jax import paths
+    from unclip_jax.models.karlo_import import KarloFormatError
+    with pytest.raises(FileNotFoundError, match="gs://no-such-bucket does not exist"):
+        convert.convert_karlo(built["src"], "gs://no-such-bucket/karlo")
+    with pytest.raises(FileExistsError, match=gcs_workdir):
+        convert.convert_karlo(built["src"], gcs_workdir)
+    bad = str(tmp_path / "bad")
+    shutil.copytree(built["src"], bad)
+    shutil.rmtree(os.path.join(bad, "super_res_last"))
+    with pytest.raises(KarloFormatError, match="super_res_last"):
+        convert.convert_karlo(bad, f"{bucket}/bad_wd")
+    paths.refresh(f"{bucket}/bad_wd")
+    assert not epath.Path(f"{bucket}/bad_wd").exists()
+    written, save = [], convert._save_params
+
+    def fail_second(path, params):   # e.g. the connection lost after the first checkpoint
+        if written:
+            raise OSError("injected write failure")
+        written.append(path)
+        save(path, params)
+    monkeypatch.setattr(convert, "_save_params", fail_second)
+    with pytest.raises(OSError, match="injected"):
+        convert.convert_karlo(built["src"], f"{bucket}/broken_wd")
+    assert written == [f"{bucket}/broken_wd/prior"]
+    paths.refresh(f"{bucket}/broken_wd")
+    assert not epath.Path(f"{bucket}/broken_wd").exists()
+    missing = f"{bucket}/no_workdir"
+    with pytest.raises(FileNotFoundError, match=missing):
+        Pipeline.from_workdir(missing)
+    with pytest.raises(FileNotFoundError, match="gs://no-such-bucket"):
+        sample.run(["--workdir", gcs_workdir, "--prompt", "red", "--out",
+                    "gs://no-such-bucket/out", *FEW])
 
 
 def test_bfloat16_workdir_loads_and_is_close_to_float32(built, api, tmp_path):
@@ -149,18 +241,29 @@ def test_bfloat16_workdir_loads_and_is_close_to_float32(built, api, tmp_path):
     assert 0 < rel(y16, y32) < 3e-2
 
 
-def test_variation_of_an_image_through_cli(workdir, tmp_path):
+def test_variation_of_an_image_through_cli(workdir, gcs_workdir, bucket, tmp_path):
+    from etils import epath
+
+    from unclip_jax import paths
     from unclip_jax.images import write_image
     image = str(tmp_path / "in.png")
     write_image(np.random.default_rng(0).uniform(-1, 1, (20, 20, 3)), image)
     out = str(tmp_path / "var")
-    res = sample.run(["variations", "--workdir", workdir, "--image", image, "--num", "2",
-                      "--out", out, "--decoder_steps=karlo3", "--upsampler_steps=karlo2"])
+    flags = ["--num", "2", "--decoder_steps=karlo3", "--upsampler_steps=karlo2"]
+    res = sample.run(["variations", "--workdir", workdir, "--image", image, "--out", out,
+                      *flags])
     imgs = res["images"]
     assert imgs.shape == (2, 16, 16, 3)          # the upsamplers' resolution
     assert np.all(np.isfinite(imgs)) and np.abs(imgs).max() <= 1.0
     assert np.abs(imgs[0] - imgs[1]).max() > 1e-3   # eta = 1: two different variations
     assert sorted(os.listdir(out)) == ["settings.json", "strip.png"]
+    # The workdir, the image and --out on object storage: the same variations.
+    paths.upload(image, f"{bucket}/in.png")
+    remote = sample.run(["variations", "--workdir", gcs_workdir, "--image", f"{bucket}/in.png",
+                         "--out", f"{bucket}/var", *flags])
+    np.testing.assert_allclose(remote["images"], imgs, atol=1e-5)
+    assert (epath.Path(f"{bucket}/var/strip.png").read_bytes()
+            == open(os.path.join(out, "strip.png"), "rb").read())
     # Without the vision tower: one clear error naming what is missing and how to add it.
     bare = str(tmp_path / "bare")
     shutil.copytree(workdir, bare)
@@ -175,7 +278,7 @@ def test_variation_of_an_image_through_cli(workdir, tmp_path):
                     str(tmp_path / "v2")])
 
 
-def test_evaluate_takes_the_karlo_workdir(workdir, api, tmp_path, monkeypatch):
+def test_evaluate_takes_the_karlo_workdir(workdir, gcs_workdir, api, tmp_path, monkeypatch):
     from unclip_jax.data import default_data_config
     from unclip_jax.eval import evaluator, load, plan
     from unclip_jax.eval.config import eval_config
@@ -210,3 +313,33 @@ def test_evaluate_takes_the_karlo_workdir(workdir, api, tmp_path, monkeypatch):
     assert res["metrics"]["clip_score"] == pytest.approx(100 * np.maximum(cos, 0).mean(),
                                                          abs=1e-3)
     assert s["prior_diffusion"].shape == (2, 16) and np.all(np.isfinite(s["prior_diffusion"]))
+    # Folder data (captions.jsonl + images), local and on object storage, evaluated from the
+    # local workdir and from its conversion to object storage (outputs there too): the same
+    # metrics and images.
+    from unclip_jax import paths
+    from unclip_jax.data import shapes
+    from unclip_jax.images import write_image
+    folder = tmp_path / "folder"
+    lines = []
+    for i in range(2):
+        _, caption, image = shapes.example(0, shapes.SPLIT_IDS["test"], i, size=16)
+        write_image(from_uint8(image), str(folder / f"{i}.png"))
+        lines.append(json.dumps({"file": f"{i}.png", "caption": caption}) + "\n")
+    (folder / "captions.jsonl").write_text("".join(lines))
+    paths.upload(str(folder), f"{gcs_workdir}_folder")
+    c.data = default_data_config("folder")
+    c.data.num_threads = 0
+    c.metrics.shapes_accuracy = "false"
+    runs = []
+    for wd, data, out in ((workdir, str(folder), str(tmp_path / "eval_folder")),
+                          (gcs_workdir, f"{gcs_workdir}_folder", f"{gcs_workdir}_eval")):
+        c.data.path = data
+        r = evaluator.evaluate(c, wd, out, log=lambda *_: None)
+        with paths.np_load(f"{out}/samples.npz") as f:
+            runs.append((r, {k: f[k] for k in f.files}))
+    (local, ls), (remote, rs) = runs
+    same = lambda x: json.dumps(x, sort_keys=True)  # noqa: E731 - NaN equals NaN here
+    assert same(remote["metrics"]) == same(local["metrics"])
+    assert list(ls["caption"]) == [json.loads(x)["caption"] for x in lines]
+    for k in ("images", "gen_clip", "text_embedding"):
+        np.testing.assert_array_equal(rs[k], ls[k], err_msg=k)

@@ -93,13 +93,33 @@ def test_whole_file_writes_and_write_once_on_gcs(bucket, tmp_path, monkeypatch):
     assert os.listdir(tmp_path) == []   # no local folder named "gs:"
 
 
-def test_stage_smoke_variants_refuse_a_gcs_workdir_before_writing(tmp_path, monkeypatch):
-    """The stages' :smoke variants make their inputs by local path."""
+def test_smoke_on_a_missing_bucket_and_npz_files_on_gcs(bucket, tmp_path, monkeypatch):
+    """A :smoke variant on a bucket that does not exist: one error naming it, before any input
+    is made (the training on gs:// is in tests/stages/test_smoke.py). The PCA / quantiser of an
+    embedding cache and the FID statistics save to and load from gs:// as they do locally."""
+    import numpy as np
+
     from unclip_jax import main
+    from unclip_jax.eval import metrics
+    from unclip_jax.models import pca
     from helpers.trainer import load_config
     monkeypatch.chdir(tmp_path)
-    with pytest.raises(ValueError, match="smoke variant .* local workdir"):
-        main.run(load_config("paper/decoder_64.py", "smoke"), "gs://bucket/run")
+    with pytest.raises(FileNotFoundError, match="gs://no-such-bucket does not exist"):
+        main.run(load_config("paper/decoder_64.py", "smoke"), "gs://no-such-bucket/run")
+    assert os.listdir(tmp_path) == []
+    x = np.random.default_rng(0).standard_normal((64, 6))
+    p, q = pca.fit_pca([x]), pca.fit_quantizer(x, 8)
+    p.save(f"{bucket}/npz/pca.npz")
+    q.save(f"{bucket}/npz/quantizer.npz")
+    got_p, got_q = pca.PCA.load(f"{bucket}/npz/pca.npz"), pca.Quantizer.load(
+        f"{bucket}/npz/quantizer.npz")
+    np.testing.assert_array_equal(got_p.components, p.components)
+    np.testing.assert_array_equal(got_q.centres, q.centres)
+    st = metrics.FeatureStats(6).update(x)
+    st.save(f"{bucket}/npz/ref.npz")
+    mu, sigma = metrics.load_statistics(f"{bucket}/npz/ref.npz")
+    np.testing.assert_array_equal(mu, st.mean)
+    np.testing.assert_array_equal(sigma, st.cov)
     assert os.listdir(tmp_path) == []
 
 

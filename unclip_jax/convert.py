@@ -18,7 +18,9 @@ folder or a Hugging Face CLIPModel folder; without --image_encoder, DIR/image_en
 when present. Input that is not Karlo's layout (a
 missing component, an unknown block type, a tensor of the wrong shape) is reported in one line
 naming the folder or tensor, and WORKDIR is not created: the conversion is written to a
-temporary folder beside it and renamed at the end.
+temporary folder beside it and renamed at the end. WORKDIR may be a gs:// URL (an object store
+has no rename: its files are written in place, karlo.json last, and removed again on a failure;
+every input is checked before the first is written).
 """
 from __future__ import annotations
 
@@ -44,7 +46,8 @@ def define_flags(fv: flags.FlagValues) -> None:
     f = dict(flag_values=fv)
     flags.DEFINE_string("src", None, "The diffusers-layout folder to convert (a local path, or "
                         "a gs:// URL read from a local copy).", **f)
-    flags.DEFINE_string("out", None, "The workdir to write (must not exist).", **f)
+    flags.DEFINE_string("out", None, "The workdir to write (must not exist; a local path or a "
+                        "gs:// URL).", **f)
     flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Stored weights' dtype.", **f)
     flags.DEFINE_string("image_encoder", None, "The CLIP vision tower to convert (for variations "
                         "and evaluation): karlo-v1-alpha-image-variations, a "
@@ -54,8 +57,10 @@ def define_flags(fv: flags.FlagValues) -> None:
 
 def _save_params(path: str, params) -> None:
     import orbax.checkpoint as ocp
+
+    from unclip_jax import paths
     ckpt = ocp.StandardCheckpointer()
-    ckpt.save(os.path.abspath(path), params)
+    ckpt.save(paths.path(path), params)
     ckpt.wait_until_finished()
 
 
@@ -72,8 +77,11 @@ def convert_karlo(src: str, out: str, dtype: str = "float32",
 
     from unclip_jax import paths
 
-    if os.path.exists(out):
+    out = str(paths.path(out)).rstrip("/")
+    paths.refresh(out)
+    if paths.path(out).exists():
         raise FileExistsError(f"convert: --out {out!r} exists; give a new workdir")
+    paths.check_bucket(out)   # before the conversion, not after it
     # A gs:// (object store) folder is read from a local copy; the manifest names the URL.
     mirrors = {}   # local copy -> its URL
 
@@ -118,29 +126,46 @@ def convert_karlo(src: str, out: str, dtype: str = "float32",
     from unclip_jax.data.tokenizer import Tokenizer
     Tokenizer.from_hf(comps["tokenizer"]["dir"])   # fails here, not at sampling time
 
-    parent = os.path.dirname(os.path.abspath(out))
+    configs = {n: comps[n]["config"] for n in ("prior", "text_proj", "decoder",
+                                               "super_res_first", "super_res_last",
+                                               "text_encoder")}
+    if vision is not None:
+        configs[IMAGE_ENCODER] = vision["config"]
+    meta = {"kind": "karlo", "source": manifest["source"], "dtype": dtype,
+            "image_encoder_source": manifest.get("image_encoder_source"),
+            "configs": configs, "schedulers": schedulers, "preset": PRESET}
+
+    def write(dst: str) -> None:
+        """The workdir's files into `dst` (local or a URL), karlo.json (what makes it a Karlo
+        workdir to the readers) last."""
+        for name in converted:
+            params = jax.tree.map(lambda a: jnp.asarray(a, store), converted[name])
+            _save_params(f"{dst}/{name}", params)
+        paths.save_npz(f"{dst}/prior_stats.npz",
+                       image_mean=np.asarray(scaling.image_mean, np.float32),
+                       image_std=np.asarray(scaling.image_std, np.float32))
+        if paths.is_url(dst):
+            paths.upload(comps["tokenizer"]["dir"], f"{dst}/tokenizer")
+        else:
+            shutil.copytree(comps["tokenizer"]["dir"], os.path.join(dst, "tokenizer"))
+        paths.write_text(f"{dst}/manifest.json", json.dumps(manifest, indent=1))
+        paths.write_text(f"{dst}/{WORKDIR_FILE}", json.dumps(meta, indent=1))
+
+    if paths.is_url(out):
+        # An object store renames no directory: the files go to `out` itself, and a failure
+        # removes them (`out` did not exist before); readers see a Karlo workdir only once
+        # karlo.json, the last file, is there.
+        try:
+            write(out)
+        except BaseException:
+            paths.remove_tree(out)
+            raise
+        return manifest
+    parent = os.path.dirname(out)
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=".convert-", dir=parent)
     try:
-        for name in converted:
-            params = jax.tree.map(lambda a: jnp.asarray(a, store), converted[name])
-            _save_params(os.path.join(tmp, name), params)
-        with open(os.path.join(tmp, "prior_stats.npz"), "wb") as f:
-            np.savez(f, image_mean=np.asarray(scaling.image_mean, np.float32),
-                     image_std=np.asarray(scaling.image_std, np.float32))
-        shutil.copytree(comps["tokenizer"]["dir"], os.path.join(tmp, "tokenizer"))
-        configs = {n: comps[n]["config"] for n in ("prior", "text_proj", "decoder",
-                                                   "super_res_first", "super_res_last",
-                                                   "text_encoder")}
-        if vision is not None:
-            configs[IMAGE_ENCODER] = vision["config"]
-        with open(os.path.join(tmp, WORKDIR_FILE), "w") as f:
-            json.dump({"kind": "karlo", "source": manifest["source"], "dtype": dtype,
-                       "image_encoder_source": manifest.get("image_encoder_source"),
-                       "configs": configs, "schedulers": schedulers, "preset": PRESET}, f,
-                      indent=1)
-        with open(os.path.join(tmp, "manifest.json"), "w") as f:
-            json.dump(manifest, f, indent=1)
+        write(tmp)
         os.rename(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

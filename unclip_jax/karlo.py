@@ -61,9 +61,11 @@ def _restore(path: str, dtype=jnp.float32):
     """Params as stored (float32 or bfloat16), cast to the pipeline's compute dtype: float32
     weights for float32 arithmetic, bfloat16 ones (half the memory) for bfloat16."""
     import orbax.checkpoint as ocp
-    if not os.path.isdir(path):
+
+    from unclip_jax import paths
+    if not paths.path(path).is_dir():
         raise FileNotFoundError(f"karlo workdir: {path} is missing")
-    params = ocp.StandardCheckpointer().restore(os.path.abspath(path))
+    params = ocp.StandardCheckpointer().restore(paths.path(path))
     return jax.tree.map(lambda a: jnp.asarray(a, dtype), params)
 
 
@@ -219,17 +221,17 @@ class KarloPipeline:
     takes). Images need the vision tower (`convert --image_encoder`)."""
 
     def __init__(self, workdir: str, dtype=jnp.float32, mesh=None, fsdp: bool = False):
+        from unclip_jax import paths
         from unclip_jax.data.tokenizer import Tokenizer
 
-        with open(os.path.join(workdir, WORKDIR_FILE)) as f:
-            meta = json.load(f)
+        meta = json.loads((paths.path(workdir) / WORKDIR_FILE).read_text())
         self.meta, self.workdir = meta, workdir
         self.program = _Program(meta["configs"], meta["schedulers"], dtype)
         names = ["prior", "decoder", "super_res_first", "super_res_last", "text_encoder"]
         if self.program.has_vision:
             names.append("image_encoder")
         self.params = {n: _restore(os.path.join(workdir, n), dtype) for n in names}
-        with np.load(os.path.join(workdir, "prior_stats.npz")) as s:
+        with paths.np_load(os.path.join(workdir, "prior_stats.npz")) as s:
             self.params["prior_stats"] = {k: jnp.asarray(s[k]) for k in ("image_mean",
                                                                         "image_std")}
         self.tokenizer = Tokenizer.from_hf(os.path.join(workdir, "tokenizer"),

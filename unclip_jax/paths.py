@@ -8,6 +8,7 @@ fsspec, e.g. gcsfs). Orbax uses the same layer for checkpoints.
   write_text, write_bytes, save_npy, save_npz: whole files through atomic_write
   np_load(p)       -> np.load of a whole file
   read_range(p, start, n) -> n bytes of a file from `start` (on object stores: one ranged read)
+  upload(local, url), remove_tree(p), check_bucket(url) (a missing bucket named by the URL)
   local_file(p), local_dir(p[, recursive]) -> a local copy of p, for readers that take only
                                  local files (memory-mapped arrays, tokenizer libraries)
 """
@@ -78,8 +79,7 @@ def atomic_write(p, mode: str = "wb"):
         try:
             with os.fdopen(fd, mode) as f:
                 yield f
-            fs, target = _fs(p)
-            fs.put_file(tmp, target)
+            _put(tmp, p)
         finally:
             os.remove(tmp)
         return
@@ -140,16 +140,55 @@ def np_load(p):
     return np.load(io.BytesIO(path(p).read_bytes()))
 
 
+def _put(local: str, url: str) -> None:
+    """Upload one file; a missing bucket is named by the URL (the client's own message names
+    only its request)."""
+    fs, target = _fs(url)
+    try:
+        fs.put_file(local, target)
+    except FileNotFoundError as e:
+        check_bucket(url)
+        raise FileNotFoundError(f"cannot write {url}: {e}") from e
+
+
+def check_bucket(p) -> None:
+    """Raise FileNotFoundError naming `p` when it is a URL whose bucket does not exist (or
+    cannot be seen with these credentials); writing there would fail late, or (Orbax) wait for
+    a timeout."""
+    if not is_url(p):
+        return
+    scheme, rest = str(p).split("://", 1)
+    bucket = f"{scheme}://{rest.split('/', 1)[0]}"
+    if not epath.Path(bucket).exists():
+        raise FileNotFoundError(f"{p}: bucket {bucket} does not exist (or is not visible with "
+                                "these credentials)")
+
+
 def upload(local: str, url: str) -> None:
     """Copy a local file, or a directory's files (recursively), to `url`."""
-    fs, target = _fs(url)
+    url = str(url).rstrip("/")
     if os.path.isdir(local):
         for root, _, files in os.walk(local):
             for name in sorted(files):
                 rel = os.path.relpath(os.path.join(root, name), local)
-                fs.put_file(os.path.join(root, name), f"{target}/{rel}")
+                _put(os.path.join(root, name), f"{url}/{rel.replace(os.sep, '/')}")
     else:
-        fs.put_file(local, target)
+        _put(local, url)
+
+
+def remove_tree(p) -> None:
+    """Delete the file or directory `p` (local or on object storage) with everything under it;
+    nothing when it does not exist."""
+    if not is_url(p):
+        if os.path.isdir(p):
+            shutil.rmtree(p)
+        elif os.path.exists(p):
+            os.remove(p)
+        return
+    refresh(p)
+    fs, target = _fs(p)
+    if fs.exists(target):
+        fs.rm(target, recursive=True)
 
 
 _mirror: str | None = None

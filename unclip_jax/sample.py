@@ -192,6 +192,7 @@ def sample(command: str, a) -> dict:
     num = a.num if a.num is not None else (1 if command == "text" else 4)
     images = {k: read_image(getattr(a, k)) for k in ("image", "image2")
               if getattr(a, k, None)}
+    paths.check_bucket(a.out)
     pipe = Pipeline.from_workdir(a.workdir, ema=not a.raw, upsamplers=a.upsamplers)
     up = not a.no_upsample
     record = {"command": command, "workdir": str(paths.path(a.workdir)), "seed": a.seed,

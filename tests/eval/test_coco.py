@@ -106,3 +106,42 @@ def test_folder_variant_draws_captions_and_reads_images(tmp_path):
     # The training reader of the same folder takes each image's first caption.
     src = sources.FolderSource(str(tmp_path / "val2014"), 0, 1)
     assert [src[i]["caption"] for i in range(3)] == [x["captions"][0] for x in lines[:3]]
+
+
+def test_folder_data_on_gcs_reads_as_the_local_folder(tmp_path):
+    """The `:folder` data (captions.jsonl and images) on object storage (a local GCS emulator):
+    the caption draw, its images and the training reader's examples equal the local folder's;
+    a missing folder or image is named by its URL."""
+    from helpers.gcs import emulator
+    from unclip_jax import paths
+    from unclip_jax.data import sources
+    from unclip_jax.eval.dataset import eval_batches
+    _coco_folder(tmp_path / "val2014")
+
+    def batches(path, order):
+        c = _config("folder")
+        c.data.update(path=path, resolution=16)
+        c.protocol.update(num_samples=7, caption_seed=3, order=order)
+        return [b for pi in range(2) for b in eval_batches(c, c.data, 4, pi, 2)]
+
+    local = {o: batches(str(tmp_path / "{split}"), o) for o in ("coco_draw", "first")}
+    with emulator() as bucket:
+        paths.upload(str(tmp_path / "val2014"), f"{bucket}/coco/val2014")
+        for order, want in local.items():
+            got = batches(f"{bucket}/coco/{{split}}", order)
+            assert len(got) == len(want) == 2   # one batch per process
+            for a, b in zip(got, want):
+                assert a["caption"] == b["caption"]
+                for k in ("image", "index", "position"):
+                    np.testing.assert_array_equal(a[k], b[k])
+        remote = sources.FolderSource(f"{bucket}/coco/val2014", 0, 1)
+        want = (tmp_path / "val2014" / remote._entries[5]["file"]).read_bytes()
+        assert remote[5]["image"] == want
+        with pytest.raises(FileNotFoundError, match=f"{bucket}/coco/none"):
+            coco.read_folder_captions(f"{bucket}/coco/none")
+        with pytest.raises(FileNotFoundError, match=f"{bucket}/coco/none"):
+            sources.FolderSource(f"{bucket}/coco/none", 0, 1)
+        gone = f"{bucket}/coco/val2014/COCO_val2014_{local['coco_draw'][0]['index'][0]:012d}.png"
+        paths.remove_tree(gone)   # a drawn image
+        with pytest.raises(FileNotFoundError, match=gone):
+            batches(f"{bucket}/coco/{{split}}", "coco_draw")

@@ -139,3 +139,47 @@ def test_paper_smoke_trains_two_steps(name, tmp_path, request):
         tok, mask = decoder_tokens(prepared, jnp.asarray(b["tokens"]), jnp)
         np.testing.assert_array_equal(tok, d["tokens"])
         np.testing.assert_array_equal(mask, d["token_mask"])
+
+
+def test_smoke_on_a_gcs_workdir_trains_and_resumes(clip_smoke_data, tmp_path, monkeypatch):
+    """--workdir=gs://... (a local GCS emulator): `prepare` writes the smoke inputs into the
+    bucket (the same cache as a local prepare's), the AR prior stage trains to step 1, resumes
+    to step 2 (its codec fitted and written there once) and ends where an uninterrupted local
+    run on the same data ends; nothing goes to a local folder named "gs:"."""
+    import shutil
+
+    from etils import epath
+
+    from helpers.gcs import emulator
+    from unclip_jax.main import run
+    from unclip_jax.stages.smoke import prepare
+    from unclip_jax.train.trainer import train
+    monkeypatch.chdir(tmp_path)
+    config = load_config("paper/ar_prior.py", "smoke")
+    local = str(tmp_path / "local")
+    shutil.copytree(clip_smoke_data, os.path.join(local, "smoke_data"))
+    ref = run(config, local)
+    with emulator() as bucket:
+        wd = f"{bucket}/smoke/ar_prior"
+        prepared = prepare(config, wd)
+        root = f"{wd}/smoke_data"
+        assert prepared.data.cache_dir == f"{root}/embed_cache"
+        assert prepared.tokenizer.dir == f"{root}/hf_clip"
+        assert prepared.model.codec_path == f"{root}/ar_codec.npz"
+        for field in ("tokens", "image_embedding"):
+            np.testing.assert_array_equal(
+                cache.load_field(prepared.data.cache_dir, "train", field),
+                cache.load_field(os.path.join(clip_smoke_data, "embed_cache"), "train", field))
+        first = train(prepared, wd, stop_at=1)
+        assert (first["step"], first["resumed_from"]) == (1, 0)
+        codec = epath.Path(prepared.model.codec_path).stat().mtime
+        out = run(config, wd)
+        assert (out["status"], out["step"], out["resumed_from"]) == ("done", 2, 1)
+        assert epath.Path(prepared.model.codec_path).stat().mtime == codec   # fitted once
+        assert sorted(p.name for p in epath.Path(f"{wd}/checkpoints").iterdir()) == ["1", "2"]
+        rows = [json.loads(r) for r in epath.Path(f"{wd}/metrics.jsonl").read_text().split("\n")
+                if r]
+    assert [r["loss"] for r in rows if "loss" in r] == _losses(local)
+    from helpers.trainer import assert_trees_close
+    assert_trees_close(out["state"].params, ref["state"].params)
+    assert not [d for d, _, _ in os.walk(tmp_path) if os.path.basename(d) == "gs:"]

@@ -288,21 +288,21 @@ class FolderSource:
 
     def __init__(self, folder: str, process_index: int, process_count: int):
         self.path = folder
-        listing = os.path.join(folder, "captions.jsonl")
-        if not os.path.isfile(listing):
+        listing = os.path.join(folder, "captions.jsonl")   # the folder may be a gs:// URL
+        paths.refresh(listing)
+        if not paths.path(listing).is_file():
             raise FileNotFoundError(f"image folder {folder!r} has no captions.jsonl ({listing})")
         self._entries = []
-        with open(listing, encoding="utf-8") as f:
-            for line in f:
-                if not line.strip():
-                    continue
-                try:
-                    entry = json.loads(line)
-                    if not isinstance(entry, dict):
-                        raise ValueError
-                except ValueError:
-                    entry = {}
-                self._entries.append(entry)
+        for line in paths.path(listing).read_text(encoding="utf-8").split("\n"):
+            if not line.strip():
+                continue
+            try:
+                entry = json.loads(line)
+                if not isinstance(entry, dict):
+                    raise ValueError
+            except ValueError:
+                entry = {}
+            self._entries.append(entry)
         if not self._entries:
             raise ValueError(f"image folder {folder!r}: captions.jsonl lists no images")
         self._pi, self._pc = process_index, process_count
@@ -326,8 +326,7 @@ class FolderSource:
             out["missing"] = "corrupt"
             return out
         try:
-            with open(os.path.join(self.path, name), "rb") as f:
-                out["image"] = f.read()
+            out["image"] = paths.path(os.path.join(self.path, name)).read_bytes()
         except OSError:
             out["missing"] = "missing_file"
         return out

@@ -4,7 +4,7 @@ images drawn without replacement with a fixed seed, one of each image's captions
 Captions per image come from either
   - tfds `coco_captions` records (feature "captions" = {"text": [...], "id": [...]}; the 2014
     validation images are its splits val + test + restval, 40,504 images), or
-  - a local folder's captions.jsonl, one line per image: {"file": "x.jpg", "captions": [...]}
+  - a folder's captions.jsonl (local or gs://), one line per image: {"file": "x.jpg", "captions": [...]}
     (a "caption" string or list is accepted too).
 """
 from __future__ import annotations
@@ -30,22 +30,23 @@ def caption_texts(record: dict, key: str = "captions") -> list[str]:
 
 
 def read_folder_captions(folder: str) -> list[tuple[str, list[str]]]:
-    """(file, captions) per line of <folder>/captions.jsonl."""
+    """(file, captions) per line of <folder>/captions.jsonl (a local folder or a URL)."""
+    from unclip_jax import paths
     path = os.path.join(folder, "captions.jsonl")
-    if not os.path.isfile(path):
+    paths.refresh(path)
+    if not paths.path(path).is_file():
         raise FileNotFoundError(f"no captions.jsonl in {folder!r}: expected one JSON line per "
                                 f"image, {{\"file\": ..., \"captions\": [...]}}")
     out = []
-    with open(path) as f:
-        for i, line in enumerate(f):
-            if not line.strip():
-                continue
-            entry = json.loads(line)
-            caps = entry.get("captions", entry.get("caption"))
-            caps = [caps] if isinstance(caps, str) else list(caps or [])
-            if "file" not in entry or not caps:
-                raise ValueError(f"{path} line {i + 1}: needs \"file\" and captions")
-            out.append((entry["file"], [str(c).strip() for c in caps]))
+    for i, line in enumerate(paths.path(path).read_text().split("\n")):
+        if not line.strip():
+            continue
+        entry = json.loads(line)
+        caps = entry.get("captions", entry.get("caption"))
+        caps = [caps] if isinstance(caps, str) else list(caps or [])
+        if "file" not in entry or not caps:
+            raise ValueError(f"{path} line {i + 1}: needs \"file\" and captions")
+        out.append((entry["file"], [str(c).strip() for c in caps]))
     return out
 
 

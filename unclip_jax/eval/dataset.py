@@ -61,6 +61,7 @@ def eval_batches(config, dcfg, batch_size: int, pi: int, pc: int):
 def _coco_draw_batches(config, dcfg, batch_size: int, pi: int, pc: int):
     import os
 
+    from unclip_jax import paths
     from unclip_jax.data import preprocess, sources
     from unclip_jax.eval.coco import caption_texts, draw_captions, read_folder_captions
     from unclip_jax.eval.plan import EvalError
@@ -78,8 +79,12 @@ def _coco_draw_batches(config, dcfg, batch_size: int, pi: int, pc: int):
         caps = [c for _, c in entries]
 
         def image(i):
-            with open(os.path.join(folder, entries[i][0]), "rb") as f:
-                return f.read()
+            f = os.path.join(folder, entries[i][0])
+            try:
+                return paths.path(f).read_bytes()
+            except FileNotFoundError:
+                raise FileNotFoundError(f"image {f} listed in {folder}/captions.jsonl does "
+                                        "not exist") from None
     else:
         raise EvalError("protocol.order='coco_draw' reads a tfds dataset (data.name='tfds') or "
                         "a folder whose captions.jsonl lists every caption of each image "

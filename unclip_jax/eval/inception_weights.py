@@ -135,8 +135,8 @@ def convert_file(src: str, out: str) -> int:
     convert_state(state)  # fail here, not at evaluation time, on a wrong or partial file
     arrays = {k: np.asarray(v, np.float32) for k, v in state.items()
               if np.issubdtype(np.asarray(v).dtype, np.floating)}
-    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-    np.savez(out, **arrays)
+    from unclip_jax import paths
+    paths.save_npz(out, **arrays)   # a local path or a gs:// URL
     return len(arrays)
 
 

@@ -97,8 +97,9 @@ class FeatureStats:
             raise ValueError(f"FeatureStats: {self.n} feature vectors, need at least {need}")
 
     def save(self, path: str) -> None:
-        """pytorch-fid's .npz layout (mu, sigma) plus the count."""
-        np.savez(path, mu=self.mean, sigma=self.cov, n=np.int64(self.n))
+        """pytorch-fid's .npz layout (mu, sigma) plus the count (a local path or a URL)."""
+        from unclip_jax import paths
+        paths.save_npz(path, mu=self.mean, sigma=self.cov, n=np.int64(self.n))
 
 
 def feature_statistics(features) -> tuple[np.ndarray, np.ndarray]:
@@ -108,8 +109,10 @@ def feature_statistics(features) -> tuple[np.ndarray, np.ndarray]:
 
 
 def load_statistics(path: str) -> tuple[np.ndarray, np.ndarray]:
-    """(mu, sigma) from an .npz written by FeatureStats.save or by pytorch-fid --save-stats."""
-    with np.load(path) as f:
+    """(mu, sigma) from an .npz written by FeatureStats.save or by pytorch-fid --save-stats
+    (a local path or a URL)."""
+    from unclip_jax import paths
+    with paths.np_load(path) as f:
         for k in ("mu", "sigma"):
             if k not in f.files:
                 raise KeyError(f"statistics file {path!r} has no {k!r} (has {f.files})")

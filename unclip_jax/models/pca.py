@@ -46,12 +46,14 @@ class PCA:
         return self.eigenvalues / self.eigenvalues.sum()
 
     def save(self, path: str) -> None:
-        np.savez(path, mean=self.mean, components=self.components,
-                 eigenvalues=self.eigenvalues, count=self.count)
+        from unclip_jax import paths   # local or gs:// (beside an embedding cache)
+        paths.save_npz(path, mean=self.mean, components=self.components,
+                       eigenvalues=self.eigenvalues, count=self.count)
 
     @classmethod
     def load(cls, path: str) -> "PCA":
-        with np.load(path) as f:
+        from unclip_jax import paths
+        with paths.np_load(path) as f:
             return cls(f["mean"], f["components"], f["eigenvalues"], int(f["count"]))
 
 
@@ -197,11 +199,13 @@ class Quantizer:
             q.shape).astype(np.float32)
 
     def save(self, path: str) -> None:
-        np.savez(path, edges=self.edges, centres=self.centres)
+        from unclip_jax import paths
+        paths.save_npz(path, edges=self.edges, centres=self.centres)
 
     @classmethod
     def load(cls, path: str) -> "Quantizer":
-        with np.load(path) as f:
+        from unclip_jax import paths
+        with paths.np_load(path) as f:
             return cls(f["edges"], f["centres"])
 
 

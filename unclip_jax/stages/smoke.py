@@ -62,12 +62,9 @@ def prepare(config, workdir: str) -> ml_collections.ConfigDict:
     from unclip_jax.distributed import write_once
 
     from unclip_jax import paths
-    if paths.is_url(workdir):
-        raise ValueError(f"--workdir={workdir}: a :smoke variant makes its tiny inputs (shards, a "
-                         "random Hugging Face CLIP read by local path) under a local workdir; "
-                         "give a local --workdir")
     s = config.smoke_data
-    root = os.path.join(os.path.abspath(workdir), "smoke_data")
+    paths.check_bucket(workdir)   # before making any input
+    root = str(paths.path(workdir) / "smoke_data")   # a gs:// workdir: the data goes there too
     pattern, clip_dir = write_inputs(
         root, splits={"train": int(s.num_examples)}, shard_size=int(s.shard_size),
         image_size=int(s.image_size), clip=s.clip.to_dict())
