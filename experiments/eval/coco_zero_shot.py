@@ -22,11 +22,12 @@ Run:
   (200 captions, 4 steps) for a smoke run.
 
 Data (no TensorFlow here, so tfds is read through `tfds.data_source`, which needs the dataset
-prepared locally as array_record; nothing is downloaded at evaluation time):
+prepared as array_record; nothing is downloaded at evaluation time):
   - tfds: build `coco_captions` once where the COCO 2014 files are available:
         tfds build coco_captions --file_format=array_record --data_dir=$DATA
-    The 2014 validation images are its splits val + test + restval (Karpathy split names,
-    40,504 images). (tfds `coco/2014` / `coco/2017` carry no captions.)
+    ($DATA may then be copied to gs://...: each process reads a local copy of the prepared
+    folder.) The 2014 validation images are its splits val + test + restval (Karpathy split
+    names, 40,504 images). (tfds `coco/2014` / `coco/2017` carry no captions.)
   - folder: <path>/captions.jsonl with one line per validation image,
         {"file": "COCO_val2014_000000000042.jpg", "captions": ["...", ...]}
     (e.g. written from annotations/captions_val2014.json), images beside it.

@@ -137,6 +137,39 @@ def test_tfds_reader_on_shapes_dataset(shapes_config):
                       seed=0)
 
 
+def test_tfds_reader_on_gcs(shapes_config):
+    """A prepared tfds dataset uploaded to a gs:// data_dir (the GCS emulator) reads the same
+    batches as its local folder; a missing dataset or bucket is named by its URL."""
+    from helpers.gcs import emulator
+
+    from unclip_jax import paths
+    b = shapes_tfds.builder(NUM_TRAIN, NUM_TEST, 0, 64, data_dir=shapes_config.data_dir)
+    c = default_data_config("tfds")
+    c.tfds_name = f"unclip_shapes/{b.builder_config.name}"
+    c.data_dir, c.num_threads = shapes_config.data_dir, 0
+    kw = dict(split="test", process_index=0, process_count=1, local_batch_size=NUM_TEST, seed=0)
+    ref = next(make_iterator(c, **kw))
+    with emulator() as bucket:
+        rel = os.path.relpath(b.data_dir, shapes_config.data_dir)
+        paths.upload(str(b.data_dir), f"{bucket}/tfds/{rel}")
+        c.data_dir = f"{bucket}/tfds"
+        got = next(make_iterator(c, **kw))
+        assert got.keys() == ref.keys()
+        for k in ref:
+            assert np.array_equal(got[k], ref[k]), k
+        c.tfds_name = "unclip_shapes"   # registered, but its default config is not there
+        default = shapes_tfds.config_for(20_000, 2_000, 0, 64).name
+        with pytest.raises(FileNotFoundError, match=f"no prepared dataset at {bucket}/tfds/"
+                           f"unclip_shapes/{default}/{shapes_tfds.UnclipShapes.VERSION}"):
+            make_iterator(c, **kw)
+        c.tfds_name = "no_such_dataset_xyz"
+        with pytest.raises(FileNotFoundError, match=f"no_such_dataset_xyz.*{bucket}/tfds"):
+            make_iterator(c, **kw)
+        c.data_dir = "gs://no-such-bucket/tfds"
+        with pytest.raises(FileNotFoundError, match="bucket gs://no-such-bucket does not exist"):
+            make_iterator(c, **kw)
+
+
 # -------------------------------------------------------------------------------- webdataset
 def _write_shard(path, members):
     with tarfile.open(path, "w") as tar:

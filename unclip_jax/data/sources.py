@@ -77,15 +77,30 @@ class TfdsSource:
 
 def open_tfds(name: str, split: str, data_dir: str | None, image_key: str, caption_key: str,
               process_index: int, process_count: int) -> TfdsSource:
+    """A prepared tfds dataset (`name`: "name", "name/config", "name:version", ...) under
+    `data_dir`, local or on object storage (gs://...). tfds reads array_record files with
+    local file I/O only, so from object storage each process reads a local copy of the
+    prepared folder <data_dir>/<name>/<config>/<version>/ (`paths.local_dir`: downloaded once
+    per process and version of its files)."""
     import tensorflow_datasets as tfds
 
     where = f"tfds dataset {name!r} split {split!r} (data_dir={data_dir!r})"
+    paths.check_bucket(data_dir or "")
     try:
         builder = tfds.builder(name, data_dir=data_dir or None)
         info = builder.info
     except Exception as e:  # tfds raises several types for unknown / unprepared datasets
         # tfds appends the list of every known dataset: keep the first line only.
         raise FileNotFoundError(f"cannot open {where}: {str(e).splitlines()[0]}") from e
+    if data_dir and paths.is_url(data_dir):
+        # A registered builder (its info from code) names a folder even when nothing is
+        # prepared there.
+        folder = str(builder.data_dir)
+        paths.refresh(folder)
+        if not paths.path(f"{folder}/dataset_info.json").exists():
+            raise FileNotFoundError(f"cannot open {where}: no prepared dataset at {folder}")
+        builder = tfds.builder_from_directory(paths.local_dir(folder, recursive=True))
+        info = builder.info
     for key in (image_key, caption_key):
         if key not in info.features:
             raise KeyError(f"{where} has no feature {key!r}; features: {list(info.features)}")
