@@ -1,4 +1,5 @@
-"""The toy demo runs end to end and its samplers land on the mixture they were given."""
+"""The toy demo runs end to end (its output on gs://) and its samplers land on the mixture they
+were given."""
 import json
 
 import jax
@@ -21,10 +22,26 @@ def test_mixture_denoiser_single_component_is_gaussian_posterior_mean():
     np.testing.assert_allclose(model(x, t), expect, rtol=1e-4, atol=1e-5)
 
 
-def test_demo_writes_plot_and_moments(tmp_path):
-    demo_sampler.demo(str(tmp_path), steps=25, num_samples=3000, stat_samples=20000)
-    assert (tmp_path / "samples.png").stat().st_size > 1000
-    res = json.loads((tmp_path / "moments.json").read_text())
+def test_demo_writes_plot_and_moments_to_gcs(tmp_path, monkeypatch):
+    """The demo's --out on a gs:// URL (the GCS emulator): both files written there, none to a
+    local folder named gs:; a missing bucket is named before any sampling."""
+    import io
+
+    import pytest
+    from helpers.gcs import emulator
+    from PIL import Image
+
+    from unclip_jax import paths
+    monkeypatch.chdir(tmp_path)
+    with emulator() as bucket:
+        with pytest.raises(FileNotFoundError, match="bucket gs://no-such-bucket does not exist"):
+            demo_sampler.demo("gs://no-such-bucket/demo", steps=2)
+        out = f"{bucket}/demo"
+        demo_sampler.demo(out, steps=25, num_samples=3000, stat_samples=20000)
+        png = Image.open(io.BytesIO(paths.path(f"{out}/samples.png").read_bytes()))
+        res = json.loads(paths.path(f"{out}/moments.json").read_text())
+    assert png.size == (5 * 300, 320)   # data + 4 samplers
+    assert list(tmp_path.iterdir()) == []
     true = res["true"]
     for name in ("ddim_eta0_25", "ddpm_analytic_25", "ddpm_fixed_small_25"):
         got = res[name]

@@ -1,6 +1,7 @@
 """Sample a 2-D Gaussian mixture with its closed-form ideal denoiser, to see the samplers work.
 
-  python -m unclip_jax.tools.demo_sampler [--out=DIR (default $TMPDIR/unclip_demo_sampler)]
+  python -m unclip_jax.tools.demo_sampler [--out=DIR (local or gs://..., default
+      $TMPDIR/unclip_demo_sampler)]
       [--steps=50] [--num_samples=4000] [--stat_samples=100000] [--seed=0]
 
 Writes DIR/samples.png (data and each sampler as scatter plots) and DIR/moments.json (mean,
@@ -17,6 +18,7 @@ from unclip_jax.tools import host_malloc
 if __name__ == "__main__":
     host_malloc.prepare_cpu_host()  # before JAX is imported: it takes effect only then
 
+import io
 import json
 import os
 import tempfile
@@ -25,6 +27,8 @@ import time
 # JAX is imported in `demo`, after the host setup.
 import numpy as np
 from PIL import Image, ImageDraw
+
+from unclip_jax import paths
 
 MEANS = np.array([[-0.6, -0.5], [0.6, -0.5], [0.0, 0.55], [0.65, 0.7]], np.float32)
 STDS = np.array([0.12, 0.08, 0.15, 0.05], np.float32)
@@ -71,7 +75,7 @@ def demo(out: str, steps: int = 50, num_samples: int = 4000, stat_samples: int =
     from unclip_jax import diffusion as D
     from unclip_jax.diffusion.toy import gaussian_mixture_denoiser, sample_gaussian_mixture
 
-    os.makedirs(out, exist_ok=True)
+    paths.check_bucket(out)   # before the work, not at the first write
     t_start = time.time()
 
     train = D.make_schedule("cosine", 1000)
@@ -103,9 +107,10 @@ def demo(out: str, steps: int = 50, num_samples: int = 4000, stat_samples: int =
     sheet = Image.new("RGB", (sum(p.width for p in panels), panels[0].height), "white")
     for i, p in enumerate(panels):
         sheet.paste(p, (i * p.width, 0))
-    sheet.save(os.path.join(out, "samples.png"))
-    with open(os.path.join(out, "moments.json"), "w") as f:
-        json.dump(results, f, indent=2)
+    png = io.BytesIO()
+    sheet.save(png, format="PNG")
+    paths.write_bytes(os.path.join(out, "samples.png"), png.getvalue())   # each file whole
+    paths.write_text(os.path.join(out, "moments.json"), json.dumps(results, indent=2))
 
     fmt = lambda v: "[" + ", ".join(f"{u:+.3f}" for u in v) + "]"
     print(f"{'':24s} {'mean':18s} {'cov diag':18s} {'component mass':34s} component std")
