@@ -254,6 +254,9 @@ def steps_main():
 
 def main(argv):
     del argv
+    import torch
+    if _THREADS.value:     # both modes (1 on a shared, oversubscribed host: no spinning pool)
+        torch.set_num_threads(_THREADS.value)
     if _MODE.value == "steps":
         res = steps_main()
         print(json.dumps(res, indent=1))
@@ -265,13 +268,10 @@ def main(argv):
 
     import jax
     import numpy as np
-    import torch
 
     from unclip_jax import convert
     from unclip_jax.karlo import KarloPipeline
 
-    if _THREADS.value:
-        torch.set_num_threads(_THREADS.value)
     prompts = ["a red frog on a green leaf"] * _BATCH.value
     with tempfile.TemporaryDirectory() as d:
         ref, src = build(_SIZE.value, d)

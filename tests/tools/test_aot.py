@@ -80,37 +80,45 @@ def test_decoder_plan_memory_is_consistent_with_sharded_state():
     assert p["fits"] and p["model_flops_per_step"] > 0
 
 
-def _minimal_karlo():
-    """Karlo's layout (every block type its sampler runs) at the smallest widths: one level
-    per U-Net, one transformer layer; the TPU compile of the sampler costs ~1 s per level."""
+def _minimal_karlo(w: int = 8):
+    """Karlo's layout (every block type its sampler runs) at the smallest widths (`w` wide):
+    one level per U-Net, one transformer layer; the TPU compile of the sampler costs ~1 s per
+    level."""
     from unclip_jax.models import karlo_import as ki
     arch = ki.karlo_v1_alpha()
     c = arch["configs"]
-    unet = dict(layers_per_block=1, block_out_channels=[8], norm_num_groups=4,
+    unet = dict(layers_per_block=1, block_out_channels=[w], norm_num_groups=4,
                 attention_head_dim=8)
-    c["decoder"].update(unet, sample_size=8, cross_attention_dim=8,
+    c["decoder"].update(unet, sample_size=8, cross_attention_dim=w,
                         down_block_types=["SimpleCrossAttnDownBlock2D"],
                         up_block_types=["SimpleCrossAttnUpBlock2D"])
-    c["text_proj"].update(clip_extra_context_tokens=2, clip_embeddings_dim=8, time_embed_dim=32,
-                          cross_attention_dim=8)
+    c["text_proj"].update(clip_extra_context_tokens=2, clip_embeddings_dim=w,
+                          time_embed_dim=4 * w, cross_attention_dim=w)
     for k in ("super_res_first", "super_res_last"):
         c[k].update(unet, sample_size=16, down_block_types=["ResnetDownsampleBlock2D"],
                     up_block_types=["ResnetUpsampleBlock2D"])
-    c["prior"].update(num_attention_heads=1, attention_head_dim=8, num_layers=1,
-                      embedding_dim=8, num_embeddings=4)
-    c["text_encoder"].update(vocab_size=64, hidden_size=8, intermediate_size=16,
+    c["prior"].update(num_attention_heads=1, attention_head_dim=w, num_layers=1,
+                      embedding_dim=w, num_embeddings=4)
+    c["text_encoder"].update(vocab_size=64, hidden_size=w, intermediate_size=2 * w,
                              num_hidden_layers=1, num_attention_heads=1,
-                             max_position_embeddings=4, projection_dim=8, bos_token_id=62,
+                             max_position_embeddings=4, projection_dim=w, bos_token_id=62,
                              eos_token_id=63, pad_token_id=0)
     return arch
 
 
-def test_karlo_sampling_plan_memory_is_the_sharded_weights_and_batch():
-    # Karlo's text -> image program on 4 v5p chips, batch over the chips, weights fsdp-split
-    # (threshold lowered so the tiny model's larger weights split too).
+@pytest.fixture(scope="module")
+def karlo_plans():
+    """Karlo's layout 256 wide (TPU tile padding small beside the weights) planned on 4 v5p
+    chips, batch 8 over them, float32: {fsdp: plan} with the weights replicated and split."""
+    arch = _minimal_karlo(256)
+    return {f: aot.karlo_plan(arch, "v5p:2x2x1", batch=8, fsdp=f, dtype="float32")
+            for f in (False, True)}
+
+
+def test_karlo_sampling_plan_memory_is_the_sharded_weights_and_batch(karlo_plans):
+    # Karlo's text -> image program on 4 v5p chips, batch over the chips, weights fsdp-split.
     import jax
-    p = aot.karlo_plan(_minimal_karlo(), "v5p:2x2x1", batch=8, fsdp=True, dtype="float32",
-                       fsdp_min_size=64)
+    p = karlo_plans[True]
     assert p["chips"] == 4 and p["mesh"] == {"data": 1, "fsdp": 4, "tensor": 1}
     assert p["per_chip_batch"] == 2 and p["image_size"] == 16
     leaves = jax.tree.leaves(p["abstract_params"])
@@ -131,3 +139,30 @@ def test_karlo_sampling_plan_memory_is_the_sharded_weights_and_batch():
     from unclip_jax.tools import hardware
     rate = 8 * hardware.TPU["v5p"]["peak_flops"] * 4 * 0.4 / p["model_flops_per_call"]
     assert p["images_per_s_at_mfu"] == pytest.approx(rate)
+
+
+def test_karlo_fsdp_plan_holds_about_a_quarter_of_the_replicated_weights_per_chip(karlo_plans):
+    # With --fsdp (the real threshold) the per-chip arguments (weights + 2 prompts' tokens) drop
+    # to about a quarter of the replicated plan's; the rest is the norms and biases, whole on
+    # every chip.
+    import jax
+
+    from unclip_jax import karlo
+    rep, split = karlo_plans[False], karlo_plans[True]
+    assert rep["mesh"] == {"data": 4, "fsdp": 1, "tensor": 1}
+    assert rep["params"] == split["params"]
+    assert rep["model_flops_per_call"] == pytest.approx(split["model_flops_per_call"])
+    leaves = jax.tree.leaves(split["abstract_params"])
+    large = [np.prod(x.shape) >= karlo.FSDP_MIN_SIZE for x in leaves]
+    # Every large weight is split 4 ways (each has a dimension that 4 divides).
+    assert all(x.sharding.shard_shape(x.shape) != x.shape
+               for x, g in zip(leaves, large) if g)
+    big = sum(int(np.prod(x.shape)) * 4 for x, g in zip(leaves, large) if g)
+    small = sum(int(np.prod(x.shape)) * 4 for x, g in zip(leaves, large) if not g)
+    assert big > 0.9 * (big + small)          # the layout's weights are mostly matrices
+    a_rep, a_split = (p["memory_breakdown_per_device"]["arguments"] for p in (rep, split))
+    slack = 64 * 1024                          # this chip's token rows, tile padding
+    assert big + small <= a_rep <= 1.05 * (big + small) + slack
+    assert big / 4 + small <= a_split <= 1.05 * (big / 4 + small) + slack
+    assert 0.25 <= a_split / a_rep < 0.3
+    assert split["memory_per_chip_bytes"] < rep["memory_per_chip_bytes"]
