@@ -156,3 +156,22 @@ def test_a_position_resumes_exactly_on_another_process_count(reader, request):
     got, want = next(fresh), next(writer[1])
     for k in want:
         np.testing.assert_array_equal(got[k], want[k])
+
+
+def test_two_processes_index_each_shard_once(shards, tmp_path):
+    """Two processes start the training stream on shards never indexed: each scans only its own
+    share of the tars (shards 0, 2, 4 and 1, 3), none twice, and together they read the
+    one-process global batch."""
+    import glob
+    import os
+    import shutil
+
+    from helpers.processes import run_workers
+    for tar in glob.glob(os.path.join(os.path.dirname(shards.path), "*.tar")):
+        shutil.copy(tar, tmp_path)   # the tars alone: the fixture's may be indexed already
+    runs = run_workers(2, 1, str(tmp_path), MP_TASK="wds_index")
+    assert [r["scanned"] for r in runs] == [["000.tar", "002.tar", "004.tar"],
+                                            ["001.tar", "003.tar"]]
+    one = make_iterator(shards, split="train", process_index=0, process_count=1,
+                        local_batch_size=G, seed=3)
+    assert runs[0]["index"] + runs[1]["index"] == next(one)["index"].tolist()

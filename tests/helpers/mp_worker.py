@@ -71,6 +71,25 @@ def ar_codec_main(cache_dir):
         "tokens": np.asarray(codec.encode(z_i, z_t)).tolist()}), flush=True)
 
 
+def wds_index_main(shards_dir):
+    """Open the training stream on unindexed webdataset shards (each process indexes its own
+    share of them first); report the shards whose tar this process scanned and the example ids
+    of its first local batch."""
+    from unclip_jax.data import default_data_config, make_iterator, shard_index
+    scanned, real_scan = [], shard_index.scan_tar
+
+    def scan(path):
+        scanned.append(os.path.basename(path))
+        return real_scan(path)
+    shard_index.scan_tar = scan
+    c = default_data_config("webdataset")
+    c.path, c.resolution, c.num_threads = os.path.join(shards_dir, "*.tar"), 8, 2
+    it = make_iterator(c, split="train", process_index=jax.process_index(),
+                       process_count=jax.process_count(), local_batch_size=4, seed=3)
+    print("RESULT " + json.dumps({"scanned": sorted(scanned),
+                                  "index": next(it)["index"].tolist()}), flush=True)
+
+
 def shapes_gcs_main(data_dir):
     """Open the tiniest shapes dataset at an object-store data_dir (process 0 builds and uploads
     it, the others wait); report how often this process generated examples and uploaded, and a
@@ -113,6 +132,8 @@ def main():
         return ar_codec_main(workdir)
     if os.environ.get("MP_TASK") == "shapes_gcs":
         return shapes_gcs_main(workdir)
+    if os.environ.get("MP_TASK") == "wds_index":
+        return wds_index_main(workdir)
     from unclip_jax.train.trainer import train  # the tasks above need none of the trainer
     from helpers.trainer import host_tree, toy_config
     over = {"mesh.data": -1}

@@ -39,6 +39,8 @@ def make_iterator(data_config, *, split: str, process_index: int, process_count:
 
     stream = num_epochs is None
     # The training stream slices global batches itself: it reads the source as one process.
+    if stream:
+        sources.index_shards(data_config, split, process_index, process_count)
     source = sources.open_source(data_config, split, *((0, 1) if stream else
                                                        (process_index, process_count)))
     if drop_remainder is None:

@@ -190,10 +190,7 @@ class WebDatasetSource:
     def __init__(self, pattern: str, process_index: int, process_count: int,
                  cache_shards: int = INDEX_CACHE_SHARDS):
         self.path = pattern
-        self.shards = sorted(p for pat in pattern.split(",") for p in paths.glob(pat.strip())
-                             if not shard_index.is_index_file(p))
-        if not self.shards:
-            raise FileNotFoundError(f"no webdataset shards match {pattern!r}")
+        self.shards = list_shards(pattern)
         self._mine = range(process_index, len(self.shards), process_count)
         if not self._mine:
             raise ValueError(f"{len(self.shards)} shards match {pattern!r}, fewer than the "
@@ -412,6 +409,33 @@ class CacheSource:
 
     def __getitem__(self, i: int) -> dict[str, Any]:
         return self.read_row(self._pi + i * self._pc)
+
+
+def list_shards(pattern: str) -> list[str]:
+    """The webdataset shards a comma-separated list of globs matches, sorted (the index files
+    beside them left out)."""
+    shards = sorted(p for pat in pattern.split(",") for p in paths.glob(pat.strip())
+                    if not shard_index.is_index_file(p))
+    if not shards:
+        raise FileNotFoundError(f"no webdataset shards match {pattern!r}")
+    return shards
+
+
+def index_shards(cfg, split: str, process_index: int, process_count: int) -> None:
+    """Before the training stream of a multi-process job opens every shard as one process: each
+    process indexes its own share (shards p, p+P, ...) and waits for the others, so that a first
+    start scans each shard's tar headers once in all, not once per process (on object storage a
+    scan is a ranged read per member). The stream then only reads the stored indexes' headers."""
+    if cfg.name != "webdataset" or process_count < 2:
+        return
+    shards = list_shards(_split_path(cfg.path, split))
+    mine = shards[process_index::process_count]
+    if mine:
+        shard_index.counts(mine)
+    import jax
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+        multihost_utils.sync_global_devices(f"webdataset index {cfg.path} {split}")
 
 
 def open_source(cfg, split: str, process_index: int, process_count: int):
