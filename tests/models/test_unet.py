@@ -412,22 +412,25 @@ def test_scanned_blocks_compute_the_same_function():
 
 def test_cpu_blocked_attention_equals_dot_product_attention():
     # The decoder's CPU attention over blocks of 128 query rows (512 pixels: 4 blocks) against
-    # jax.nn.dot_product_attention, with masked context keys in front, value and gradient.
-    from unclip_jax.models.unet import _attention
+    # jax.nn.dot_product_attention and a plain masked softmax, with masked context keys in
+    # front, value and gradient; lowered for TPU, the model keeps dot_product_attention.
+    from unclip_jax.models.unet import _attention, _blocked_attention
     r = np.random.default_rng(0)
     q = jnp.asarray(r.standard_normal((2, 512, 2, 8)), jnp.float32)
     k, v = (jnp.asarray(r.standard_normal((2, 515, 2, 8)), jnp.float32) for _ in range(2))
     mask = jnp.asarray(np.arange(515)[None, :] >= np.array([[1], [3]]))[:, None, None, :]
     ref = jax.nn.dot_product_attention(q, k, v, mask=mask)
-    np.testing.assert_allclose(_attention(q, k, v, mask), ref, rtol=1e-5, atol=1e-6)
-    assert not np.allclose(_attention(q, k, v, None), ref, atol=1e-3)   # the mask matters
+    np.testing.assert_allclose(_blocked_attention(q, k, v, mask), ref, rtol=1e-5, atol=1e-6)
+    assert not np.allclose(_blocked_attention(q, k, v, None), ref, atol=1e-3)  # mask matters
 
     def plain(q, k, v, mask):
-        # The gradient reference is a plain masked softmax: jax.nn.dot_product_attention's own
-        # gradient with a [B, 1, 1, S] mask differs from it (by 0.1 here, same forward values).
         s = jnp.where(mask, jnp.einsum("btnh,bsnh->bnts", q, k) / np.sqrt(8), -jnp.inf)
         return jnp.einsum("bnts,bsnh->btnh", jax.nn.softmax(s, -1), v)
     grads = lambda f: jax.grad(  # noqa: E731
         lambda q, k, v: (f(q, k, v, mask) ** 2).sum(), (0, 1, 2))(q, k, v)
-    for a, b in zip(grads(_attention), grads(plain)):
-        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+    for f in (_attention, lambda q, k, v, m: jax.nn.dot_product_attention(q, k, v, mask=m)):
+        for a, b in zip(grads(f), grads(plain)):
+            np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+    on = lambda platform: jax.jit(_attention, static_argnums=3).trace(  # noqa: E731
+        q, k, v, None).lower(lowering_platforms=(platform,)).as_text()
+    assert "while" in on("cpu") and "while" not in on("tpu")

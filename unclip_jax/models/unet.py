@@ -101,13 +101,24 @@ _QUERY_BLOCK = 128
 
 def _attention(q, k, v, mask):
     """Softmax attention of q [B, T, N, H] over k, v [B, S, N, H] (`mask` [B, 1, 1, S] or None).
-    On XLA:CPU, with many pixels, a lax.map over blocks of query rows on heads-major copies:
-    jax.nn.dot_product_attention materialises the whole [B, N, T, S] logits and ran the
-    decoder's 32x32 attention about 2x slower (and slower than diffusers' SDPA). Elsewhere, and
-    for short sequences, jax.nn.dot_product_attention."""
-    b, t, n, h = q.shape
-    if jax.default_backend() != "cpu" or t < 4 * _QUERY_BLOCK or t % _QUERY_BLOCK:
+    Compiled for XLA:CPU with many pixels: a lax.map over blocks of query rows
+    (`_blocked_attention`); jax.nn.dot_product_attention materialises the whole [B, N, T, S]
+    logits and ran the decoder's 32x32 attention about 2x slower there (and slower than
+    diffusers' SDPA). Elsewhere, and for short sequences, jax.nn.dot_product_attention. The
+    choice is made when lowering, for the platform compiled for: an ahead-of-time plan for TPU
+    made on a CPU host takes jax.nn.dot_product_attention."""
+    def fused(q, k, v):
         return jax.nn.dot_product_attention(q, k, v, mask=mask)
+
+    t = q.shape[1]
+    if t < 4 * _QUERY_BLOCK or t % _QUERY_BLOCK:
+        return fused(q, k, v)
+    return jax.lax.platform_dependent(
+        q, k, v, cpu=lambda q, k, v: _blocked_attention(q, k, v, mask), default=fused)
+
+
+def _blocked_attention(q, k, v, mask):
+    b, t, n, h = q.shape
     scale = jnp.asarray(h ** -0.5, q.dtype)
     k, v = (jnp.transpose(a, (0, 2, 1, 3)) for a in (k, v))                  # [B, N, S, H]
     blocks = jnp.transpose(q * scale, (0, 2, 1, 3)).reshape(
