@@ -3,7 +3,8 @@ builds every expensive fixture once.
 
 - Every test sees 8 fake CPU devices, so mesh code is exercised without accelerators.
 - Compiled programs go to JAX's persistent cache (UNCLIP_JAX_TEST_CACHE, default
-  ~/.cache/unclip_jax/xla-tests; "off" disables it), so a repeated run skips most XLA compiles.
+  ~/.cache/unclip_jax/xla-tests; "off" disables it), so a repeated run skips most XLA compiles;
+  subprocesses inherit the cache and the XLA flags through the environment.
 - Orbax checkpoints save each array from one replica (no per-shape slicing programs).
 - Under xdist (`-n 2`, with `--dist loadgroup` from pytest.ini) each test module runs on one
   worker, so its module-scoped fixtures are built once. The trained tiny main job (`tiny_run`)
@@ -27,18 +28,20 @@ if os.environ.get("UNCLIP_JAX_TEST_OPT") != "1":
         if _flag not in os.environ.get("XLA_FLAGS", ""):
             os.environ["XLA_FLAGS"] += f" --{_flag}={_value}"
 
+_CACHE = os.environ.get("UNCLIP_JAX_TEST_CACHE",
+                        os.path.join(os.path.expanduser("~"), ".cache", "unclip_jax", "xla-tests"))
+if _CACHE.lower() not in ("", "0", "off", "none"):
+    # Set as JAX's environment variables (read when JAX is imported), so the subprocesses the tests
+    # start (multi-process workers, `python -m unclip_jax.main`) share the cache too. Tiny
+    # programs compile in milliseconds: caching them costs more disk reads than it saves.
+    os.environ.update(JAX_COMPILATION_CACHE_DIR=_CACHE,
+                      JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0.2",
+                      JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
+
 import jax  # noqa: E402
 
 jax.config.update("jax_num_cpu_devices", 8)
 jax.config.update("jax_platforms", "cpu")
-
-_CACHE = os.environ.get("UNCLIP_JAX_TEST_CACHE",
-                        os.path.join(os.path.expanduser("~"), ".cache", "unclip_jax", "xla-tests"))
-if _CACHE.lower() not in ("", "0", "off", "none"):
-    jax.config.update("jax_compilation_cache_dir", _CACHE)
-    # Tiny programs compile in milliseconds: caching them costs more disk reads than it saves.
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.2)
-    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 
 import orbax.checkpoint as ocp  # noqa: E402
 import pytest  # noqa: E402

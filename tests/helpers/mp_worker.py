@@ -165,6 +165,7 @@ def main():
         "kernel_sum": float(params["up_0"]["kernel"].sum()),
         "resumed_from": out["resumed_from"], "examples": out["examples"], "ids": seen,
         "params": [x.ravel().tolist() for x in jax.tree.leaves(params)],
+        "torch_imported": "torch" in sys.modules,   # by tensorboardX: seconds of CPU per job
     }), flush=True)
 
 

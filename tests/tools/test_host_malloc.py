@@ -1,12 +1,14 @@
 """unclip_jax.tools.host_malloc: `python -m unclip_jax.<tool>` re-executes itself with an allocator that
 does not map XLA:CPU's large per-call blocks afresh on every call (tcmalloc if installed, else
 glibc's huge-page tunable)."""
+import functools
 import json
 import os
 import subprocess
 import sys
 
 import pytest
+from conftest import TEST_XLA_FLAGS
 
 from unclip_jax.tools import host_malloc
 
@@ -20,6 +22,10 @@ _OURS = ("GLIBC_TUNABLES", "LD_PRELOAD", "UNCLIP_JAX_MALLOC", "UNCLIP_JAX_TCMALL
 
 def _clean_env(**extra):
     env = {k: v for k, v in os.environ.items() if k not in _OURS}
+    # XLA's default optimisation: the probe runs its program 11 times and compiles it once, so
+    # the tests' compile-speed flags (tests/conftest.py) would double its CPU time.
+    env["XLA_FLAGS"] = " ".join(f for f in env.get("XLA_FLAGS", "").split()
+                                if not any(k in f for k in TEST_XLA_FLAGS))
     env.update(JAX_PLATFORMS="cpu", **extra)
     return env
 
@@ -57,6 +63,12 @@ def test_cpu_only_hosts_pin_jax_to_the_cpu():
     assert pick({"TPU_WORKER_HOSTNAMES": "h0,h1"}, accelerator=False) is None
 
 
+@functools.cache
+def _probe_off():
+    """The probe without a remedy (glibc, 4 KiB pages): the baseline of both modes below."""
+    return _hardware_probe("--probe", UNCLIP_JAX_MALLOC="off")
+
+
 @pytest.mark.parametrize("mode", ["auto", "hugepages"])
 def test_tool_reexecutes_with_the_allocator_and_faults_less(mode):
     remedy, why = host_malloc.choose(_clean_env(UNCLIP_JAX_MALLOC=mode), TOOL, jax_imported=False)
@@ -75,7 +87,7 @@ def test_tool_reexecutes_with_the_allocator_and_faults_less(mode):
         # 2 MiB pages: ~64 faults per call for the block, not one per 4 KiB page.
         assert got["allocator"] == "glibc+hugepages", got
         assert got["faults_per_call"] < 0.05 * got["temp_pages"], got
-    off = _hardware_probe("--probe", UNCLIP_JAX_MALLOC="off")
+    off = _probe_off()
     assert off["allocator"] == "glibc" and not off["reexecuted"]
     assert off["why"] == "disabled by UNCLIP_JAX_MALLOC=off"
     assert off["faults_per_call"] > 0.9 * off["temp_pages"], off

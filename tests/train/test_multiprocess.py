@@ -42,6 +42,7 @@ def test_two_processes_agree_with_one(tmp_path, one_process, shards):
     assert all(r["processes"] == 2 and r["devices"] == 4 for r in two)
     assert two[0]["loss"] == two[1]["loss"]
     assert two[0]["kernel_sum"] == two[1]["kernel_sum"]
+    assert not any(r["torch_imported"] for r in two)   # process 0 wrote TensorBoard events
     # Each process fed its own half of every global batch: same result as one process with 4.
     one = one_process
     assert one["loss"] == pytest.approx(two[0]["loss"], rel=1e-5)

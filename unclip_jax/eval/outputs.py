@@ -102,9 +102,9 @@ def write_tensorboard(path: str, result: dict):
     """eval.json's numbers as scalars at the decoder's checkpoint step."""
     import tempfile
 
-    from tensorboardX import SummaryWriter
+    from unclip_jax.train.metrics import summary_writer_class
     local = tempfile.mkdtemp(prefix="unclip_jax_tb_") if paths.is_url(path) else path
-    w = SummaryWriter(local)
+    w = summary_writer_class()(local)
     step = int(result["step"])
     scalars = flat_scalars("eval", {"metrics": result["metrics"], "prior": result["prior"],
                                     "shapes": result["shapes_accuracy"] or {}})

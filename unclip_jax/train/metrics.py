@@ -15,6 +15,27 @@ from unclip_jax import paths
 UPLOAD_EVERY_S = 30.0
 
 
+# tensorboardX's optional back ends, imported when installed: torch (for torch tensors), S3, GCS.
+_TB_UNUSED = ("torch", "boto3", "google.cloud.storage")
+
+
+def summary_writer_class():
+    """tensorboardX's SummaryWriter, imported without its optional back ends (with PyTorch
+    installed, they cost about 5 s of CPU at every job's start): this package gives it numpy
+    values and local folders only (a gs:// workdir's event files are staged locally). Modules
+    already imported are left as they are."""
+    import sys
+    blocked = [] if "tensorboardX" in sys.modules else [m for m in _TB_UNUSED
+                                                          if m not in sys.modules]
+    sys.modules.update(dict.fromkeys(blocked))   # None: `import m` raises ImportError
+    try:
+        from tensorboardX import SummaryWriter
+    finally:
+        for m in blocked:
+            del sys.modules[m]
+    return SummaryWriter
+
+
 class MetricWriter:
     def __init__(self, workdir: str, *, enabled: bool | None = None, resume_step: int = 0):
         """`resume_step`: the checkpoint step training resumes from. Rows logged after it by the
@@ -26,7 +47,7 @@ class MetricWriter:
         if self.enabled:
             wd = paths.path(workdir)
             wd.mkdir(parents=True, exist_ok=True)
-            from tensorboardX import SummaryWriter
+            SummaryWriter = summary_writer_class()
             if paths.is_url(wd):
                 import tempfile
                 self._remote = wd / "metrics.jsonl"
