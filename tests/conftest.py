@@ -20,9 +20,12 @@ host_malloc.set_cpu_flags()  # the flags the command-line tools run with
 # The tests spend most of their time compiling programs they run a few times, so they trade run
 # speed for compile speed: LLVM at -O0 (XLA:CPU compiles about twice as fast and runs about half
 # as fast; a tiny main job: 31% less CPU) and XLA:CPU's loop fusion emitters instead of its MLIR
-# ones (a tiny main job: about 40% less CPU again, the same run speed). UNCLIP_JAX_TEST_OPT=1
-# keeps XLA's defaults. Subprocesses inherit XLA_FLAGS.
-TEST_XLA_FLAGS = {"xla_backend_optimization_level": "0", "xla_cpu_use_fusion_emitters": "false"}
+# ones (a tiny main job: about 40% less CPU again, the same run speed), and one LLVM module per
+# program instead of up to 32 compiled in parallel (the split costs CPU, and two workers on two
+# cores have no core to spare: a tiny main job 5% less CPU). UNCLIP_JAX_TEST_OPT=1 keeps XLA's
+# defaults. Subprocesses inherit XLA_FLAGS.
+TEST_XLA_FLAGS = {"xla_backend_optimization_level": "0", "xla_cpu_use_fusion_emitters": "false",
+                  "xla_cpu_parallel_codegen_split_count": "1"}
 if os.environ.get("UNCLIP_JAX_TEST_OPT") != "1":
     for _flag, _value in TEST_XLA_FLAGS.items():
         if _flag not in os.environ.get("XLA_FLAGS", ""):

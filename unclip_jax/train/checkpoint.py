@@ -11,6 +11,7 @@ Layout under the workdir (a local path or an object-store URL such as gs://bucke
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import time
 from typing import Any
@@ -190,13 +191,29 @@ class Trained:
     workdir: str
 
 
+@functools.lru_cache(maxsize=32)
+def _abstract_params(config_json: str):
+    """The parameter shapes of a stage's model for its config (JSON): traced once per process
+    for every load of the same config (a Flax init traces as long as a forward pass)."""
+    import flax.linen as nn
+    import ml_collections
+
+    from unclip_jax.stages import get_stage
+    config = ml_collections.ConfigDict(json.loads(config_json))
+    stage = get_stage(config.stage)
+    model = stage.build_model(config)
+    example = {k: v for k, v in stage.example_batch(config, 1).items()
+               if getattr(v, "dtype", None) is not None and v.dtype.kind not in "USO"}
+    return jax.eval_shape(lambda r: nn.meta.unbox(stage.init(model, r, example))["params"],
+                          jax.random.PRNGKey(0))
+
+
 def load_trained(workdir: str, *, ema: bool = True, step: int | None = None,
                  sharding=None) -> Trained:
     """Load a stage's parameters (EMA by default) and config from a training workdir.
 
     Read-only: nothing in the workdir is created, moved or changed. A checkpoint that fails to
     load is skipped with a warning in favour of the previous one."""
-    import flax.linen as nn
     import ml_collections
 
     from unclip_jax.stages import get_stage
@@ -228,11 +245,7 @@ def load_trained(workdir: str, *, ema: bool = True, step: int | None = None,
             config = ml_collections.ConfigDict(meta["config"])
             stage = get_stage(config.stage)
             model = stage.build_model(config)
-            example = {k: v for k, v in stage.example_batch(config, 1).items()
-                       if getattr(v, "dtype", None) is not None and v.dtype.kind not in "USO"}
-            abstract = jax.eval_shape(
-                lambda r: nn.meta.unbox(stage.init(model, r, example))["params"],
-                jax.random.PRNGKey(0))
+            abstract = _abstract_params(json.dumps(meta["config"], sort_keys=True))
             item = {key: jax.tree.map(
                 lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), abstract)}
             restored = mgr.restore(s, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(

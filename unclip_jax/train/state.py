@@ -72,7 +72,14 @@ def prepare_state(stage, model, tx, config, mesh: Mesh, rules, example_batch):
                           rng=r_train, bad_steps=jnp.zeros((), jnp.int32),
                           skipped_steps=jnp.zeros((), jnp.int32))
 
-    abstract_st = jax.eval_shape(init_fn, init_rng, train_rng)
+    # init_fn's output shapes, from the abstract variables above: tracing the model's init a
+    # second time (jax.eval_shape(init_fn)) costs as much as the first.
+    f32 = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, jnp.float32), abstract_params)
+    scalar = jax.ShapeDtypeStruct((), jnp.int32)
+    abstract_st = TrainState(step=scalar, params=f32, ema_params=f32,
+                             opt_state=jax.eval_shape(tx.init, f32),
+                             rng=jax.ShapeDtypeStruct(train_rng.shape, train_rng.dtype),
+                             bad_steps=scalar, skipped_steps=scalar)
     abstract_st = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
                                abstract_st, shardings)
 
