@@ -69,9 +69,14 @@ def trained(tmp_path_factory):
     it = stage.make_data(c, split="train", process_index=0, process_count=1,
                          local_batch_size=N, seed=0)
     batch = {k: jnp.asarray(v) for k, v in next(it).items()}
-    params = nn.meta.unbox(stage.init(model, jax.random.PRNGKey(0), batch))["params"]
     tx = optax.adam(2e-3)
-    opt = tx.init(params)
+
+    @jax.jit   # one program (eagerly, init and adam's zeros compile one per op and shape)
+    def init(rng):
+        params = nn.meta.unbox(stage.init(model, rng, batch))["params"]
+        return params, tx.init(params)
+
+    params, opt = init(jax.random.PRNGKey(0))
 
     @functools.partial(jax.jit, compiler_options=OPTIMIZED)  # run 250 times
     def step(params, opt, rng):
@@ -88,36 +93,55 @@ def trained(tmp_path_factory):
     return model, params, batch, get_codec(c), losses, text_scale(c)
 
 
-def test_ar_prior_overfits_nonlinear_map(trained):
-    model, params, batch, codec, losses, ts = trained
+@pytest.fixture(scope="module")
+def sample(trained):
+    """sample_ar_prior(model, params, batch, rng, **kw) of the trained prior, jitted: one program
+    per (guidance, dot_top_half, kv_cache), shared by the tests (the temperature is traced)."""
+    model, params, batch, _, _, ts = trained
+
+    @functools.partial(jax.jit, static_argnames=("guidance_scale", "dot_top_half", "kv_cache"))
+    def run(params, batch, rng, temperature, guidance_scale=1.0, dot_top_half=True,
+            kv_cache=True):
+        return sample_ar_prior(model, params, batch, rng, temperature=temperature,
+                               guidance_scale=guidance_scale, dot_top_half=dot_top_half,
+                               text_scale=ts, kv_cache=kv_cache)
+    return lambda rng, **kw: np.asarray(run(params, batch, rng, **kw))
+
+
+@pytest.fixture(scope="module")
+def apply(trained):
+    """model.apply(params, *args, method=m) of the trained prior, jitted."""
+    model, params = trained[:2]
+    run = jax.jit(lambda p, m, *a: model.apply({"params": p}, *a, method=m), static_argnums=1)
+    return lambda m, *a: run(params, m, *a)
+
+
+def test_ar_prior_overfits_nonlinear_map(trained, sample):
+    _, _, batch, codec, losses, _ = trained
     assert losses[-1] < 0.2 * losses[0]
     truth = synthetic_pairs(N, DIM, CTX, 64)
     order = [int(np.argmin(np.abs(truth["text_embedding"] - row).sum(1)))
              for row in np.asarray(batch["text_embedding"])]  # the iterator shuffles
     truth = {k: v[order] for k, v in truth.items()}
-    tokens = sample_ar_prior(model, params, batch, jax.random.PRNGKey(3), temperature=1.0,
-                             dot_top_half=False, text_scale=ts)
-    z = codec.decode(np.asarray(tokens))
+    z = codec.decode(sample(jax.random.PRNGKey(3), temperature=1.0, dot_top_half=False))
     ceiling = _cos(codec.decode(np.asarray(batch["ar_tokens"])), truth["image_embedding"]).mean()
     baseline = _cos(truth["text_embedding"], truth["image_embedding"]).mean()
     got = _cos(z, truth["image_embedding"]).mean()
     assert got > 0.9 * ceiling and got > baseline + 0.5, (got, ceiling, baseline)
 
 
-def test_dot_token_from_top_half_and_guidance(trained):
+def test_dot_token_from_top_half_and_guidance(trained, sample, apply):
     # The dot token comes from at or above the median of the model's own (guided, tempered)
     # distribution for each caption; unrestricted sampling goes below it.
     from unclip_jax.models.ar_prior import ARPrior, _cond
-    model, params, batch, _, _, ts = trained
+    _, _, batch, _, _, ts = trained
     temp, g = 4.0, 1.5  # a hot distribution: the half-split matters for every caption
-    kw = dict(temperature=temp, guidance_scale=g, text_scale=ts)
-    tokens = np.asarray(sample_ar_prior(model, params, batch, jax.random.PRNGKey(4),
-                                        dot_top_half=True, **kw))
+    kw = dict(temperature=temp, guidance_scale=g)
+    tokens = sample(jax.random.PRNGKey(4), dot_top_half=True, **kw)
     assert tokens.min() >= 0 and tokens.max() < BUCKETS
     cond = _cond(batch, ts)
     both = jax.tree.map(lambda x: jnp.concatenate([x, x], 0), cond)
     both["drop"] = jnp.arange(2 * N) >= N
-    apply = lambda m, *a: model.apply({"params": params}, *a, method=m)  # noqa: E731
     prefix, mask = apply(ARPrior.prefix, both)
     lg = np.asarray(apply(ARPrior.logits, prefix, mask,
                           jnp.zeros((2 * N, K + 1), jnp.int32))[:, 0])
@@ -126,9 +150,8 @@ def test_dot_token_from_top_half_and_guidance(trained):
     p /= p.sum(-1, keepdims=True)
     median = (np.cumsum(p, -1) >= 0.5).argmax(-1)
     assert (tokens[:, 0] >= median).all()
-    free = np.concatenate([np.asarray(sample_ar_prior(
-        model, params, batch, jax.random.PRNGKey(5 + i), dot_top_half=False, **kw))[:, 0]
-        for i in range(4)])
+    free = np.concatenate([sample(jax.random.PRNGKey(5 + i), dot_top_half=False, **kw)[:, 0]
+                           for i in range(4)])
     assert (free < np.tile(median, 4)).any()  # the restriction is what keeps them up
 
 
@@ -146,12 +169,11 @@ def test_upper_half_keeps_the_buckets_from_the_median_up():
     assert np.isfinite(np.asarray(upper_half(jnp.log(jnp.asarray(q))))).sum() == 1
 
 
-def test_token_j_is_predicted_from_earlier_tokens_only(trained):
+def test_token_j_is_predicted_from_earlier_tokens_only(trained, apply):
     # Teacher-forced logits at position j must not move when tokens j, j+1, ... change.
     from unclip_jax.models.ar_prior import ARPrior, _cond
-    model, params, batch, _, _, ts = trained
+    _, _, batch, _, _, ts = trained
     cond = dict(_cond(batch, ts), drop=jnp.zeros((N,), bool))
-    apply = lambda m, *a: model.apply({"params": params}, *a, method=m)  # noqa: E731
     prefix, mask = apply(ARPrior.prefix, cond)
     tokens = batch["ar_tokens"]
     j0 = 5
@@ -162,14 +184,11 @@ def test_token_j_is_predicted_from_earlier_tokens_only(trained):
     assert np.abs(a[:, j0 + 1:] - b[:, j0 + 1:]).max() > 1e-3  # later positions do see them
 
 
-def test_kv_cache_samples_the_same_tokens(trained):
+def test_kv_cache_samples_the_same_tokens(sample):
     # The cached decoder (prefix once, one position per token) against the reference that re-runs
     # the whole decoder per token: same rng, same tokens; the trained model's peaked logits make
     # every sampled position depend on the earlier ones.
-    model, params, batch, _, _, ts = trained
-    kw = dict(temperature=1.0, guidance_scale=1.5, text_scale=ts)  # guided: a doubled batch
-    run = lambda cache: np.asarray(jax.jit(lambda p, b, r: sample_ar_prior(  # noqa: E731
-        model, p, b, r, kv_cache=cache, **kw))(params, batch, jax.random.PRNGKey(6)))
-    cached, full = run(True), run(False)
+    kw = dict(temperature=1.0, guidance_scale=1.5, dot_top_half=False)  # guided: doubled batch
+    cached, full = (sample(jax.random.PRNGKey(6), kv_cache=c, **kw) for c in (True, False))
     np.testing.assert_array_equal(cached, full)
     assert len(np.unique(cached[:, 1:])) > BUCKETS // 2     # not a degenerate constant sequence

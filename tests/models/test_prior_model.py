@@ -44,9 +44,14 @@ def trained():
     model = stage.build_model(config)
     data = synthetic_pairs(N, DIM, CTX, 64, seed=0)
     batch = {k: jnp.asarray(v) for k, v in data.items()}
-    params = nn.meta.unbox(stage.init(model, jax.random.PRNGKey(0), batch))["params"]
     tx = optax.adam(2e-3)
-    opt = tx.init(params)
+
+    @jax.jit   # one program (eagerly, init and adam's zeros compile one per op and shape)
+    def init(rng):
+        params = nn.meta.unbox(stage.init(model, rng, batch))["params"]
+        return params, tx.init(params)
+
+    params, opt = init(jax.random.PRNGKey(0))
 
     @functools.partial(jax.jit, compiler_options=OPTIMIZED)  # run 400 times
     def step(params, opt, rng):
@@ -62,25 +67,35 @@ def trained():
     return model, params, batch, losses
 
 
-def test_prior_overfits_nonlinear_map(trained):
-    model, params, batch, losses = trained
-    assert np.mean(losses[-20:]) < 0.5 * np.mean(losses[:20])
+@pytest.fixture(scope="module")
+def sample(trained):
+    """sample_prior(model, params, batch, rng, **kw) of the trained prior, jitted (eagerly every
+    op around the sampling loop compiles on its own)."""
+    model, params, batch, _ = trained
     schedule = diffusion.make_schedule("cosine", 1000)
-    z = sample_prior(model, params, batch, jax.random.PRNGKey(123), schedule=schedule,
-                     scaling=EmbeddingScaling.fixed(np.sqrt(DIM)), steps="32",
-                     guidance_scale=1.0, num_candidates=2)
+
+    @functools.partial(jax.jit, static_argnames=("steps", "guidance_scale", "num_candidates",
+                                                 "method", "return_candidates"))
+    def run(params, batch, rng, **kw):
+        return sample_prior(model, params, batch, rng, schedule=schedule,
+                            scaling=EmbeddingScaling.fixed(np.sqrt(DIM)), **kw)
+    return lambda rng, **kw: run(params, batch, rng, **kw)
+
+
+def test_prior_overfits_nonlinear_map(trained, sample):
+    _, _, batch, losses = trained
+    assert np.mean(losses[-20:]) < 0.5 * np.mean(losses[:20])
+    z = sample(jax.random.PRNGKey(123), steps="32", guidance_scale=1.0, num_candidates=2)
     truth, z_t = np.asarray(batch["image_embedding"]), np.asarray(batch["text_embedding"])
     baseline = _cos(z_t, truth).mean()
     got = _cos(z, truth).mean()
     assert got > 0.8 and got > baseline + 0.6, (got, baseline)
 
 
-def test_guided_sampling_runs_and_stays_close(trained):
-    model, params, batch, _ = trained
-    z = sample_prior(model, params, batch, jax.random.PRNGKey(5),
-                     schedule=diffusion.make_schedule("cosine", 1000),
-                     scaling=EmbeddingScaling.fixed(np.sqrt(DIM)), steps="16",
-                     guidance_scale=2.0, num_candidates=1, method="ddim")
+def test_guided_sampling_runs_and_stays_close(trained, sample):
+    batch = trained[2]
+    z = sample(jax.random.PRNGKey(5), steps="16", guidance_scale=2.0, num_candidates=1,
+               method="ddim")
     assert np.isfinite(np.asarray(z)).all()
     assert _cos(z, batch["image_embedding"]).mean() > 0.6
 
@@ -91,8 +106,9 @@ def test_text_dropout_changes_prediction(trained):
             "token_mask": batch["token_mask"]}
     x = jnp.zeros((N, DIM))
     t = jnp.full((N,), 500, jnp.int32)
-    a = model.apply({"params": params}, x, t, dict(cond, drop=jnp.zeros(N, bool)))
-    b = model.apply({"params": params}, x, t, dict(cond, drop=jnp.ones(N, bool)))
+    apply = jax.jit(model.apply)
+    a = apply({"params": params}, x, t, dict(cond, drop=jnp.zeros(N, bool)))
+    b = apply({"params": params}, x, t, dict(cond, drop=jnp.ones(N, bool)))
     # the null prediction is one vector for every caption; the conditional ones differ
     assert float(jnp.std(b, axis=0).max()) < 1e-5 and float(jnp.std(a, axis=0).mean()) > 0.1
 
@@ -111,11 +127,9 @@ def test_best_of_n_picks_larger_dot_product():
     np.testing.assert_array_equal(flipped, np.asarray(best_of_n(jnp.asarray(c2), jnp.asarray(z_t))))
 
 
-def test_sample_prior_returns_best_candidate(trained):
-    model, params, batch, _ = trained
-    best, cands = sample_prior(model, params, batch, jax.random.PRNGKey(9),
-                               schedule=diffusion.make_schedule("cosine", 1000),
-                               scaling=EmbeddingScaling.fixed(np.sqrt(DIM)), steps="8",
-                               num_candidates=3, return_candidates=True)
+def test_sample_prior_returns_best_candidate(trained, sample):
+    batch = trained[2]
+    best, cands = sample(jax.random.PRNGKey(9), steps="8", num_candidates=3,
+                         return_candidates=True)
     dots = np.einsum("nbd,bd->nb", np.asarray(cands), np.asarray(batch["text_embedding"]))
     np.testing.assert_allclose(best, np.asarray(cands)[dots.argmax(0), np.arange(N)])
