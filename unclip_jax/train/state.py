@@ -63,16 +63,20 @@ def prepare_state(stage, model, tx, config, mesh: Mesh, rules, example_batch):
     abstract_params = nn.meta.unbox(abstract)["params"]
     shardings = state_shardings(tx, abstract_params, p_sh, mesh)
 
-    def init_fn(r_init, r_train):
-        with nn.logical_axis_rules(rules):
-            params = nn.meta.unbox(stage.init(model, r_init, example_batch))["params"]
+    def state_from(params, r_train):
         params = jax.tree.map(lambda p: p.astype(jnp.float32), params)
         return TrainState(step=jnp.zeros((), jnp.int32), params=params,
                           ema_params=jax.tree.map(jnp.copy, params), opt_state=tx.init(params),
                           rng=r_train, bad_steps=jnp.zeros((), jnp.int32),
                           skipped_steps=jnp.zeros((), jnp.int32))
 
-    abstract_st = jax.eval_shape(init_fn, init_rng, train_rng)
+    def init_fn(r_init, r_train):
+        with nn.logical_axis_rules(rules):
+            params = nn.meta.unbox(stage.init(model, r_init, example_batch))["params"]
+        return state_from(params, r_train)
+
+    # From the parameter shapes already known: tracing the model's init again costs seconds.
+    abstract_st = jax.eval_shape(state_from, abstract_params, train_rng)
     abstract_st = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
                                abstract_st, shardings)
 
