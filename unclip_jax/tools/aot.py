@@ -105,6 +105,8 @@ def plan(config, topology: str | None = None, mfu: float = 0.4) -> dict:
     peak = hardware.TPU[gen]["peak_flops"] * chips
     n_params = count_params(b.abstract_state.params)
     return {
+        # What was compiled, with per-leaf shardings (for tests; not reported).
+        "abstract_state": b.abstract_state, "abstract_batch": b.abstract_batch(global_batch),
         "config_stage": config.stage,
         "params": n_params,
         "topology": topology,
@@ -141,7 +143,7 @@ def karlo_plan(source: str = "full", topology: str = "v5e:2x2", batch: int | Non
 
     from unclip_jax import karlo
     from unclip_jax.models import karlo_import
-    from unclip_jax.tools.flops import matmul_flops
+    from unclip_jax.tools.flops import jaxpr_matmul_flops
 
     if isinstance(source, dict):    # {"configs", "schedulers"}, as karlo.json holds them
         arch, source = source, "given architecture"
@@ -169,17 +171,16 @@ def karlo_plan(source: str = "full", topology: str = "v5e:2x2", batch: int | Non
     s = types.SimpleNamespace(**{k: karlo.PRESET[k] for k in karlo._USED})
     fn = functools.partial(program.text_to_image_fn, s=s)
     t0 = time.perf_counter()
-    compiled = jax.jit(fn).lower(abstract, tok, mask, tok, mask, rng).compile()
+    traced = jax.jit(fn).trace(abstract, tok, mask, tok, mask, rng)
+    compiled = traced.lower().compile()
     compile_s = time.perf_counter() - t0
 
     memory, per_chip = _memory(compiled, devices_per_chip)
     hbm = hardware.TPU[gen]["hbm"]
-    plain = lambda t: jax.tree.map(  # noqa: E731
-        lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), t)
     # Model FLOPs of the whole call (every scanned step, the guided batch doubled), counted
-    # from the traced program; the implied time is at `mfu` of the chips' peak.
-    flops = matmul_flops(fn, plain(abstract), plain(tok), plain(mask), plain(tok), plain(mask),
-                         plain(rng))
+    # from the program just traced (global shapes; tracing it again costs seconds); the implied
+    # time is at `mfu` of the chips' peak.
+    flops = jaxpr_matmul_flops(traced.jaxpr.jaxpr)
     peak = hardware.TPU[gen]["peak_flops"] * chips
     call_s = flops / (peak * mfu)
     n_params = sum(int(np.prod(a.shape)) for a in jax.tree.leaves(params))
@@ -249,6 +250,7 @@ def main(argv):
     if FLAGS.config is None:
         raise app.UsageError("--config (a train step to plan) or --karlo is required")
     p = plan(FLAGS.config, FLAGS.topology, FLAGS.mfu)
+    p.pop("abstract_state"), p.pop("abstract_batch")
     console.report(format_plan(p), p, FLAGS.json)
 
 

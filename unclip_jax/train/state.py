@@ -63,23 +63,20 @@ def prepare_state(stage, model, tx, config, mesh: Mesh, rules, example_batch):
     abstract_params = nn.meta.unbox(abstract)["params"]
     shardings = state_shardings(tx, abstract_params, p_sh, mesh)
 
-    def init_fn(r_init, r_train):
-        with nn.logical_axis_rules(rules):
-            params = nn.meta.unbox(stage.init(model, r_init, example_batch))["params"]
+    def state_from(params, r_train):
         params = jax.tree.map(lambda p: p.astype(jnp.float32), params)
         return TrainState(step=jnp.zeros((), jnp.int32), params=params,
                           ema_params=jax.tree.map(jnp.copy, params), opt_state=tx.init(params),
                           rng=r_train, bad_steps=jnp.zeros((), jnp.int32),
                           skipped_steps=jnp.zeros((), jnp.int32))
 
-    # init_fn's output shapes, from the abstract variables above: tracing the model's init a
-    # second time (jax.eval_shape(init_fn)) costs as much as the first.
-    f32 = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, jnp.float32), abstract_params)
-    scalar = jax.ShapeDtypeStruct((), jnp.int32)
-    abstract_st = TrainState(step=scalar, params=f32, ema_params=f32,
-                             opt_state=jax.eval_shape(tx.init, f32),
-                             rng=jax.ShapeDtypeStruct(train_rng.shape, train_rng.dtype),
-                             bad_steps=scalar, skipped_steps=scalar)
+    def init_fn(r_init, r_train):
+        with nn.logical_axis_rules(rules):
+            params = nn.meta.unbox(stage.init(model, r_init, example_batch))["params"]
+        return state_from(params, r_train)
+
+    # From the parameter shapes already known: tracing the model's init again costs seconds.
+    abstract_st = jax.eval_shape(state_from, abstract_params, train_rng)
     abstract_st = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
                                abstract_st, shardings)
 
