@@ -14,7 +14,6 @@ from unclip_jax import evaluate as cli
 from unclip_jax.eval import evaluator as E
 from unclip_jax.eval import metrics as M
 from unclip_jax.eval.dataset import data_config, eval_set_key
-from unclip_jax.eval.load import local_mesh
 from unclip_jax.eval.outputs import PLOT_FILE, load_reference
 from unclip_jax.eval.plan import EvalError
 from unclip_jax.images import from_uint8
@@ -361,10 +360,10 @@ def test_inception_fid_kid_and_reference_cache(run, pipe, tmp_path, monkeypatch)
     assert (m["kid_mean"], m["kid_std"]) == (k["kid_mean"], k["kid_std"])
     pr = M.precision_recall(a["real_inception"], a["gen_inception"], k=3)
     assert (m["precision"], m["recall"]) == (pr["precision"], pr["recall"])
-    # The features are the Flax Inception's on the saved (uint8) generated images (on the
-    # evaluator's mesh and batch shape: its compiled program).
-    inc = InceptionFeatures(IW.load_inception_params(weights), mesh=local_mesh())
-    np.testing.assert_allclose(inc(a["images"]), a["gen_inception"], rtol=1e-4, atol=1e-4)
+    # The features are the Flax Inception's on the saved (uint8) generated images.
+    inc = InceptionFeatures(IW.load_inception_params(weights))
+    np.testing.assert_allclose(inc(a["images"][:2]), a["gen_inception"][:2], rtol=1e-4,
+                               atol=1e-4)
     # Real statistics cached beside the output, keyed by the evaluation set.
     key = eval_set_key(cfg, data_config(cfg, pipe, 64))
     ref = load_reference(os.path.join(out, "reference_stats.npz"), key)

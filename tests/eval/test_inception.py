@@ -208,11 +208,7 @@ def test_pool3_features_match_pytorch_fid_network(torch_reference, tmp_path):
         ref = net(torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255.0).numpy()
     assert ref.shape == (3, 2048) and np.std(ref) > 1e-3  # a live network, not all zeros
 
-    # Batch-sharded over the 8 test devices (3 images are padded to 8 and the padding dropped);
-    # every call below runs one compiled program (the unsharded one: the test after this).
-    mesh = jax.make_mesh((8, 1, 1), ("data", "fsdp", "tensor"),
-                         axis_types=(jax.sharding.AxisType.Auto,) * 3)
-    feats = InceptionFeatures(inception_weights.load_inception_params(path), mesh=mesh)
+    feats = InceptionFeatures(inception_weights.load_inception_params(path))
     got_u8 = feats(images)
     assert got_u8.shape == (3, 2048) and got_u8.dtype == np.float32
     assert _rel_err(got_u8, ref) < 1e-4, _rel_err(got_u8, ref)
@@ -222,17 +218,20 @@ def test_pool3_features_match_pytorch_fid_network(torch_reference, tmp_path):
     # different images give different features (the comparison above is not vacuous)
     assert _rel_err(ref[1:2], ref[:1]) > 0.05
 
-    # the .npz conversion gives the same network without torch
+    # the .npz conversion gives the same network without torch; run it batch-sharded over the
+    # 8 test devices (3 images are padded to 8 and the padding dropped)
     npz = str(tmp_path / "inception.npz")
     assert inception_weights.convert_file(path, npz) > 0
     with np.load(npz) as f:
         assert "Mixed_7c.branch_pool.conv.weight" in f.files and "fc.weight" in f.files
-    converted = InceptionFeatures(inception_weights.load_inception_params(npz), mesh=mesh)
-    assert _rel_err(converted(images), ref) < 1e-4
+    mesh = jax.make_mesh((8, 1, 1), ("data", "fsdp", "tensor"),
+                         axis_types=(jax.sharding.AxisType.Auto,) * 3)
+    sharded = InceptionFeatures(inception_weights.load_inception_params(npz), mesh=mesh)
+    assert _rel_err(sharded(images), ref) < 1e-4
 
 
 def test_downsampling_resize_matches_torch_bilinear(torch_reference):
-    """Large inputs are downsized without antialiasing, as pytorch-fid does (unsharded)."""
+    """Large inputs are downsized without antialiasing, as pytorch-fid does."""
     net, path = torch_reference
     images = np.random.default_rng(1).integers(0, 256, (1, 331, 320, 3), dtype=np.uint8)
     with torch.no_grad():
