@@ -23,7 +23,7 @@ def test_inversion_then_ddim_reconstructs_trained_decoder_inputs():
     _, _, z, tok, mask = decoder_inputs()
     params = init_jit(model, imgs, jnp.zeros(4, jnp.int32), z, tok, mask)
     sched = diffusion.make_schedule("cosine", 1000)
-    opt = optax.adam(2e-3)
+    opt = optax.adam(4e-3)
 
     def loss_fn(p, rng):
         r_t, r_n = jax.random.split(rng)
@@ -34,23 +34,23 @@ def test_inversion_then_ddim_reconstructs_trained_decoder_inputs():
         return jnp.mean(diffusion.diffusion_loss(sched, out, imgs, x_t, t, noise,
                                                  learned_variance=True)[0])
 
-    @functools.partial(jax.jit, compiler_options=OPTIMIZED)  # run 300 times
+    @functools.partial(jax.jit, compiler_options=OPTIMIZED)  # run 150 times
     def step(p, s, rng):
         loss, g = jax.value_and_grad(loss_fn)(p, rng)
         upd, s = opt.update(g, s, p)
         return optax.apply_updates(p, upd), s, loss
 
     p, s = params, opt.init(params)
-    for i in range(300):
+    for i in range(150):
         p, s, _ = step(p, s, jax.random.key(i))
 
     def model_fn(x, t, c):
         return model.apply({"params": p}, x, t, c["z"], c["tok"], c["mask"])
 
     cond = {"z": z, "tok": tok, "mask": mask}
-    fast = diffusion.respace(sched, "ddim100")
+    fast = diffusion.respace(sched, "ddim50")
     x_T = jax.jit(lambda x: diffusion.ddim_invert(model_fn, fast, x, cond, learned_sigma=True),
-                  compiler_options=OPTIMIZED)(imgs)   # 100 model calls, as decode's
+                  compiler_options=OPTIMIZED)(imgs)   # 50 model calls, as decode's
     decode = jax.jit(lambda xt: diffusion.sample(model_fn, fast, imgs.shape, None, cond,
                                                  method="ddim", eta=0.0, learned_sigma=True,
                                                  x_T=xt), compiler_options=OPTIMIZED)
@@ -59,7 +59,7 @@ def test_inversion_then_ddim_reconstructs_trained_decoder_inputs():
     # Another image's x_T with this image's conditioning: x_T must carry the image itself.
     swapped = decode(x_T[jnp.array([1, 0, 3, 2])])
     err_swap = float(jnp.sqrt(jnp.mean((swapped - imgs) ** 2)))
-    # A 300-step model inverted with 100 DDIM steps (no x0 clipping: the inversion has none).
+    # A 150-step model inverted with 50 DDIM steps (no x0 clipping: the inversion has none).
     assert err < 0.15, (err, err_swap)
     assert err < err_swap / 3, (err, err_swap)
     assert float(jnp.std(x_T)) > 0.5  # a real noise-like latent, not the image itself

@@ -18,6 +18,7 @@ the batch (`InceptionFeatures(mesh=...)`).
 """
 from __future__ import annotations
 
+import functools
 from typing import Any, Callable, Sequence
 
 import flax.linen as nn
@@ -228,21 +229,29 @@ class InceptionFeatures:
         if mesh is not None:
             from jax.sharding import NamedSharding, PartitionSpec as P
             self._in_sharding = NamedSharding(mesh, P(self._batch_axes or None))
-            replicated = NamedSharding(mesh, P())
-            self.params = jax.device_put(params, replicated)
-            self._fn = jax.jit(lambda p, x: self.model.apply({"params": p}, x),
-                               in_shardings=(replicated, self._in_sharding))
+            self.params = jax.device_put(params, NamedSharding(mesh, P()))
             self._multiple = int(np.prod([mesh.shape[a] for a in self._batch_axes] or [1]))
         else:
             self.params = jax.device_put(params)
-            self._fn = jax.jit(lambda p, x: self.model.apply({"params": p}, x))
             self._multiple = 1
 
     def __call__(self, images) -> np.ndarray:
         images = np.asarray(images)
-        n = images.shape[0]
+        if images.ndim != 4 or images.shape[-1] != 3:
+            raise ValueError(f"inception: expected images [B, H, W, 3], got shape {images.shape}")
+        # To float32 [-1, 1] here: uint8 and float batches then share one compiled program.
+        x = (images.astype(np.float32) / np.float32(127.5) - np.float32(1.0)
+             if images.dtype == np.uint8 else images.astype(np.float32))
+        n = x.shape[0]
         pad = (-n) % self._multiple
         if pad:
-            images = np.concatenate([images, np.repeat(images[-1:], pad, 0)], 0)
-        x = jax.device_put(images, self._in_sharding) if self.mesh is not None else images
-        return np.asarray(self._fn(self.params, x), np.float32)[:n]
+            x = np.concatenate([x, np.repeat(x[-1:], pad, 0)], 0)
+        x = jax.device_put(x, self._in_sharding) if self.mesh is not None else x
+        return np.asarray(_features(self.model, self.params, x), np.float32)[:n]
+
+
+# One jit for every InceptionFeatures (the model is static, the shardings come with the
+# arguments): equal models, shapes and meshes reuse one compiled program.
+@functools.partial(jax.jit, static_argnums=0)
+def _features(model: InceptionV3, params, x):
+    return model.apply({"params": params}, x)
