@@ -3,7 +3,9 @@ import json
 import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # tests/
+_TESTS = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# tests/, and the checkout the test session imports (not whichever copy pip installed).
+sys.path[:0] = [_TESTS, os.path.dirname(_TESTS)]
 
 from unclip_jax.tools import host_malloc
 
