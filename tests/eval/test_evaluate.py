@@ -326,10 +326,10 @@ def test_inception_fid_kid_and_reference_cache(run, pipe, tmp_path, monkeypatch)
     weights = str(tmp_path / "inception.npz")
     _random_inception_weights(weights)
     cfg = load_config(os.path.join("eval", "shapes.py"), "smoke")
-    # 12 captions, no sweep: Inception at 299x299 is the slow part on CPU.
-    # The batch size stays the smoke config's (12 captions padded to it): the sampling programs
-    # are then the ones the evaluation above compiled (JAX's compilation cache).
-    cfg.protocol.num_samples = 12
+    # 8 captions, no sweep: Inception at 299x299 runs ~0.3 s of CPU per image at the tests'
+    # -O0, and 8 fill the 8 test devices' batch without padding rows (12 ran as 16). The
+    # sampling runs at 8 too (min(batch size, captions)), a program of its own either way.
+    cfg.protocol.num_samples = 8
     cfg.guidance_sweep = ()
     cfg.inception_weights = weights
     cfg.metrics.update(kid_subset_size=6, kid_subsets=5)
@@ -350,7 +350,7 @@ def test_inception_fid_kid_and_reference_cache(run, pipe, tmp_path, monkeypatch)
     with np.load(os.path.join(out, "samples.npz")) as f:
         a = {k: f[k] for k in f.files}
     assert res["inception"] == weights and m["pr_features"] == "inception"
-    assert a["real_inception"].shape == a["gen_inception"].shape == (12, 2048)
+    assert a["real_inception"].shape == a["gen_inception"].shape == (8, 2048)
     (fid_args, fid), = [c for c in distances if np.shape(c[0][0]) == (2048,)]
     assert m["fid"] == fid
     want = M.feature_statistics(a["real_inception"]) + M.feature_statistics(a["gen_inception"])

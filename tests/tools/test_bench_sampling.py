@@ -8,11 +8,17 @@ from unclip_jax.tools import bench_sampling
 from helpers.trainer import load_config
 
 
-@pytest.mark.parametrize("name,arg,guided", [("decoder_shapes.py", "smoke", True),
-                                             ("upsampler_shapes.py", "smoke", False),
-                                             ("prior_shapes.py", None, True)])
-def test_sampling_overhead_and_throughput(name, arg, guided):
+# Smaller models than the configs' (fewer layers to trace and compile, smaller images to run):
+# the figures' arithmetic and the guided batch doubling do not depend on the model's size.
+@pytest.mark.parametrize("name,arg,guided,model", [
+    ("decoder_shapes.py", "smoke", True, dict(image_size=16, channel_mult=(1,), text_ctx=8)),
+    ("upsampler_shapes.py", "smoke", False,
+     dict(image_size=32, low_res_size=16, channel_mult=(1,))),
+    ("prior_shapes.py", None, True, dict(width=32, depth=1, heads=2, embed_dim=16, text_ctx=8,
+                                         text_dim=16))])
+def test_sampling_overhead_and_throughput(name, arg, guided, model):
     cfg = load_config(name, arg)
+    cfg.model.update(model)
     cfg.train.init_prng = "rbg"   # the init program compiles ~3x faster than threefry's
     r = bench_sampling.benchmark_sampling(cfg, steps=3, batch=2, repeats=1)
     assert r["stage"] == cfg.stage and r["guided"] is guided
