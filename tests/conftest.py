@@ -14,7 +14,13 @@ builds every expensive fixture once.
 import json
 import os
 
-from unclip_jax.tools import host_malloc
+# Two workers on two cores: a library's own thread pool (torch's OpenMP in the parity tests,
+# OpenBLAS) only spins waiting for a core the other worker holds. torch ran a 3-image Inception
+# pass in 0.4 s of CPU with one thread against 2.3 s with two. Set before anything loads them;
+# subprocesses inherit it.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+from unclip_jax.tools import host_malloc  # noqa: E402
 
 host_malloc.set_cpu_flags()  # the flags the command-line tools run with
 # The tests spend most of their time compiling programs they run a few times, so they trade run
