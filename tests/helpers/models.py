@@ -29,9 +29,10 @@ def rerandomise_zeros(params, seed=0):
         if not np.any(np.asarray(p)) else p, params)
 
 
-def init_jit(model, *args):
-    """jit-compiled init with an RBG key: XLA:CPU compiles threefry draws slowly (~2x)."""
-    var = jax.jit(model.init)(jax.random.key(0, impl="rbg"), *args)
+def init_jit(model, *args, impl="rbg"):
+    """jit-compiled init with an RBG key: XLA:CPU compiles threefry draws slowly (~2x). (With
+    the tests' flags the tiny decoder's init compiles faster with impl="threefry2x32".)"""
+    var = jax.jit(model.init)(jax.random.key(0, impl=impl), *args)
     return nn.unbox(var["params"])
 
 

@@ -78,7 +78,7 @@ def test_decoder_stage_loss_is_hybrid_and_trains_every_branch():
     batch = {k: jnp.asarray(v) for k, v in stage.example_batch(cfg, 4).items()}
     assert batch["image"].shape == (4, 16, 16, 3) and batch["tokens"].dtype == jnp.int32
     params = nn.unbox(jax.jit(lambda r: stage.init(model, r, batch))(
-        jax.random.key(0, impl="rbg"))["params"])
+        jax.random.key(0))["params"])
     batch["image"] = jax.random.uniform(jax.random.key(1), (4, 16, 16, 3), minval=-1, maxval=1)
     batch["image_emb"] = jax.random.normal(jax.random.key(2), (4, 16))
     (loss, metrics), grads = jax.jit(jax.value_and_grad(
@@ -122,7 +122,7 @@ def test_upsampler_stage_loss_on_crops():
     model = stage.build_model(cfg)
     batch = {"image": jax.random.uniform(jax.random.key(0), (2, 32, 32, 3), minval=-1, maxval=1)}
     params = nn.unbox(jax.jit(lambda r: stage.init(model, r, batch))(
-        jax.random.key(0, impl="rbg"))["params"])
+        jax.random.key(0))["params"])
     loss, metrics = jax.jit(lambda p, r: stage.loss(model, p, batch, r, cfg))(
         params, jax.random.key(4))
     assert 0.5 < float(loss) < 1.5 and "vlb" not in metrics   # fixed variance, eps MSE
