@@ -149,5 +149,8 @@ def get_config(arg=None):
         c.sample.settings.update(prior_steps="2", decoder_steps="2", upsampler_steps="ddim2")
         c.evaluate.protocol.num_samples = 4
         c.evaluate.sampling.batch_size = 4
+        # One device, as the samples step: 4 captions gain nothing from a mesh, and the
+        # text -> image program is then the samples step's (one compile, not two).
+        c.evaluate.num_devices = 1
         c.evaluate.update(save_images=True, grid_images=4)
     return c

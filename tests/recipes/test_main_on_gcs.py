@@ -55,9 +55,9 @@ def gcs_run(tiny_run, bucket, tmp_path_factory):
     checkpoint-2 objects, the two processes' output, the local folder both ran in, the
     dataset's objects after each run).
 
-    To save test time the resumed run finds the decoder and upsampler finished (tiny_run's,
-    uploaded: the two slowest stages to train, through the same trainer and cache reader as
-    the priors), and the report skips its AR-prior and true-embedding rows."""
+    To save test time the killed run finds the CLIP finished and the resumed run the decoder and
+    upsampler (tiny_run's, uploaded: trained through the same trainer, checkpointer and data
+    readers as the priors), and the report skips its AR-prior and true-embedding rows."""
     from unclip_jax import paths
     cfg, local, _ = tiny_run
     cwd = tmp_path_factory.mktemp("gcs_cwd")
@@ -65,6 +65,7 @@ def gcs_run(tiny_run, bucket, tmp_path_factory):
     args = [f"--workdir={wd}", f"--config.data.data_dir={bucket}/data",
             f"--config.stages.{KILLED}.train.ckpt_every=2", "--config.report.ar_prior=False",
             "--config.report.true_embedding=False"]
+    paths.upload(os.path.join(local, "clip"), f"{wd}/clip")
     killed = _main_job(cwd, f"--kill_after={KILLED}:2", *args)
     assert killed.returncode == -9, killed.stderr[-3000:]
     at_kill = _objects(f"runs/shapes/{KILLED}/checkpoints/")
@@ -161,8 +162,11 @@ def test_sample_and_evaluate_read_the_gcs_workdir(gcs_run, tiny_run, bucket, tmp
         np.testing.assert_array_equal(np.asarray(Image.open(f)), images[3])
     assert json.loads((out / "settings.json").read_text())["workdir"] == wd
 
+    # One device: 4 captions gain nothing from a mesh of the 8 fake ones (half the programs'
+    # compile and run), and both evaluations run alike.
     ev = [f"--config={ROOT}/experiments/eval/shapes.py:smoke", "--config.protocol.num_samples=4",
-          "--config.guidance_sweep=()", "--config.metrics.prior_ar=False"]
+          "--config.guidance_sweep=()", "--config.metrics.prior_ar=False",
+          "--config.num_devices=1"]
     r = evaluate.run([f"--workdir={wd}", *ev], log=lambda s: None)
     q = evaluate.run([f"--workdir={tiny_run[1]}", f"--out={tmp_path / 'eval'}", *ev],
                      log=lambda s: None)

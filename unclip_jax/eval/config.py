@@ -15,6 +15,7 @@ def eval_config(**kw) -> ml_collections.ConfigDict:
     c.name = "eval"                   # output folder: <workdir>/eval/<name>
     c.seed = 0
     c.ema = True                      # sample with the EMA weights
+    c.num_devices = 0                 # 0: every local device; n: the first n of each process
     # "config": read config.data; "run": the dataset the run's CLIP stage trained on.
     c.data_source = "config"
     c.data = None                     # a data config (unclip_jax.data.default_data_config)

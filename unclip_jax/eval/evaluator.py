@@ -12,7 +12,7 @@ import time
 
 from unclip_jax import paths
 from unclip_jax.eval.dataset import data_config, eval_batches, eval_set_key
-from unclip_jax.eval.load import checkpoint_steps, load_pipeline, local_mesh, output_resolution
+from unclip_jax.eval.load import checkpoint_steps, config_mesh, load_pipeline, output_resolution
 from unclip_jax.eval.plan import EvalError, check_config, make_plan, sample_settings, \
     wants_inception
 
@@ -63,7 +63,7 @@ def _inputs(config, workdir: str, out: str, timings: dict) -> _Inputs:
         t = time.perf_counter()
         # FileNotFoundError naming the path (and that nothing is downloaded) when absent.
         inception = InceptionFeatures(load_inception_params(str(config.inception_weights)),
-                                      mesh=local_mesh())
+                                      mesh=config_mesh(config))
         timings["load_inception"] = time.perf_counter() - t
     t = time.perf_counter()
     pipe = load_pipeline(config, workdir)

@@ -43,18 +43,30 @@ def stage_dirs(config, workdir: str) -> dict | None:
     return out
 
 
-def local_mesh():
+def local_mesh(num_devices: int = 0):
     """A data mesh over this process's devices (each process samples its own captions), or
-    None on one device. One process: the same as inference.default_mesh()."""
+    None on one device. num_devices n > 0: its first n devices only. One process, all its
+    devices: the same as inference.default_mesh()."""
     import jax
 
     from unclip_jax import parallel
     from unclip_jax.inference import default_mesh
-    if jax.local_device_count() <= 1:
+    devices = jax.local_devices()
+    if num_devices > len(devices):
+        raise ValueError(f"config.num_devices={num_devices} but this process has "
+                         f"{len(devices)} devices")
+    devices = devices[:num_devices or None]
+    if len(devices) <= 1:
         return None
-    if jax.process_count() == 1:
+    if jax.process_count() == 1 and not num_devices:
         return default_mesh()
-    return parallel.make_mesh({"data": -1}, devices=jax.local_devices())
+    return parallel.make_mesh({"data": -1}, devices=devices)
+
+
+def config_mesh(config):
+    """local_mesh for config.num_devices (0 or absent: every local device)."""
+    n = int(config.get("num_devices", 0) or 0)
+    return local_mesh(n) if n else local_mesh()
 
 
 def load_pipeline(config, workdir: str):
@@ -62,12 +74,12 @@ def load_pipeline(config, workdir: str):
     dirs = stage_dirs(config, workdir)
     ema = bool(config.ema)
     if dirs is None:
-        return Pipeline.from_workdir(workdir, ema=ema, mesh=local_mesh())
+        return Pipeline.from_workdir(workdir, ema=ema, mesh=config_mesh(config))
     return Pipeline.from_stage_dirs(clip=dirs["clip"], decoder=dirs["decoder"],
                                     prior=dirs.get("diffusion_prior"),
                                     ar_prior=dirs.get("ar_prior"),
                                     upsamplers=dirs.get("upsampler", []), ema=ema,
-                                    mesh=local_mesh())
+                                    mesh=config_mesh(config))
 
 
 def output_resolution(pipe) -> int:
