@@ -278,9 +278,9 @@ def test_variation_of_an_image_through_cli(workdir, gcs_workdir, bucket, tmp_pat
                     str(tmp_path / "v2")])
 
 
-def test_evaluate_takes_the_karlo_workdir(workdir, gcs_workdir, api, tmp_path, monkeypatch):
+def test_evaluate_takes_the_karlo_workdir(workdir, gcs_workdir, api, tmp_path):
     from unclip_jax.data import default_data_config
-    from unclip_jax.eval import evaluator, load, plan
+    from unclip_jax.eval import evaluator, plan
     from unclip_jax.eval.config import eval_config
     from unclip_jax.images import from_uint8
 
@@ -295,7 +295,7 @@ def test_evaluate_takes_the_karlo_workdir(workdir, gcs_workdir, api, tmp_path, m
         k: getattr(few_settings(), k) for k in ("prior_steps", "prior_guidance",
                                                 "num_candidates", "decoder_steps",
                                                 "decoder_guidance", "upsampler_steps")})
-    monkeypatch.setattr(load, "local_mesh", lambda: None)
+    c.num_devices = 1
     res = evaluator.evaluate(c, workdir, str(tmp_path / "eval"), log=lambda *_: None)
     assert res["num_samples"] == 2 and res["data"]["resolution"] == 16
     assert res["step"] == 0 and res["settings"]["decoder_guidance"] == 8.0

@@ -7,6 +7,7 @@ import struct
 import subprocess
 import sys
 
+import ml_collections
 import numpy as np
 import pytest
 
@@ -260,6 +261,20 @@ def test_fid_requested_without_weights_configured(run, tmp_path):
         cli.run(["--workdir", run, "--config", CFG + ":smoke", "--config.metrics.fid=true",
                  "--out", str(tmp_path / "o")])
     assert not (tmp_path / "o").exists() and snapshot(run) == before
+
+
+def test_num_devices_picks_the_mesh():
+    """config.num_devices: 0 every local device (8 here), n the first n, 1 no mesh; more than
+    the process has is named."""
+    import jax
+
+    from unclip_jax.eval.load import config_mesh
+    assert config_mesh(ml_collections.ConfigDict({"num_devices": 0})).devices.size == 8
+    mesh = config_mesh(ml_collections.ConfigDict({"num_devices": 2}))
+    assert list(mesh.devices.flat) == jax.local_devices()[:2]
+    assert config_mesh(ml_collections.ConfigDict({"num_devices": 1})) is None
+    with pytest.raises(ValueError, match="num_devices=9 but this process has 8 devices"):
+        config_mesh(ml_collections.ConfigDict({"num_devices": 9}))
 
 
 def test_bad_workdirs_and_empty_eval_set(run, tmp_path):

@@ -65,8 +65,7 @@ def local_mesh(num_devices: int = 0):
 
 def config_mesh(config):
     """local_mesh for config.num_devices (0 or absent: every local device)."""
-    n = int(config.get("num_devices", 0) or 0)
-    return local_mesh(n) if n else local_mesh()
+    return local_mesh(int(config.get("num_devices", 0) or 0))
 
 
 def load_pipeline(config, workdir: str):
