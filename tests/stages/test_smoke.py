@@ -80,6 +80,9 @@ def test_paper_smoke_trains_two_steps(name, tmp_path, request):
 
     wd = str(tmp_path / "w")
     config = load_config(f"paper/{name}.py", "smoke")
+    # One device, as on a user's CPU (8-way programs cost more to compile); the AR prior keeps
+    # its data-parallel mesh over the 8 devices, a program shared with the GCS test's runs.
+    config.mesh.num_devices = 0 if name == "ar_prior" else 1
     if config.smoke_data.clip.to_dict():
         shared = request.getfixturevalue("clip_smoke_data")
         # Absolute paths inside the cache manifest point at the shared shards: fine for a copy.
