@@ -30,8 +30,8 @@ def rerandomise_zeros(params, seed=0):
 
 
 def init_jit(model, *args, impl="rbg"):
-    """jit-compiled init with an RBG key: XLA:CPU compiles threefry draws slowly (~2x). (With
-    the tests' flags the tiny decoder's init compiles faster with impl="threefry2x32".)"""
+    """jit-compiled init with a key of `impl` (RBG by default; with the tests' flags the tiny
+    decoder's init compiled faster with impl="threefry2x32", other models about the same)."""
     var = jax.jit(model.init)(jax.random.key(0, impl=impl), *args)
     return nn.unbox(var["params"])
 
