@@ -172,10 +172,6 @@ class TorchFIDInception(nn.Module):
 
 @pytest.fixture(scope="module")
 def torch_reference(tmp_path_factory):
-    # One torch thread while the module's tests use it: with two, OpenMP's spinning workers
-    # took ~5x the CPU time of the calibration pass below on two busy cores.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
     torch.manual_seed(0)
     net = TorchFIDInception()
     # Calibrate the BN running stats on random images (momentum None = exact average) so the
@@ -197,8 +193,7 @@ def torch_reference(tmp_path_factory):
     net.eval()
     path = tmp_path_factory.mktemp("inception") / "pt_inception_random.pth"
     torch.save(net.state_dict(), path)
-    yield net, str(path)
-    torch.set_num_threads(threads)
+    return net, str(path)
 
 
 def _rel_err(a, b):
